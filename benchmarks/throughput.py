@@ -1,0 +1,210 @@
+"""Offline throughput (W1 of BENCHMARKS.md, and the HF peer's workload) for rollout-engine and the
+HF transformers continuous-batching peer, each in its own subprocess of one run.
+
+    python benchmarks/throughput.py --model qwen3-0.6b --workloads w1 peer256 --peer hf --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import WORKLOADS, Workload, decode_roofline_tok_s  # noqa: E402
+
+
+def measure_ceilings() -> dict:
+    import torch
+
+    x = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 2 * x.numel() * 2 / ((time.perf_counter() - t) / 10)
+    del x, y
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    flops = 2 * 8192**3 / ((time.perf_counter() - t) / 10)
+    return {"copy_bytes_per_s": bw, "matmul_flop_per_s": flops, "device": torch.cuda.get_device_name()}
+
+
+def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
+    import torch
+
+    from rollout import LLM, SamplingParams, SchedulerConfig
+
+    llm = LLM(
+        model, load_format="dummy", scheduler_config=SchedulerConfig(max_num_batched_tokens=args.max_batched)
+    )
+    warm = [SamplingParams(max_tokens=16, ignore_eos=True)] * 8
+    llm.generate(work.prompts[:8], warm, use_tqdm=False)
+    params = [
+        SamplingParams(max_tokens=m, temperature=work.temperature, ignore_eos=True, seed=i)
+        for i, m in enumerate(work.max_tokens)
+    ]
+    stats0 = llm.stats()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(work.prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    stats = llm.stats()
+    ntok = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    mc = llm.engine.model_config
+    kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * mc.dtype.itemsize
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    return dict(
+        seconds=seconds,
+        out_tokens=ntok,
+        out_tok_s=ntok / seconds,
+        preemptions=stats.num_preemptions - stats0.num_preemptions,
+        num_blocks=stats.num_blocks,
+        kv_bytes_per_token=kv_per_token,
+        weight_bytes=weight_bytes,
+    )
+
+
+def run_hf(model: str, work: Workload, args: argparse.Namespace) -> dict:
+    """transformers' continuous batching (generate_batch, paged|sdpa). It takes one max_new_tokens for
+    the batch, so it only runs workloads with a single output length."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from rollout.presets import resolve_model
+
+    if len(set(work.max_tokens)) != 1:
+        return {"skipped": "generate_batch takes one max_new_tokens per batch"}
+    path, _ = resolve_model(model)
+    cfg = AutoConfig.from_pretrained(path)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    do_sample = work.temperature > 0
+    m.generate_batch(
+        inputs=work.prompts[:8],
+        generation_config=GenerationConfig(
+            max_new_tokens=16, do_sample=do_sample, eos_token_id=-1, pad_token_id=0
+        ),
+    )
+    gc = GenerationConfig(
+        max_new_tokens=work.max_tokens[0],
+        do_sample=do_sample,
+        temperature=work.temperature if do_sample else None,
+        top_p=None,
+        top_k=None,
+        eos_token_id=-1,
+        pad_token_id=0,
+    )
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = m.generate_batch(inputs=work.prompts, generation_config=gc)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    ntok = sum(len(o.generated_tokens) for o in outs.values())
+    return dict(seconds=seconds, out_tokens=ntok, out_tok_s=ntok / seconds)
+
+
+def child(args: argparse.Namespace) -> None:
+    work = WORKLOADS[args.workload]()
+    fn = run_ours if args.engine == "ours" else run_hf
+    Path(args.result).write_text(json.dumps(fn(args.model, work, args)))
+
+
+def parent(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ceilings = measure_ceilings()
+    print(
+        f"device {ceilings['device']}: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"bf16 matmul {ceilings['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s",
+        flush=True,
+    )
+    results: dict = {"ceilings": ceilings, "model": args.model, "runs": {}}
+    engines = ["ours"] + (["hf"] if args.peer == "hf" else [])
+    for wl in args.workloads:
+        for engine in engines:
+            result_file = out / f"{engine}_{wl}.json"
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--engine",
+                engine,
+                "--workload",
+                wl,
+                "--model",
+                args.model,
+                "--result",
+                str(result_file),
+                "--max-batched",
+                str(args.max_batched),
+            ]
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            if proc.returncode != 0:
+                res = {"error": proc.stderr[-3000:]}
+            else:
+                res = json.loads(result_file.read_text())
+            res["wall_s"] = time.perf_counter() - t
+            results["runs"][f"{engine}/{wl}"] = res
+            print(engine, wl, json.dumps(res)[:600], flush=True)
+    rows = []
+    for wl in args.workloads:
+        ours = results["runs"].get(f"ours/{wl}", {})
+        hf = results["runs"].get(f"hf/{wl}", {})
+        roof = None
+        if "weight_bytes" in ours:
+            roof = decode_roofline_tok_s(
+                WORKLOADS[wl](),
+                ours["weight_bytes"],
+                ours["kv_bytes_per_token"],
+                ceilings["copy_bytes_per_s"],
+            )
+        rows.append((wl, ours.get("out_tok_s"), hf.get("out_tok_s"), roof))
+    results["table"] = rows
+    (out / "throughput.json").write_text(json.dumps(results, indent=1))
+    print(
+        f"\n{'workload':10} {'ours tok/s':>11} {'hf tok/s':>9} {'ours/hf':>8} {'roofline':>9} {'% roof':>7}"
+    )
+    for wl, o, h, r in rows:
+        f = lambda v, fmt: format(v, fmt) if isinstance(v, (int, float)) else "-"  # noqa: E731
+        ratio = o / h if o and h else None
+        pct = 100 * o / r if o and r else None
+        print(f"{wl:10} {f(o, '11.0f')} {f(h, '9.0f')} {f(ratio, '8.1f')} {f(r, '9.0f')} {f(pct, '7.1f')}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--workloads", nargs="+", default=["w1"], choices=list(WORKLOADS))
+    p.add_argument("--peer", choices=["none", "hf"], default="none")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--max-batched", type=int, default=8192)
+    p.add_argument("--child", action="store_true")
+    p.add_argument("--engine", choices=["ours", "hf"])
+    p.add_argument("--workload")
+    p.add_argument("--result")
+    args = p.parse_args()
+    child(args) if args.child else parent(args)
+
+
+if __name__ == "__main__":
+    main()

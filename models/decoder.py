@@ -1,0 +1,236 @@
+"""The Llama-shaped decoder every supported family shares; a family declares its differences as a
+``DecoderSpec`` (biases, q/k norm, sliding windows) and subclasses ``DecoderForCausalLM``.
+
+Module names mirror HF's (``model.layers.N.self_attn.qkv_proj``, ``model.norm``, ``lm_head``) so
+checkpoint names map onto parameters with only the q/k/v and gate/up packing in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from rollout.models.layers.activation import SiluAndMul
+from rollout.models.layers.attention import Attention, AttentionMetadata
+from rollout.models.layers.embedding import LMHead, VocabEmbedding
+from rollout.models.layers.linear import MergedLinear, QKVLinear, ReplicatedLinear
+from rollout.models.layers.norm import RMSNorm
+from rollout.models.layers.rotary import RopeParameters, RotaryEmbedding, apply_rotary
+from rollout.models.weights import check_weights, load_weights
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Everything the shared decoder needs to know about one checkpoint."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int  # rows of the rotary table
+    rope: RopeParameters
+    tie_word_embeddings: bool
+    sliding_windows: tuple[int | None, ...]  # per layer: attention window in tokens, None = full
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama/Qwen3 with attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama/Qwen3 with attention_bias)
+    mlp_bias: bool = False  # bias on gate/up/down (Llama with mlp_bias)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+
+    @classmethod
+    def from_hf(
+        cls, config: Any, *, sliding_windows: Iterable[int | None] | None = None, **family: bool
+    ) -> DecoderSpec:
+        """Read the fields every family shares from an HF config; ``family`` sets the bias/norm
+        switches and ``sliding_windows`` defaults to full attention in every layer."""
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
+        num_heads = config.num_attention_heads
+        windows = (
+            tuple(sliding_windows) if sliding_windows is not None else (None,) * config.num_hidden_layers
+        )
+        if len(windows) != config.num_hidden_layers:
+            raise ValueError(f"{len(windows)} sliding windows for {config.num_hidden_layers} layers")
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            rope=RopeParameters.from_hf(config),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            sliding_windows=windows,
+            **family,
+        )
+
+
+def windows_from_layer_types(config: Any) -> tuple[int | None, ...]:
+    """Qwen-style per-layer windows: ``config.sliding_window`` on layers whose ``layer_types`` entry
+    is ``"sliding_attention"`` (transformers derives it from use_sliding_window/max_window_layers)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, spec: DecoderSpec, sliding_window: int | None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.qkv_proj = QKVLinear(
+            spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads, spec.qkv_bias
+        )
+        self.o_proj = ReplicatedLinear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.o_bias)
+        self.qk_norm = spec.qk_norm
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps)
+        self.attn = Attention(
+            spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim**-0.5, sliding_window
+        )
+
+    def forward(
+        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(
+            [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], -1
+        )
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, meta)
+        return self.o_proj(out)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        size = spec.intermediate_size
+        self.gate_up_proj = MergedLinear(
+            spec.hidden_size, (size, size), spec.mlp_bias, shard_names=("gate", "up")
+        )
+        self.act = SiluAndMul()
+        self.down_proj = ReplicatedLinear(size, spec.hidden_size, spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = DecoderAttention(spec, spec.sliding_windows[layer_idx])
+        self.mlp = GatedMLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual add of each block is fused into the next norm (x + residual -> norm).
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos_sin, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        # One table for all layers; looked up once per forward.
+        self.rotary_emb = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos_sin = self.rotary_emb(positions)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos_sin, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class DecoderForCausalLM(nn.Module):
+    """Base of every family class; subclasses implement ``decoder_spec`` only.
+
+    Engine-facing API (what the model runner calls):
+    - ``Cls(hf_config)`` then ``.to(device, dtype)``;
+    - ``forward(input_ids [T], positions [T], meta) -> hidden [T, hidden_size]`` over the flattened
+      tokens of a step (no batch dim); the KV caches must be bound to ``attention_layers()`` first;
+    - ``compute_logits(hidden [R, H]) -> [R, vocab]`` float32;
+    - ``load_weights`` / ``check_weights`` over HF checkpoint names (see ``rollout.models.weights``).
+    """
+
+    packed_modules_mapping: ClassVar[dict[str, list[str]]] = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    @staticmethod
+    def decoder_spec(config: Any) -> DecoderSpec:
+        """How this family's HF config maps onto the shared decoder."""
+        raise NotImplementedError
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.spec = self.decoder_spec(config)
+        self.model = DecoderModel(self.spec)
+        tied = self.model.embed_tokens if self.spec.tie_word_embeddings else None
+        self.lm_head = LMHead(self.spec.vocab_size, self.spec.hidden_size, tied_to=tied)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        """The ``Attention`` modules in layer order (the runner binds one KV cache pair to each)."""
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def ignored_weight_names(self) -> tuple[str, ...]:
+        """Suffixes of checkpoint tensors to skip: HF's rotary buffers (recomputed here) and, when the
+        head is tied, a saved ``lm_head.weight`` (the embedding is authoritative, as in HF)."""
+        ignored = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+        return (*ignored, "lm_head.weight") if self.spec.tie_word_embeddings else ignored
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors in place into the parameters; returns the parameter names loaded.
+        Raises ``ValueError`` (naming the tensor) on an unknown name, a bad shape or dtype, or, once
+        ``weights`` is exhausted, a parameter nobody provided. Errors may come after earlier tensors
+        were written: call ``check_weights`` first where that matters."""
+        return load_weights(self, weights)
+
+    def check_weights(self, specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        """Validate ``(hf_name, shape, dtype)`` triples exactly as ``load_weights`` would, writing
+        nothing; raises the same ``ValueError``s."""
+        check_weights(self, specs)

@@ -1,0 +1,74 @@
+"""Attention layer over the paged KV cache, and the per-step metadata the model runner hands it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rollout.kernels.attention_ref import paged_attention_ref, store_kv_ref
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens sit in the paged KV cache. Built by the model runner each step and
+    passed explicitly to ``model.forward`` (no global context). Sequences are in batch order."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot each new token's K/V goes to (-1: skip)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32: block ids of each sequence, padded
+    seq_lens: torch.Tensor  # [num_seqs] int32: KV length of each sequence after this step
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32: cumulative query lengths (row offsets)
+    seq_lens_host: list[int]  # seq_lens on the host (loop bounds for the torch path)
+    query_start_loc_host: list[int]  # query_start_loc on the host
+    max_seq_len: int  # max(seq_lens_host)
+    max_query_len: int  # longest query chunk this step (1 for a pure decode step)
+
+
+class Attention(nn.Module):
+    """Stores this step's K/V into the layer's cache, then attends causally over the whole sequence.
+
+    The model runner binds ``k_cache``/``v_cache`` ([num_blocks, block_size, num_kv_heads,
+    head_dim]) before the first forward; they are plain attributes, not buffers, so they stay out of
+    ``state_dict`` and weight loading.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q: [T, Hq*D], k/v: [T, Hkv*D] -> [T, Hq*D]."""
+        assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        store_kv_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = paged_attention_ref(
+            q,
+            self.k_cache,
+            self.v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.seq_lens_host,
+            meta.query_start_loc_host,
+            self.scale,
+            self.sliding_window,
+        )
+        return out.view(num_tokens, self.num_heads * self.head_dim)

@@ -1,0 +1,52 @@
+"""Token embedding and the LM head (optionally tied to it)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rollout.models.layers.weight_utils import default_weight_loader, set_weight_loader
+
+
+class VocabEmbedding(nn.Module):
+    """``input_ids [T] -> [T, embedding_dim]``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+        set_weight_loader(self.weight, default_weight_loader)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(nn.Module):
+    """``hidden [R, H] -> logits [R, vocab]`` in float32.
+
+    With ``tied_to``, the head registers the embedding's own Parameter object, so there is one
+    storage: ``named_parameters()`` lists it once (under the embedding's name, registered first),
+    ``.to()`` keeps it shared, and a weight update of the embedding updates the head.
+    """
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, tied_to: VocabEmbedding | None = None
+    ) -> None:
+        super().__init__()
+        if tied_to is not None:
+            if (tied_to.num_embeddings, tied_to.embedding_dim) != (num_embeddings, embedding_dim):
+                raise ValueError(
+                    f"cannot tie a ({num_embeddings}, {embedding_dim}) head to a "
+                    f"({tied_to.num_embeddings}, {tied_to.embedding_dim}) embedding"
+                )
+            self.weight = tied_to.weight
+        else:
+            self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+            set_weight_loader(self.weight, default_weight_loader)
+        self.tied = tied_to is not None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # The GEMM runs in the model dtype (as HF's lm_head does); only the result is upcast so the
+        # sampler's softmax / logprobs see fp32.
+        return F.linear(hidden, self.weight).float()

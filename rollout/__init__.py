@@ -1,0 +1,19 @@
+"""rollout-engine: a rollout engine for reinforcement learning on LLMs."""
+
+from rollout.config import CacheConfig, SchedulerConfig
+from rollout.engine import EngineCore, EngineStats
+from rollout.llm import LLM
+from rollout.outputs import CompletionOutput, RequestOutput
+from rollout.samplers.params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "CacheConfig",
+    "CompletionOutput",
+    "EngineCore",
+    "EngineStats",
+    "RequestOutput",
+    "SamplingParams",
+    "SchedulerConfig",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""The ``rollout`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from rollout import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format, seed=args.seed)
+    prompts: list = [json.loads(p) for p in args.prompt_ids] if args.prompt_ids else list(args.prompt)
+    params = SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=not args.json)
+    elapsed = time.perf_counter() - start
+    records = []
+    for out in outs:
+        for c in out.outputs:
+            records.append(
+                dict(
+                    prompt=out.prompt,
+                    prompt_token_ids=out.prompt_token_ids,
+                    sample=c.index,
+                    text=c.text,
+                    token_ids=c.token_ids,
+                    logprobs=[round(x, 4) for x in c.logprobs],
+                    finish_reason=c.finish_reason,
+                )
+            )
+    if args.json:
+        print(json.dumps(records))
+        return 0
+    for r in records:
+        shown = r["text"] if r["text"] is not None else r["token_ids"]
+        print(
+            f"[{r['sample']}] {r['prompt']!r} -> {shown!r} "
+            f"({len(r['token_ids'])} tokens, {r['finish_reason']})"
+        )
+    total = sum(len(r["token_ids"]) for r in records)
+    print(f"{total} tokens in {elapsed:.2f} s ({total / elapsed:.1f} tok/s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rollout", description="rollout-engine: an LLM rollout engine for RL"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate from prompts (text or token ids)")
+    g.add_argument(
+        "model", nargs="?", default="tiny", help="local HF model directory or preset (default: tiny)"
+    )
+    g.add_argument("--prompt", action="append", default=None, help="a text prompt (repeatable)")
+    g.add_argument(
+        "--prompt-ids", action="append", default=None, help="a JSON list of token ids (repeatable)"
+    )
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    g.add_argument("--json", action="store_true", help="print one JSON list of samples, no progress bar")
+    g.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "generate" and not args.prompt and not args.prompt_ids:
+        args.prompt = ["Hello, world"]
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"rollout: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

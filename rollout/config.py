@@ -1,0 +1,43 @@
+"""Frozen configuration of the engine's components (environment variables are for debugging only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing."""
+
+    block_size: int = 16  # tokens per KV block
+    enable_prefix_caching: bool = True  # share full blocks across requests by chained content hash
+    gpu_memory_utilization: float = (
+        0.9  # fraction of GPU memory the engine may hold (weights + KV + activations)
+    )
+    cpu_kv_cache_bytes: int = 1 << 30  # KV budget when running on the CPU
+    num_blocks: int | None = None  # fixed block count (tests, benchmarks); overrides both budgets
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_kv_cache_bytes < 1:
+            raise ValueError(f"cpu_kv_cache_bytes must be positive, got {self.cpu_kv_cache_bytes}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits for one engine step."""
+
+    max_num_batched_tokens: int = 8192  # token budget of one step (prefill chunks + decodes)
+    max_num_seqs: int = 256  # sequences running at once
+    enable_chunked_prefill: bool = True  # split long prompts across steps instead of waiting for room
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")

@@ -1,0 +1,271 @@
+"""The engine core: admission and validation, the schedule -> execute -> update loop, stop checks.
+
+This is the in-process engine (tests, and trainers that embed the engine). ``LLM`` drives it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from rollout.block_manager import BlockManager
+from rollout.config import CacheConfig, SchedulerConfig
+from rollout.detokenizer import Detokenizer
+from rollout.model_runner import ModelRunner, RunnerOutput
+from rollout.models.config import ModelConfig
+from rollout.outputs import CompletionOutput, RequestOutput
+from rollout.presets import resolve_model
+from rollout.request import Request
+from rollout.samplers.params import SamplingParams
+from rollout.scheduler import ScheduledBatch, Scheduler
+
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of the n samples of one seeded prompt
+
+
+@dataclass
+class _Group:
+    """The n samples of one prompt."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    prompt: str | None
+    children: list[Request] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started."""
+
+    num_prompt_tokens: int  # prompt tokens submitted (summed over samples)
+    num_prompt_tokens_computed: int  # prompt tokens that went through the model
+    num_cached_tokens: int  # prompt tokens served by the prefix cache at admission
+    num_output_tokens: int  # tokens sampled
+    num_preemptions: int
+    num_free_blocks: int
+    num_blocks: int
+
+
+class EngineCore:
+    """Generates tokens for many requests at once on one device."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "auto",
+        load_format: str = "auto",
+        max_model_len: int | None = None,
+        cache_config: CacheConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        path, load_format = resolve_model(model, load_format)
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.model_config = ModelConfig.from_pretrained(
+            path, dtype=dtype, max_model_len=max_model_len, device=self.device
+        )
+        self.cache_config = cache_config or CacheConfig()
+        self.scheduler_config = scheduler_config or SchedulerConfig()
+        self.runner = ModelRunner(
+            self.model_config, self.cache_config, self.scheduler_config, self.device, load_format, seed
+        )
+        bs = self.cache_config.block_size
+        self.blocks = BlockManager(self.runner.num_blocks, bs, self.cache_config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.blocks)
+        self.detokenizer = Detokenizer.from_pretrained(path)
+        # A sequence may not outgrow the context nor the whole cache (it could never be scheduled).
+        self.max_total_tokens = min(self.model_config.max_model_len, self.runner.num_blocks * bs)
+        self.weight_version = 0
+        self._rng = random.Random(seed)
+        self._groups: dict[str, _Group] = {}
+        self._arrivals = 0
+        self._num_prompt_tokens = 0
+        self._num_output_tokens = 0
+
+    # ---- admission --------------------------------------------------------------------------
+    def tokenize(self, prompt: str | Sequence[int]) -> tuple[list[int], str | None]:
+        """Validate a prompt (text or token ids) and return its token ids (and text, if given)."""
+        if isinstance(prompt, str):
+            if self.detokenizer is None:
+                raise ValueError("text prompts need a tokenizer; this model has none: pass token ids")
+            text, ids = prompt, self.detokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        for i, t in enumerate(ids):
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise ValueError(f"prompt token {i} is {t!r}, not an int")
+            if not 0 <= t < vocab:
+                raise ValueError(f"prompt token {i} is {t}, outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_total_tokens:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; this engine holds {self.max_total_tokens} tokens "
+                "per sequence "
+                "(context length or KV cache) and needs room for at least one output token"
+            )
+        return ids, text
+
+    def check_params(self, params: SamplingParams) -> None:
+        if params.stop and self.detokenizer is None:
+            raise ValueError(f"stop={params.stop!r} needs a tokenizer; this model has none")
+        vocab = self.model_config.vocab_size
+        for t in params.stop_token_ids:
+            if t >= vocab:
+                raise ValueError(f"stop_token_ids has {t}, outside the vocabulary [0, {vocab})")
+
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> None:
+        """Queue one prompt (its n samples). Raises ValueError and changes nothing on bad input."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        ids, text = self.tokenize(prompt)
+        self.check_params(params)
+        group = _Group(request_id, ids, text)
+        eos = frozenset() if params.ignore_eos else frozenset(self.model_config.eos_token_ids)
+        limit = min(self.max_total_tokens, len(ids) + params.max_tokens)
+        for i in range(params.n):
+            if params.seed is None:
+                seed = self._rng.getrandbits(63)
+            else:
+                seed = (params.seed + i * _SEED_STRIDE) % (1 << 63)
+            leader = group.children[0] if group.children and self.cache_config.enable_prefix_caching else None
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(child_id, ids, params, seed, eos, limit, self._arrivals, request_id, leader)
+            self._arrivals += 1
+            group.children.append(req)
+        self._groups[request_id] = group
+        for req in group.children:
+            self.scheduler.add(req)
+        self._num_prompt_tokens += len(ids) * params.n
+
+    def abort(self, request_ids: Sequence[str]) -> list[RequestOutput]:
+        """Finish these requests now with reason "abort", keeping their partial outputs. Unknown or
+        already finished ids are ignored."""
+        outs = []
+        for rid in request_ids:
+            group = self._groups.pop(rid, None)
+            if group is None:
+                continue
+            for req in group.children:
+                self.scheduler.finish(req, "abort")
+            outs.append(self._output(group))
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the outputs of the prompts that finished in it."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        out = self.runner.execute(batch)
+        self.scheduler.update_computed(batch)
+        return self._process(batch, out)
+
+    def _process(self, batch: ScheduledBatch, out: RunnerOutput) -> list[RequestOutput]:
+        touched: dict[str, None] = {}
+        i = 0
+        for s in batch.requests:
+            req = s.request
+            if req.request_id in out.prompt_logprobs:
+                lps, tops = out.prompt_logprobs[req.request_id]
+                if not req.prompt_logprobs:
+                    req.prompt_logprobs.append(None)
+                    req.prompt_top_logprobs.append(None)
+                req.prompt_logprobs.extend(lps)
+                req.prompt_top_logprobs.extend(tops)
+            if not s.sample:
+                continue
+            token, logprob, top = out.token_ids[i], out.logprobs[i], out.top_logprobs[i]
+            i += 1
+            if req.is_finished:
+                continue
+            self._append(req, token, logprob, top)
+            touched[req.group_id] = None
+        finished = []
+        for gid in touched:
+            group = self._groups[gid]
+            if all(r.is_finished for r in group.children):
+                del self._groups[gid]
+                finished.append(self._output(group))
+        return finished
+
+    def _append(self, req: Request, token: int, logprob: float, top: dict[int, float] | None) -> None:
+        req.token_ids.append(token)
+        req.output_logprobs.append(logprob)
+        if top is not None:
+            req.output_top_logprobs.append(top)
+        req.output_versions.append(self.weight_version)
+        self._num_output_tokens += 1
+        params = req.params
+        if token in params.stop_token_ids:
+            self.scheduler.finish(req, "stop", token)
+        elif token in req.eos_token_ids:
+            self.scheduler.finish(req, "stop", None)
+        elif params.stop and (hit := self.detokenizer.check_stop(req)) is not None:
+            self.scheduler.finish(req, "stop", hit)
+        elif req.num_tokens >= req.max_total_tokens:
+            self.scheduler.finish(req, "length")
+
+    def _output(self, group: _Group) -> RequestOutput:
+        outputs = []
+        for i, req in enumerate(group.children):
+            text = None
+            if self.detokenizer is not None and req.params.detokenize:
+                text = self.detokenizer.final_text(req)
+            outputs.append(
+                CompletionOutput(
+                    index=i,
+                    token_ids=req.output_token_ids,
+                    logprobs=list(req.output_logprobs),
+                    top_logprobs=list(req.output_top_logprobs) if req.params.logprobs else None,
+                    weight_versions=list(req.output_versions),
+                    finish_reason=req.finish_reason,
+                    stop_reason=req.stop_reason,
+                    text=text,
+                    num_cached_tokens=max(req.num_cached_tokens, 0),
+                    num_preemptions=req.num_preemptions,
+                )
+            )
+        first = group.children[0]
+        wants_prompt_lp = first.params.prompt_logprobs is not None
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=outputs,
+            prompt_logprobs=list(first.prompt_logprobs) if wants_prompt_lp else None,
+            prompt_top_logprobs=list(first.prompt_top_logprobs) if wants_prompt_lp else None,
+            prompt=group.prompt,
+            finished=all(r.is_finished for r in group.children),
+            num_cached_tokens=sum(o.num_cached_tokens for o in outputs),
+        )
+
+    # ---- introspection ----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_prompt_tokens_computed=self.scheduler.num_prompt_tokens_computed,
+            num_cached_tokens=self.blocks.num_hit_tokens,
+            num_output_tokens=self._num_output_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_free_blocks=self.blocks.num_free_blocks,
+            num_blocks=self.blocks.num_blocks,
+        )
+
+    def check_invariants(self) -> None:
+        """Assert the block pool matches what live requests hold (tests)."""
+        held = [r.block_ids for r in (*self.scheduler.running, *self.scheduler.waiting)]
+        self.blocks.check_invariants(held)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

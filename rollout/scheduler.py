@@ -1,0 +1,186 @@
+"""Continuous batching without phases.
+
+Every request has ``num_computed_tokens`` that catches up to its token count under a per-step token
+budget: a long prompt is prefilled in chunks, decodes (one token) and prefill chunks share a step,
+and a request samples in the step where its computed tokens reach its length. Running requests are
+served first in arrival order; waiting ones are admitted FIFO while budget, sequence slots and KV
+blocks last. When blocks run out, the newest running request is preempted: its blocks are freed and
+it recomputes later (its full blocks usually come back from the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from rollout.block_manager import BlockManager
+from rollout.config import SchedulerConfig
+from rollout.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step."""
+
+    request: Request
+    start: int  # num_computed_tokens before this step: first position computed now
+    num_new_tokens: int  # tokens computed this step (a prefill chunk, or 1 for a decode)
+    sample: bool  # this step reaches the end of the request's tokens, so it samples the next one
+
+
+@dataclass
+class ScheduledBatch:
+    """Everything the model runner needs for one step, in batch order."""
+
+    requests: list[ScheduledRequest]  # requests computed this step
+    num_tokens: int  # sum of num_new_tokens
+    preempted: list[Request] = field(default_factory=list)  # requests that lost their blocks this step
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+class Scheduler:
+    """Decides each step's batch and applies its results to request state. Plain CPU Python."""
+
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self.num_prompt_tokens_computed = 0  # prompt tokens that went through the model (metrics, W2)
+
+    # ---- queue management -------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a request (any state) and return its blocks. Idempotent."""
+        if request.is_finished:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.blocks.free(request.block_ids)
+        request.block_ids = []
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.stop_reason = stop_reason
+
+    # ---- scheduling -------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self._grow(req, req.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break  # preempted itself: nothing later in the list remains either
+            scheduled.append(self._entry(req, n))
+            budget -= n
+            i += 1
+        if not preempted:
+            self._admit(scheduled, budget)
+        return ScheduledBatch(scheduled, sum(s.num_new_tokens for s in scheduled), preempted)
+
+    def _admit(self, scheduled: list[ScheduledRequest], budget: int) -> None:
+        """Move waiting requests to running, FIFO, while budget, slots and blocks allow."""
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting.popleft()
+            leader = req.leader
+            if leader is not None and not leader.is_finished and leader.in_prefill:
+                skipped.append(req)  # its prompt is being computed by a sibling: share it instead
+                continue
+            self._match_prefix(req)
+            remaining = req.num_tokens - req.num_computed_tokens
+            n = min(remaining, budget)
+            if n < remaining and not self.config.enable_chunked_prefill:
+                self._unmatch(req)
+                self.waiting.appendleft(req)
+                break
+            if not self._grow(req, req.num_computed_tokens + n):
+                self._unmatch(req)
+                self.waiting.appendleft(req)
+                break
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(self._entry(req, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+
+    def _entry(self, req: Request, n: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        return ScheduledRequest(req, start, n, sample=start + n == req.num_tokens)
+
+    def _match_prefix(self, req: Request) -> None:
+        """Take cached blocks for the longest cached prefix of the request's tokens. At least one token
+        is always left to compute (its logits are needed), so a full hit drops its last block."""
+        if req.params.prompt_logprobs is not None:
+            return  # prompt logprobs need every prompt position computed
+        bs = self.blocks.block_size
+        self.blocks.compute_hashes(req.token_ids, req.block_hashes)
+        hits = self.blocks.match_prefix(req.block_hashes, (req.num_tokens - 1) // bs)
+        self.blocks.acquire(hits)
+        req.block_ids = hits
+        req.num_computed_tokens = len(hits) * bs
+        self.blocks.num_queried_tokens += req.num_prompt_tokens
+        if req.num_cached_tokens < 0:  # first admission: count what the cache saved
+            req.num_cached_tokens = min(req.num_computed_tokens, req.num_prompt_tokens)
+            self.blocks.num_hit_tokens += req.num_cached_tokens
+
+    def _unmatch(self, req: Request) -> None:
+        self.blocks.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        need = self.blocks.blocks_needed(len(req.block_ids), num_tokens)
+        if not self.blocks.can_allocate(need):
+            return False
+        req.block_ids.extend(self.blocks.allocate(need))
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    # ---- results ----------------------------------------------------------------------------
+    def update_computed(self, batch: ScheduledBatch) -> None:
+        """Advance computed counts after the model ran and cache newly full blocks."""
+        bs = self.blocks.block_size
+        for s in batch.requests:
+            req = s.request
+            if req.is_finished:
+                continue  # aborted while the step ran
+            before = req.num_computed_tokens
+            req.num_computed_tokens = before + s.num_new_tokens
+            if before < req.num_prompt_tokens:
+                self.num_prompt_tokens_computed += (
+                    min(req.num_computed_tokens, req.num_prompt_tokens) - before
+                )
+            full = req.num_computed_tokens // bs
+            if full > before // bs:
+                self.blocks.compute_hashes(req.token_ids[: full * bs], req.block_hashes)
+                self.blocks.cache_blocks(req.block_ids, req.block_hashes, before // bs, full)

@@ -1,0 +1,183 @@
+"""Checkpoint loading: sharded files, in-place copies, validate-before-write, errors, dummy weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rollout.models import ModelConfig, load_model
+from rollout.models.loader import read_weight_specs, safetensors_files
+from tests.models.paged_kv import prefill_logits
+from tests.models.tiny_models import hf_logits, random_seqs, save_tiny_checkpoint, tiny_config, tiny_hf_model
+
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+K_PROJ_1 = "model.layers.1.self_attn.k_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("qwen3")
+    save_tiny_checkpoint(path, "qwen3")
+    return path
+
+
+@pytest.fixture
+def model(checkpoint):
+    return load_model(ModelConfig.from_pretrained(checkpoint, device="cpu"), "cpu")
+
+
+def rewrite_checkpoint(src: Path, dst: Path, edit) -> Path:
+    """Copy ``src`` to ``dst`` with ``edit(tensors)`` applied to its (single-file) weights."""
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+
+
+def test_sharded_checkpoint_matches_hf(tmp_path):
+    hf = save_tiny_checkpoint(tmp_path, "llama", seed=3)
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    (tmp_path / "model.safetensors").unlink(missing_ok=True)
+    files = safetensors_files(tmp_path)
+    assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    model = load_model(ModelConfig.from_pretrained(tmp_path, device="cpu"), "cpu")
+    seqs = random_seqs([5, 17, 33], seed=3)
+    ours = prefill_logits(model, seqs, block_size=4, num_blocks=64)
+    torch.testing.assert_close(ours, torch.cat(hf_logits(hf, seqs)), atol=1e-5, rtol=1e-5)
+
+
+def test_missing_shard_is_reported(tmp_path):
+    hf = save_tiny_checkpoint(tmp_path, "llama")
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / victim).unlink()
+    with pytest.raises(FileNotFoundError, match=victim):
+        load_model(ModelConfig.from_pretrained(tmp_path, device="cpu"), "cpu")
+
+
+def test_missing_directory_and_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ModelConfig.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        safetensors_files(tmp_path / "nope")
+    tiny_config("llama", architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    config = ModelConfig.from_pretrained(tmp_path, device="cpu")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_model(config, "cpu")
+
+
+def test_load_weights_copies_in_place_and_casts(model, checkpoint):
+    ptrs = {name: p.data_ptr() for name, p in model.named_parameters()}
+    params = [p for p in model.parameters() if not p.is_meta]
+    tensors = load_file(checkpoint / "model.safetensors")
+    half = {name: t.to(torch.bfloat16) for name, t in tensors.items()}
+    loaded = model.load_weights(half.items())
+    assert loaded == set(ptrs)
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == ptrs
+    assert all(a is b for a, b in zip(params, model.parameters(), strict=True))  # same Parameter objects
+    qkv = model.model.layers[0].self_attn.qkv_proj.weight
+    assert qkv.dtype == torch.float32
+    assert torch.equal(qkv[: qkv.shape[0] // 2], half[Q_PROJ].float())
+
+
+def test_ignored_names(model, checkpoint):
+    tensors = load_file(checkpoint / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    model.load_weights(tensors.items())
+    config = tiny_config("qwen2", tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"])
+    tied = load_model(ModelConfig.from_hf(config, device="cpu"), "cpu", load_format="dummy")
+    weights = dict(tiny_hf_model(config).state_dict())
+    weights["lm_head.weight"] = torch.zeros(300, 64)  # ignored when tied: the embedding is authoritative
+    tied.load_weights(weights.items())
+    assert torch.equal(tied.lm_head.weight, weights["model.embed_tokens.weight"])
+    assert not torch.equal(tied.lm_head.weight, torch.zeros_like(tied.lm_head.weight))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (
+            lambda t: t.__setitem__("model.layers.0.mlp.extra.weight", torch.zeros(2)),
+            "model.layers.0.mlp.extra.weight",
+        ),
+        (lambda t: t.__setitem__("model.layers.0.self_attn.qkv_proj.weight", torch.zeros(2)), "qkv_proj"),
+        (lambda t: t.pop(K_PROJ_1), K_PROJ_1),
+        (lambda t: t.pop("model.norm.weight"), "model.norm.weight"),
+        (
+            lambda t: t.__setitem__(Q_PROJ, torch.zeros(64, 65)),
+            Q_PROJ + ".*expected \\(64, 64\\), got \\(64, 65\\)",
+        ),
+        (lambda t: t.__setitem__(Q_PROJ, torch.zeros(64, 64, dtype=torch.int32)), Q_PROJ + ".*non-floating"),
+    ],
+    ids=["unexpected", "packed_name", "missing_shard", "missing", "shape", "dtype"],
+)
+def test_bad_checkpoints_raise_naming_the_tensor(checkpoint, model, tmp_path, edit, match):
+    bad = rewrite_checkpoint(checkpoint, tmp_path / "bad", edit)
+    config = ModelConfig.from_pretrained(bad, device="cpu")
+    with pytest.raises(ValueError, match=match):
+        load_model(config, "cpu")
+    # The same errors from the two model-level entry points; check_weights writes nothing.
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        model.check_weights(read_weight_specs(safetensors_files(bad)))
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match=match):
+        model.load_weights(load_file(bad / "model.safetensors").items())
+
+
+def test_check_weights_writes_nothing(model, checkpoint):
+    before = snapshot(model)
+    specs = read_weight_specs(safetensors_files(checkpoint))
+    model.check_weights(specs)  # a valid set passes
+    assert_unchanged(model, before)
+    # Valid entries first, the bad one last: a loader would have written everything before it.
+    with pytest.raises(ValueError, match=K_PROJ_1):
+        model.check_weights([*specs, (K_PROJ_1, (16, 64), torch.float32)])
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="missing weights"):
+        model.check_weights([])
+    assert_unchanged(model, before)
+
+
+def test_dummy_weights_from_config_alone(tmp_path):
+    tiny_config("mistral", sliding_window=8, architectures=["MistralForCausalLM"]).save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    config = ModelConfig.from_pretrained(tmp_path, device="cpu")
+    model = load_model(config, "cpu", load_format="dummy", seed=7)
+    assert not model.training
+    assert torch.equal(model.model.norm.weight, torch.ones(64))
+    assert model.model.embed_tokens.weight.abs().max() <= 0.02
+    same = load_model(config, "cpu", load_format="dummy", seed=7)
+    other = load_model(config, "cpu", load_format="dummy", seed=8)
+    assert torch.equal(model.lm_head.weight, same.lm_head.weight)
+    assert not torch.equal(model.lm_head.weight, other.lm_head.weight)
+    logits = prefill_logits(model, random_seqs([3, 9]), block_size=4, num_blocks=16)
+    assert logits.shape == (12, 300) and torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="load_format"):
+        load_model(config, "cpu", load_format="pt")
+
+
+def test_load_model_in_bfloat16(checkpoint):
+    config = ModelConfig.from_pretrained(checkpoint, dtype="bfloat16", device="cpu")
+    model = load_model(config, "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.rotary_emb.cos_sin_cache.dtype == torch.bfloat16
+    logits = prefill_logits(model, random_seqs([4, 6]), block_size=4, num_blocks=16)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert torch.get_default_dtype() == torch.float32  # restored after construction

@@ -1,0 +1,268 @@
+"""Engine behaviour on the built-in tiny model and tiny checkpoints: caching and preemption change no
+output, bad input changes nothing, aborts, stop conditions, seeds, limits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rollout import LLM, CacheConfig, EngineCore, SamplingParams, SchedulerConfig
+from tests.models.tiny_models import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def qwen3_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3")
+    save_tiny_checkpoint(path, "qwen3")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return LLM("tiny", device="cpu", cache_config=CacheConfig(num_blocks=256))
+
+
+def shared_prefix_workload(seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    system = [rng.randrange(300) for _ in range(37)]
+    return [
+        system[: rng.randint(5, 37)] + [rng.randrange(300) for _ in range(rng.randint(1, 20))]
+        for _ in range(10)
+    ]
+
+
+def run_workload(path: str, prompts, params, **kwargs):
+    llm = LLM(path, device="cpu", **kwargs)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    stats = llm.stats()
+    assert stats.num_free_blocks == stats.num_blocks, "blocks leaked"
+    llm.engine.check_invariants()
+    return outs, stats
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_prefix_caching_and_preemption_change_no_output(qwen3_path, temperature):
+    prompts = shared_prefix_workload(0)
+    params = SamplingParams(temperature=temperature, seed=7, max_tokens=30, n=2, ignore_eos=True)
+    base, base_stats = run_workload(
+        qwen3_path,
+        prompts,
+        params,
+        cache_config=CacheConfig(block_size=4, num_blocks=1024, enable_prefix_caching=False),
+    )
+    cached, cached_stats = run_workload(
+        qwen3_path, prompts, params, cache_config=CacheConfig(block_size=4, num_blocks=1024)
+    )
+    tight, tight_stats = run_workload(
+        qwen3_path,
+        prompts,
+        params,
+        cache_config=CacheConfig(block_size=4, num_blocks=40),
+        scheduler_config=SchedulerConfig(max_num_batched_tokens=24, max_num_seqs=8),
+    )
+    assert base_stats.num_cached_tokens == 0 and cached_stats.num_cached_tokens > 0
+    assert cached_stats.num_prompt_tokens_computed < base_stats.num_prompt_tokens_computed
+    assert tight_stats.num_preemptions > 0
+    for a, b, c in zip(base, cached, tight, strict=True):
+        for x, y, z in zip(a.outputs, b.outputs, c.outputs, strict=True):
+            assert x.token_ids == y.token_ids == z.token_ids
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(z.logprobs), atol=1e-4, rtol=0)
+
+
+def test_group_computes_its_prompt_once(qwen3_path):
+    prompt = list(range(3, 67))  # 64 tokens = 4 blocks of 16
+    outs, stats = run_workload(
+        qwen3_path,
+        [prompt],
+        SamplingParams(n=8, max_tokens=4, ignore_eos=True),
+        cache_config=CacheConfig(num_blocks=128),
+    )
+    assert len(outs[0].outputs) == 8
+    # the first sample computes the prompt; the others reuse 3 blocks and recompute the last one
+    assert stats.num_prompt_tokens == 8 * 64
+    assert stats.num_prompt_tokens_computed == 64 + 7 * 16
+    assert outs[0].num_cached_tokens == 7 * 48
+
+
+BAD_PROMPTS = [
+    ([], "empty"),
+    ([1, -1], "-1"),
+    ([1, 300], "300"),
+    ([1, 2.5], "2.5"),
+    (list(range(100)) * 2, "200 tokens"),
+]
+
+
+@pytest.mark.parametrize(("prompt", "match"), BAD_PROMPTS)
+def test_bad_prompt_raises_and_changes_nothing(qwen3_path, prompt, match):
+    llm = LLM(
+        qwen3_path, device="cpu", max_model_len=128, cache_config=CacheConfig(block_size=4, num_blocks=64)
+    )
+    good = [1, 2, 3]
+    with pytest.raises(ValueError, match=match):
+        llm.generate([good, prompt], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+    out = llm.generate([good], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+    assert llm.stats().num_free_blocks == 64
+
+
+def test_bad_params_raise(tiny):
+    with pytest.raises(ValueError, match="max_tokens"):
+        tiny.generate([[1, 2]], SamplingParams(max_tokens=-1))
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        tiny.generate([[1, 2]], SamplingParams(stop_token_ids=[10**6]), use_tqdm=False)
+    with pytest.raises(ValueError, match="2 sampling params for 1 prompts"):
+        tiny.generate([[1, 2]], [SamplingParams(), SamplingParams()], use_tqdm=False)
+    with pytest.raises(ValueError, match="already in use"):
+        tiny.engine.add_request("dup", [1], SamplingParams(max_tokens=1))
+        tiny.engine.add_request("dup", [1], SamplingParams(max_tokens=1))
+    tiny.engine.abort(["dup"])
+    assert not tiny.engine.has_unfinished()
+
+
+def test_abort_returns_partial_output_and_frees_blocks(tiny):
+    engine: EngineCore = tiny.engine
+    engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True, seed=1))
+    engine.add_request("b", [8, 9], SamplingParams(max_tokens=5, ignore_eos=True, n=2))
+    finished = []
+    for _ in range(8):
+        finished += engine.step()
+    assert [o.request_id for o in finished] == ["b"]
+    (aborted,) = engine.abort(["a", "never-existed"])
+    sample = aborted.outputs[0]
+    assert sample.finish_reason == "abort" and len(sample.token_ids) == 8 == len(sample.logprobs)
+    assert not engine.has_unfinished()
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
+    engine.check_invariants()
+
+
+def test_stop_token_ids_stop_strings_and_min_tokens(tiny):
+    prompt = "The cat"
+    greedy = tiny.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False
+    )
+    ids = greedy[0].outputs[0].token_ids
+    text = greedy[0].outputs[0].text
+    # stop token: the first occurrence of the 6th token ends the sample there
+    stop_tok = ids[5]
+    cut = ids.index(stop_tok)
+    out = tiny.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_tok]), use_tqdm=False
+    )
+    c = out[0].outputs[0]
+    assert c.token_ids == ids[: cut + 1] and c.finish_reason == "stop" and c.stop_reason == stop_tok
+    # min_tokens bans the stop token before it: the output then differs from the greedy one
+    if cut + 1 < 10:
+        out = tiny.generate(
+            prompt,
+            SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_tok], min_tokens=10),
+            use_tqdm=False,
+        )
+        assert stop_tok not in out[0].outputs[0].token_ids[:10]
+    # stop strings are found in the text and cut from it
+    decoded = tiny.get_tokenizer().decode(ids)
+    assert text == decoded
+    stop = decoded[8:10]
+    out = tiny.generate(prompt, SamplingParams(temperature=0, max_tokens=20, stop=[stop]), use_tqdm=False)
+    c = out[0].outputs[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    assert c.text == decoded[: decoded.index(stop)]
+    out = tiny.generate(
+        prompt,
+        SamplingParams(temperature=0, max_tokens=20, stop=[stop], include_stop_str_in_output=True),
+        use_tqdm=False,
+    )
+    assert out[0].outputs[0].text == decoded[: decoded.index(stop) + len(stop)]
+
+
+def test_eos_stops_unless_ignored(qwen3_path):
+    # make the model's EOS the token greedy decoding produces first
+    llm = LLM(qwen3_path, device="cpu", cache_config=CacheConfig(num_blocks=32))
+    first = llm.generate([[4, 5, 6]], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]
+    tok = first.outputs[0].token_ids[0]
+    llm.engine.model_config = dataclasses.replace(llm.engine.model_config, eos_token_ids=(tok,))
+    out = llm.generate([[4, 5, 6]], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [tok] and out.finish_reason == "stop" and out.stop_reason is None
+    out = llm.generate(
+        [[4, 5, 6]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False
+    )
+    assert len(out[0].outputs[0].token_ids) == 5 and out[0].outputs[0].finish_reason == "length"
+
+
+def test_seeds_reproduce_across_batches_and_n_differs(tiny):
+    p = SamplingParams(seed=123, max_tokens=12, ignore_eos=True)
+    alone = tiny.generate([[1, 2, 3]], p, use_tqdm=False)[0].outputs[0].token_ids
+    crowd = tiny.generate([[9, 9], [1, 2, 3], [4]], p, use_tqdm=False)[1].outputs[0].token_ids
+    assert alone == crowd
+    other = tiny.generate([[1, 2, 3]], p.replace(seed=124), use_tqdm=False)[0].outputs[0].token_ids
+    assert other != alone
+    many = tiny.generate([[1, 2, 3]], p.replace(n=4), use_tqdm=False)[0].outputs
+    assert len({tuple(c.token_ids) for c in many}) == 4
+    assert [c.index for c in many] == [0, 1, 2, 3]
+
+
+def test_generation_stops_at_context_length(qwen3_path):
+    llm = LLM(
+        qwen3_path, device="cpu", max_model_len=20, cache_config=CacheConfig(block_size=4, num_blocks=64)
+    )
+    out = llm.generate([list(range(1, 16))], SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 5 and out[0].outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(qwen3_path, device="cpu", max_model_len=10**6)
+
+
+def test_weight_versions_and_counters(tiny):
+    out = tiny.generate([[1, 2]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert out.weight_versions == [0, 0, 0, 0]
+    assert out.num_preemptions == 0
+
+
+def test_cli_generate_json():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rollout.cli",
+            "generate",
+            "tiny",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+            "--json",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    (record,) = json.loads(proc.stdout)
+    assert record["prompt"] == "hi" and len(record["token_ids"]) == 4 and record["finish_reason"] == "length"
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rollout.cli",
+            "generate",
+            "tiny",
+            "--prompt-ids",
+            "[1, 99999]",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "99999" in bad.stderr

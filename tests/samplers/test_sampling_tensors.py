@@ -1,0 +1,90 @@
+"""SamplingTensors.build: effective per-row values, host flags, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rollout.samplers import RowSampling, SamplingParams, SamplingTensors, sample
+
+V = 50
+
+
+def _row(seed: int = 0, offset: int = 0, banned: tuple[int, ...] = (), **params: object) -> RowSampling:
+    return RowSampling(SamplingParams(**params), seed, offset, banned)
+
+
+def test_values_dtypes_and_flags() -> None:
+    rows = [
+        _row(seed=1, offset=3, temperature=0.5, top_k=5, logprobs=2),
+        _row(seed=2**64 - 1, temperature=0.0),  # greedy raw
+        _row(seed=7, offset=9, top_p=0.8, min_p=0.1, logprobs_mode="processed", logprobs=4),
+        _row(seed=-5, banned=(3, 49), top_k=0),
+        _row(top_k=V + 10),
+        _row(top_k=1, temperature=0.5, logprobs_mode="processed"),  # greedy: processed at T=1
+    ]
+    t = SamplingTensors.build(rows, V, "cpu")
+    assert t.batch_size == 6 and t.vocab_size == V
+    assert t.temperature.dtype == torch.float32 and t.temperature.tolist() == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert t.greedy.tolist() == [False, True, False, False, False, True]
+    assert t.top_k.dtype == torch.int32 and t.top_k.tolist() == [5, V, V, V, V, 1]  # 0 and > V are off
+    assert t.top_p.tolist() == pytest.approx([1.0, 1.0, 0.8, 1.0, 1.0, 1.0])
+    assert t.min_p.tolist() == pytest.approx([0.0, 0.0, 0.1, 0.0, 0.0, 0.0])
+    assert t.seeds.dtype == torch.int64 and t.seeds.tolist() == [1, -1, 7, -5, 0, 0]  # 2**64-1 -> -1
+    assert t.offsets.dtype == torch.int64 and t.offsets.tolist() == [3, 0, 9, 0, 0, 0]
+    assert t.processed_mode.tolist() == [False, False, True, False, False, True]
+    assert t.banned_rows.tolist() == [3, 3] and t.banned_tokens.tolist() == [3, 49]
+    assert t.banned_rows.dtype == t.banned_tokens.dtype == torch.int64
+    assert (t.all_greedy, t.any_greedy, t.any_top_k, t.max_top_k) == (False, True, True, 5)  # max of 5, 1
+    assert (t.any_top_p, t.any_min_p, t.max_num_logprobs, t.any_processed) == (True, True, 4, True)
+
+
+def test_greedy_raw_rows_do_no_filter_work() -> None:
+    # A greedy row in raw mode never reads its processed distribution: its filters are dropped.
+    rows = [_row(temperature=0.0, top_k=5, top_p=0.5, min_p=0.2), _row(top_k=1, top_p=0.3)]
+    t = SamplingTensors.build(rows, V, "cpu")
+    assert t.all_greedy and not (t.any_top_k or t.any_top_p or t.any_min_p)
+    assert t.top_k.tolist() == [V, V]
+    # In processed mode the same filters define the returned distribution, so they stay.
+    t = SamplingTensors.build(
+        [_row(temperature=0.0, top_k=5, top_p=0.5, logprobs_mode="processed")], V, "cpu"
+    )
+    assert t.any_top_k and t.any_top_p and t.top_k.tolist() == [5]
+    assert t.temperature.tolist() == [1.0]
+
+
+def test_no_flags_for_plain_sampling() -> None:
+    t = SamplingTensors.build([_row(), _row(temperature=0.8)], V, "cpu")
+    assert not (t.all_greedy or t.any_greedy or t.any_top_k or t.any_top_p or t.any_min_p or t.any_processed)
+    assert (t.max_top_k, t.max_num_logprobs) == (0, 0)
+    assert t.banned_rows.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        (_row(banned=(V,)), r"banned_token_ids.*50"),
+        (_row(banned=(-1,)), r"banned_token_ids.*-1"),
+        (_row(offset=-1), r"offset.*-1"),
+        (_row(seed=2**64), r"seed.*18446744073709551616"),
+        (RowSampling(SamplingParams(), 1.5, 0), r"seed.*1\.5"),  # type: ignore[arg-type]
+        (RowSampling(SamplingParams(), 0, True), r"offset.*True"),  # type: ignore[arg-type]
+    ],
+)
+def test_invalid_rows(row: RowSampling, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SamplingTensors.build([_row(), row], V, "cpu")
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(TypeError, match="RowSampling"):
+        SamplingTensors.build([SamplingParams()], V, "cpu")  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="vocab_size"):
+        SamplingTensors.build([_row()], 0, "cpu")
+
+
+def test_empty_batch() -> None:
+    t = SamplingTensors.build([], V, torch.device("cpu"))
+    assert t.batch_size == 0 and t.all_greedy
+    out = sample(torch.zeros(0, V), t)
+    assert out.token_ids.shape == (0,) and out.logprobs.shape == (0,)
