@@ -77,11 +77,11 @@ class ModelRunner:
         shape = (mc.num_layers, 2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
-    def _bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+    def _bind_kv_cache(self, kv_cache: torch.Tensor | None) -> None:
+        """Point every attention layer at its slice of ``kv_cache`` (None: drop the references)."""
         layers = self.model.attention_layers()
-        assert len(layers) == kv_cache.shape[0]
-        for layer, (k, v) in zip(layers, kv_cache, strict=True):
-            layer.k_cache, layer.v_cache = k, v
+        for i, layer in enumerate(layers):
+            layer.k_cache, layer.v_cache = (None, None) if kv_cache is None else kv_cache[i]
 
     def _decide_num_blocks(self) -> int:
         cc = self.cache_config
@@ -114,7 +114,8 @@ class ModelRunner:
         self.model.compute_logits(hidden[rows])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        self._bind_kv_cache(torch.empty(0, 2, 0, device=self.device))
+        self._bind_kv_cache(None)
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = total - free - torch.cuda.memory_reserved(self.device)
         budget = total * self.cache_config.gpu_memory_utilization - peak - outside_torch

@@ -48,3 +48,14 @@ def test_bf16_logprobs_and_greedy_match_hf(tmp_path, case):
             f"greedy diverged where fp32 had a clear winner ({case})"
         )
     assert llm.stats().num_free_blocks == 256
+
+
+def test_kv_cache_sized_from_gpu_memory():
+    free_before, total = torch.cuda.mem_get_info()
+    llm = LLM("tiny", device="cuda", cache_config=CacheConfig(gpu_memory_utilization=0.3))
+    engine = llm.engine
+    kv_bytes = engine.runner.num_blocks * engine.runner.block_bytes()
+    assert 0.15 * total < kv_bytes < 0.3 * total
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    del llm, engine
