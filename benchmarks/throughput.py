@@ -1,7 +1,7 @@
 """Offline throughput (W1 of BENCHMARKS.md, and the HF peer's workload) for rollout-engine and the
 HF transformers continuous-batching peer, each in its own subprocess of one run.
 
-    python benchmarks/throughput.py --model qwen3-0.6b --workloads w1 peer256 --peer hf --out $OUT
+    rollout bench throughput --model qwen3-0.6b --workloads w1 peer256 --peer hf --out $OUT
 """
 
 from __future__ import annotations
@@ -14,35 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS, Workload, decode_roofline_tok_s  # noqa: E402
-
-
-def measure_ceilings() -> dict:
-    import torch
-
-    x = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    bw = 2 * x.numel() * 2 / ((time.perf_counter() - t) / 10)
-    del x, y
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn_like(a)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    flops = 2 * 8192**3 / ((time.perf_counter() - t) / 10)
-    return {"copy_bytes_per_s": bw, "matmul_flop_per_s": flops, "device": torch.cuda.get_device_name()}
+from rollout.benchmarks.common import measure_ceilings, model_bytes
+from rollout.benchmarks.workloads import WORKLOADS, Workload, decode_roofline_tok_s
 
 
 def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
@@ -67,9 +40,7 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - t
     stats = llm.stats()
     ntok = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    mc = llm.engine.model_config
-    kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * mc.dtype.itemsize
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    weight_bytes, kv_per_token = model_bytes(llm)
     return dict(
         seconds=seconds,
         out_tokens=ntok,
@@ -143,7 +114,8 @@ def parent(args: argparse.Namespace) -> None:
             result_file = out / f"{engine}_{wl}.json"
             cmd = [
                 sys.executable,
-                __file__,
+                "-m",
+                "rollout.benchmarks.throughput",
                 "--child",
                 "--engine",
                 engine,
@@ -190,8 +162,8 @@ def parent(args: argparse.Namespace) -> None:
         print(f"{wl:10} {f(o, '11.0f')} {f(h, '9.0f')} {f(ratio, '8.1f')} {f(r, '9.0f')} {f(pct, '7.1f')}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="rollout bench throughput")
     p.add_argument("--model", default="qwen3-0.6b")
     p.add_argument("--workloads", nargs="+", default=["w1"], choices=list(WORKLOADS))
     p.add_argument("--peer", choices=["none", "hf"], default="none")
@@ -202,7 +174,7 @@ def main() -> None:
     p.add_argument("--engine", choices=["ours", "hf"])
     p.add_argument("--workload")
     p.add_argument("--result")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     child(args) if args.child else parent(args)
 
 

@@ -1,6 +1,6 @@
 """rollout-engine: a rollout engine for reinforcement learning on LLMs."""
 
-from rollout.config import CacheConfig, SchedulerConfig
+from rollout.config import CacheConfig, RunnerConfig, SchedulerConfig
 from rollout.engine import EngineCore, EngineStats
 from rollout.llm import LLM
 from rollout.outputs import CompletionOutput, RequestOutput
@@ -13,6 +13,7 @@ __all__ = [
     "EngineCore",
     "EngineStats",
     "RequestOutput",
+    "RunnerConfig",
     "SamplingParams",
     "SchedulerConfig",
 ]

@@ -79,7 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     g.add_argument("--json", action="store_true", help="print one JSON list of samples, no progress bar")
     g.set_defaults(func=_generate)
+    b = sub.add_parser(
+        "bench",
+        help="GPU benchmarks of BENCHMARKS.md: throughput (W1), rl (W2), decode (W3), prefill (W4)",
+        add_help=False,
+    )
+    b.add_argument("workload", choices=["throughput", "rl", "decode", "prefill"])
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the workload (--help for them)")
+    b.set_defaults(func=_bench)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"rollout.benchmarks.{args.workload}")
+    module.main(args.rest)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,3 +41,20 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How the model runs on its device."""
+
+    attention_backend: str = "auto"  # "triton" (CUDA), "torch" (CPU path), or "auto": triton on CUDA
+    cuda_graphs: bool = True  # replay captured graphs for decode steps (triton backend on CUDA only)
+    max_graph_batch: int = 256  # largest decode batch served by a graph; larger ones run eagerly
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(
+                f"attention_backend must be auto, triton or torch, got {self.attention_backend!r}"
+            )
+        if self.max_graph_batch < 1:
+            raise ValueError(f"max_graph_batch must be >= 1, got {self.max_graph_batch}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rollout.block_manager import BlockManager
-from rollout.config import CacheConfig, SchedulerConfig
+from rollout.config import CacheConfig, RunnerConfig, SchedulerConfig
 from rollout.detokenizer import Detokenizer
 from rollout.model_runner import ModelRunner, RunnerOutput
 from rollout.models.config import ModelConfig
@@ -61,6 +61,7 @@ class EngineCore:
         max_model_len: int | None = None,
         cache_config: CacheConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
+        runner_config: RunnerConfig | None = None,
         seed: int = 0,
     ) -> None:
         path, load_format = resolve_model(model, load_format)
@@ -71,7 +72,13 @@ class EngineCore:
         self.cache_config = cache_config or CacheConfig()
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.runner = ModelRunner(
-            self.model_config, self.cache_config, self.scheduler_config, self.device, load_format, seed
+            self.model_config,
+            self.cache_config,
+            self.scheduler_config,
+            self.device,
+            load_format,
+            seed,
+            runner_config,
         )
         bs = self.cache_config.block_size
         self.blocks = BlockManager(self.runner.num_blocks, bs, self.cache_config.enable_prefix_caching)

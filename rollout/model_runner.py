@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rollout.config import CacheConfig, SchedulerConfig
+from rollout.config import CacheConfig, RunnerConfig, SchedulerConfig
+from rollout.cuda_graphs import DecodeGraphs
 from rollout.models.config import ModelConfig
 from rollout.models.layers.attention import AttentionMetadata
 from rollout.models.loader import load_model
@@ -31,15 +32,16 @@ class RunnerOutput:
 
 
 @dataclass
-class _StepInputs:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    logits_rows: torch.Tensor  # hidden rows of the sampling requests
-    sampling_rows: list[RowSampling]
-    prompt_rows: list[
-        tuple[str, int, int, list[int], int]
-    ]  # (request_id, first hidden row, count, next ids, k)
+class _HostInputs:
+    """One step's inputs on the host, padded to ``num_rows`` tokens/sequences for graph replay."""
+
+    input_ids: np.ndarray  # [num_rows] int64
+    positions: np.ndarray  # [num_rows] int64
+    slots: np.ndarray  # [num_rows] int64, -1 on padding rows
+    block_tables: np.ndarray  # [num_seqs (padded), max blocks used] int32
+    seq_lens: list[int]  # [num_seqs (padded)], 0 on padding rows
+    query_start: list[int]  # [num_seqs + 1] (unpadded)
+    logits_rows: list[int]  # hidden rows of the sampling requests
 
 
 class ModelRunner:
@@ -53,7 +55,9 @@ class ModelRunner:
         device: torch.device,
         load_format: str = "auto",
         seed: int = 0,
+        runner_config: RunnerConfig | None = None,
     ) -> None:
+        self.runner_config = runner_config or RunnerConfig()
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
@@ -61,10 +65,25 @@ class ModelRunner:
         self.dtype = model_config.dtype
         self.block_size = cache_config.block_size
         self.model = load_model(model_config, device, load_format=load_format, seed=seed)
+        backend = self.runner_config.attention_backend
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" else "torch"
+        for layer in self.model.attention_layers():
+            layer.backend = backend
         self.vocab_size = model_config.vocab_size
         self.num_blocks = self._decide_num_blocks()
         self.kv_cache = self._allocate_kv_cache(self.num_blocks)
         self._bind_kv_cache(self.kv_cache)
+        self.graphs: DecodeGraphs | None = None
+        if self.attention_backend == "triton" and self.runner_config.cuda_graphs and device.type == "cuda":
+            max_blocks = -(-model_config.max_model_len // self.block_size)
+            max_batch = min(self.runner_config.max_graph_batch, scheduler_config.max_num_seqs)
+            self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, device)
+            self.graphs.capture()
+
+    @property
+    def attention_backend(self) -> str:
+        return self.model.attention_layers()[0].backend
 
     # ---- KV cache ---------------------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -124,21 +143,37 @@ class ModelRunner:
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:
-        inputs = self._prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        rows, prompt_rows = self._sampling_rows(batch)
+        graph_size = None
+        if self.graphs is not None and batch.num_tokens == len(batch.requests):  # decode only
+            graph_size = self.graphs.padded_size(len(batch.requests))
+        host = self._prepare(batch, graph_size or batch.num_tokens)
+        if graph_size is not None:
+            assert self.graphs is not None
+            hidden = self.graphs.replay(
+                graph_size,
+                torch.from_numpy(host.input_ids),
+                torch.from_numpy(host.positions),
+                torch.from_numpy(host.slots),
+                torch.tensor(host.seq_lens, dtype=torch.int32),
+                torch.from_numpy(host.block_tables),
+            )
+        else:
+            ids, positions, meta = self._to_device(host)
+            hidden = self.model(ids, positions, meta)
         token_ids: list[int] = []
         logprobs: list[float] = []
         top: list[dict[int, float] | None] = []
-        if inputs.sampling_rows:
-            logits = self.model.compute_logits(hidden[inputs.logits_rows])
-            st = SamplingTensors.build(inputs.sampling_rows, self.vocab_size, self.device)
-            out = sample(logits, st)
-            token_ids = out.token_ids.tolist()
-            logprobs = out.logprobs.tolist()
-            top = _top_dicts(
-                out.topk_ids, out.topk_logprobs, [r.params.logprobs or 0 for r in inputs.sampling_rows]
-            )
-        return RunnerOutput(token_ids, logprobs, top, self._prompt_logprobs(hidden, inputs.prompt_rows))
+        if rows:
+            logits_rows = torch.tensor(host.logits_rows, dtype=torch.long).to(self.device, non_blocking=True)
+            logits = self.model.compute_logits(hidden[logits_rows])
+            out = sample(logits, SamplingTensors.build(rows, self.vocab_size, self.device))
+            # one device-to-host copy for ids and logprobs (ids < 2**24 are exact in float64)
+            packed = torch.stack([out.token_ids.double(), out.logprobs.double()]).cpu()
+            token_ids = packed[0].long().tolist()
+            logprobs = packed[1].tolist()
+            top = _top_dicts(out.topk_ids, out.topk_logprobs, [r.params.logprobs or 0 for r in rows])
+        return RunnerOutput(token_ids, logprobs, top, self._prompt_logprobs(hidden, prompt_rows))
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, prompt_rows: list[tuple[str, int, int, list[int], int]]
@@ -152,19 +187,44 @@ class ModelRunner:
             result[request_id] = (lp.tolist(), tops)
         return result
 
-    def _prepare(self, batch: ScheduledBatch) -> _StepInputs:
+    def _sampling_rows(
+        self, batch: ScheduledBatch
+    ) -> tuple[list[RowSampling], list[tuple[str, int, int, list[int], int]]]:
+        """Rows that sample, and (request_id, first hidden row, count, next ids, k) of the prompt
+        positions whose logprobs were asked for."""
+        rows: list[RowSampling] = []
+        prompt_rows: list[tuple[str, int, int, list[int], int]] = []
+        row = 0
+        for s in batch.requests:
+            req, start, n = s.request, s.start, s.num_new_tokens
+            if s.sample:
+                rows.append(
+                    RowSampling(req.params, req.seed, req.num_output_tokens, self._banned_tokens(req))
+                )
+            k = req.params.prompt_logprobs
+            last_prompt_pos = req.num_prompt_tokens - 1  # logits at p predict token p + 1
+            if k is not None and start < last_prompt_pos:
+                count = min(start + n, last_prompt_pos) - start
+                prompt_rows.append(
+                    (req.request_id, row, count, req.token_ids[start + 1 : start + 1 + count], k)
+                )
+            row += n
+        return rows, prompt_rows
+
+    def _prepare(self, batch: ScheduledBatch, num_rows: int) -> _HostInputs:
+        """Host arrays of the step. With num_rows > num_tokens (a decode graph's padded size), the
+        extra rows are padding sequences of length 0 whose token is stored nowhere."""
         bs = self.block_size
         num_seqs = len(batch.requests)
-        input_ids = np.empty(batch.num_tokens, dtype=np.int64)
-        positions = np.empty(batch.num_tokens, dtype=np.int64)
-        slots = np.empty(batch.num_tokens, dtype=np.int64)
+        padded_seqs = num_seqs + (num_rows - batch.num_tokens)
+        input_ids = np.zeros(num_rows, dtype=np.int64)
+        positions = np.zeros(num_rows, dtype=np.int64)
+        slots = np.full(num_rows, -1, dtype=np.int64)
         max_blocks = max(len(s.request.block_ids) for s in batch.requests)
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        seq_lens = [0] * num_seqs
+        block_tables = np.zeros((padded_seqs, max_blocks), dtype=np.int32)
+        seq_lens = [0] * padded_seqs
         query_start = [0] * (num_seqs + 1)
         logits_rows: list[int] = []
-        sampling_rows: list[RowSampling] = []
-        prompt_rows: list[tuple[str, int, int, list[int], int]] = []
         row = 0
         for i, s in enumerate(batch.requests):
             req, start, n = s.request, s.start, s.num_new_tokens
@@ -184,35 +244,25 @@ class ModelRunner:
             query_start[i + 1] = row + n
             if s.sample:
                 logits_rows.append(row + n - 1)
-                banned = self._banned_tokens(req)
-                sampling_rows.append(RowSampling(req.params, req.seed, req.num_output_tokens, banned))
-            k = req.params.prompt_logprobs
-            last_prompt_pos = req.num_prompt_tokens - 1  # logits at p predict token p + 1
-            if k is not None and start < last_prompt_pos:
-                count = min(end, last_prompt_pos) - start
-                prompt_rows.append(
-                    (req.request_id, row, count, req.token_ids[start + 1 : start + 1 + count], k)
-                )
             row += n
+        return _HostInputs(input_ids, positions, slots, block_tables, seq_lens, query_start, logits_rows)
+
+    def _to_device(self, host: _HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
+        num_seqs = len(host.query_start) - 1
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens_host=seq_lens,
-            query_start_loc_host=query_start,
-            max_seq_len=max(seq_lens),
-            max_query_len=max(s.num_new_tokens for s in batch.requests),
+            slot_mapping=torch.from_numpy(host.slots).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(host.block_tables).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(host.seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(host.query_start, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens_host=host.seq_lens,
+            query_start_loc_host=host.query_start,
+            max_seq_len=max(host.seq_lens),
+            max_query_len=max(host.query_start[i + 1] - host.query_start[i] for i in range(num_seqs)),
         )
-        return _StepInputs(
-            input_ids=torch.from_numpy(input_ids).to(dev, non_blocking=True),
-            positions=torch.from_numpy(positions).to(dev, non_blocking=True),
-            meta=meta,
-            logits_rows=torch.tensor(logits_rows, dtype=torch.long).to(dev, non_blocking=True),
-            sampling_rows=sampling_rows,
-            prompt_rows=prompt_rows,
-        )
+        ids = torch.from_numpy(host.input_ids).to(dev, non_blocking=True)
+        positions = torch.from_numpy(host.positions).to(dev, non_blocking=True)
+        return ids, positions, meta
 
     @staticmethod
     def _banned_tokens(req) -> list[int]:

@@ -1,0 +1,88 @@
+"""W3: decode step time for batch x context, CUDA graphs on and off, against the bandwidth floor.
+
+    rollout bench decode --model qwen3-0.6b --out $OUT
+
+A step here is a whole engine step (schedule, inputs, forward, logits, sampling, host copy), timed
+with the host clock; the step ends on the host copy of the sampled tokens, so the GPU is idle
+between steps and nothing overlaps. Floor = (weight bytes + batch * context * KV bytes/token) /
+measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+from rollout import LLM, SamplingParams
+from rollout.benchmarks.common import measure_ceilings, model_bytes
+
+
+def time_decode(llm: LLM, batch: int, context: int, steps: int, rng: random.Random) -> float | None:
+    """Median-free mean ms of ``steps`` decode steps at (batch, context); None if it does not fit."""
+    engine = llm.engine
+    bs = engine.cache_config.block_size
+    if batch * -(-(context + steps + 4) // bs) > engine.runner.num_blocks:
+        return None
+    ids = [f"d{batch}-{context}-{i}" for i in range(batch)]
+    params = SamplingParams(max_tokens=steps + 4, ignore_eos=True, temperature=1.0, seed=0)
+    for rid in ids:
+        engine.add_request(rid, [rng.randrange(100, 10000) for _ in range(context)], params)
+    while any(r.in_prefill or r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running) or (
+        engine.scheduler.waiting
+    ):
+        engine.step()
+    engine.step()  # first pure decode step (warm)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    ms = (time.perf_counter() - start) / steps * 1e3
+    engine.abort(ids)
+    return ms
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="rollout bench decode")
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128, 256])
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    args = p.parse_args(argv)
+    ceil = measure_ceilings()
+    llm = LLM(args.model, load_format="dummy")
+    weights, kvb = model_bytes(llm)
+    graphs = llm.engine.runner.graphs
+    rng = random.Random(0)
+    rows = []
+    for use_graphs in [True, False] if graphs is not None else [False]:
+        llm.engine.runner.graphs = graphs if use_graphs else None
+        for context in args.contexts:
+            for batch in args.batches:
+                ms = time_decode(llm, batch, context, args.steps, rng)
+                floor_ms = (weights + batch * context * kvb) / ceil["copy_bytes_per_s"] * 1e3
+                rows.append(
+                    dict(graphs=use_graphs, batch=batch, context=context, step_ms=ms, floor_ms=floor_ms)
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    llm.engine.runner.graphs = graphs
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "decode.json").write_text(json.dumps(dict(ceilings=ceil, rows=rows), indent=1))
+    print(f"\n{'graphs':6} {'batch':>5} {'ctx':>5} {'step ms':>8} {'floor ms':>8} {'GB/s':>6} {'% copy':>6}")
+    for r in rows:
+        if r["step_ms"] is None:
+            print(f"{r['graphs']!s:6} {r['batch']:5} {r['context']:5}  does not fit in the KV cache")
+            continue
+        gbs = (weights + r["batch"] * r["context"] * kvb) / (r["step_ms"] / 1e3) / 1e9
+        pct = 100 * r["floor_ms"] / r["step_ms"]
+        print(
+            f"{r['graphs']!s:6} {r['batch']:5} {r['context']:5} {r['step_ms']:8.2f} {r['floor_ms']:8.2f} "
+            f"{gbs:6.0f} {pct:6.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

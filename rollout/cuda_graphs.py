@@ -1,0 +1,96 @@
+"""CUDA graphs for decode steps.
+
+A decode step (one new token per sequence) runs the same kernels every time; only the data
+changes. Graphs are captured once per padded batch size over static input buffers; a step copies
+its inputs into the first rows, marks the padding rows (slot -1: nothing stored; seq_len 0:
+attention writes zeros) and replays. Weights are updated in place and the KV cache never moves,
+so graphs stay valid across weight updates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rollout.models.layers.attention import AttentionMetadata
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """Padded batch sizes with a graph: 1, 2, 4, 8, then every multiple of 16 up to max_batch."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
+    return sorted(set(sizes))
+
+
+class DecodeGraphs:
+    """Captured forwards of ``model`` for decode batches up to ``max_batch`` sequences."""
+
+    def __init__(self, model: nn.Module, max_batch: int, max_blocks: int, device: torch.device) -> None:
+        self.model = model
+        self.sizes = graph_batch_sizes(max_batch)
+        self.max_batch = self.sizes[-1]
+        self.max_blocks = max_blocks
+        self.device = device
+        n = self.max_batch
+        # Static device inputs the graphs read; rows past a step's batch are padding.
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:size],
+            block_tables=self.block_tables[:size],
+            seq_lens=self.seq_lens[:size],
+            query_start_loc=self.query_start[: size + 1],
+            seq_lens_host=[0] * size,  # unused by the graph-safe (triton) decode path
+            query_start_loc_host=list(range(size + 1)),
+            max_seq_len=self.max_blocks,
+            max_query_len=1,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every size, largest first so the smaller graphs reuse its memory pool."""
+        pool = None
+        for size in reversed(self.sizes):
+            meta = self._meta(size)
+            for _ in range(2):  # compile and autotune outside the capture
+                self.model(self.input_ids[:size], self.positions[:size], meta)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self.model(self.input_ids[:size], self.positions[:size], meta)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+
+    def padded_size(self, batch: int) -> int | None:
+        """The graph size that serves ``batch`` sequences, or None when none does."""
+        for s in self.sizes:
+            if s >= batch:
+                return s
+        return None
+
+    def replay(
+        self,
+        size: int,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run the graph of ``size`` on host inputs of ``size`` rows (padding rows already marked);
+        ``block_tables`` may be narrower than max_blocks. Returns hidden states [size, hidden]."""
+        self.input_ids[:size].copy_(input_ids, non_blocking=True)
+        self.positions[:size].copy_(positions, non_blocking=True)
+        self.slots[:size].copy_(slots, non_blocking=True)
+        self.seq_lens[:size].copy_(seq_lens, non_blocking=True)
+        self.block_tables[:size, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
+        self.graphs[size].replay()
+        return self.outputs[size]
