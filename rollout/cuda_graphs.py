@@ -24,11 +24,14 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 class DecodeGraphs:
     """Captured forwards of ``model`` for decode batches up to ``max_batch`` sequences."""
 
-    def __init__(self, model: nn.Module, max_batch: int, max_blocks: int, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, max_batch: int, max_blocks: int, max_seq_len: int, device: torch.device
+    ) -> None:
         self.model = model
         self.sizes = graph_batch_sizes(max_batch)
         self.max_batch = self.sizes[-1]
         self.max_blocks = max_blocks
+        self.max_seq_len = max_seq_len  # upper bound on any sequence a graph serves
         self.device = device
         n = self.max_batch
         # Static device inputs the graphs read; rows past a step's batch are padding.
@@ -49,7 +52,7 @@ class DecodeGraphs:
             query_start_loc=self.query_start[: size + 1],
             seq_lens_host=[0] * size,  # unused by the graph-safe (triton) decode path
             query_start_loc_host=list(range(size + 1)),
-            max_seq_len=self.max_blocks,
+            max_seq_len=self.max_seq_len,
             max_query_len=1,
         )
 

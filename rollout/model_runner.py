@@ -78,7 +78,7 @@ class ModelRunner:
         if self.attention_backend == "triton" and self.runner_config.cuda_graphs and device.type == "cuda":
             max_blocks = -(-model_config.max_model_len // self.block_size)
             max_batch = min(self.runner_config.max_graph_batch, scheduler_config.max_num_seqs)
-            self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, device)
+            self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, model_config.max_model_len, device)
             self.graphs.capture()
 
     @property
