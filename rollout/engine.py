@@ -16,11 +16,12 @@ from rollout.config import CacheConfig, RunnerConfig, SchedulerConfig
 from rollout.detokenizer import Detokenizer
 from rollout.model_runner import ModelRunner, RunnerOutput
 from rollout.models.config import ModelConfig
-from rollout.outputs import CompletionOutput, RequestOutput
+from rollout.outputs import CompletionOutput, RequestDelta, RequestOutput, SampleDelta
 from rollout.presets import resolve_model
 from rollout.request import Request
 from rollout.samplers.params import SamplingParams
 from rollout.scheduler import ScheduledBatch, Scheduler
+from rollout import validation
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of the n samples of one seeded prompt
 
@@ -33,6 +34,12 @@ class _Group:
     prompt_token_ids: list[int]
     prompt: str | None
     children: list[Request] = field(default_factory=list)
+    # Streaming cursors (``step_deltas``): output tokens already reported per sample, samples whose
+    # finish was reported, whether the prompt ids / prompt logprobs went out.
+    reported: list[int] = field(default_factory=list)
+    finish_reported: list[bool] = field(default_factory=list)
+    prompt_reported: bool = False
+    prompt_logprobs_reported: bool = False
 
 
 @dataclass
@@ -101,30 +108,11 @@ class EngineCore:
                 raise ValueError("text prompts need a tokenizer; this model has none: pass token ids")
             text, ids = prompt, self.detokenizer.encode(prompt)
         else:
-            text, ids = None, list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        for i, t in enumerate(ids):
-            if not isinstance(t, int) or isinstance(t, bool):
-                raise ValueError(f"prompt token {i} is {t!r}, not an int")
-            if not 0 <= t < vocab:
-                raise ValueError(f"prompt token {i} is {t}, outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.max_total_tokens:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; this engine holds {self.max_total_tokens} tokens "
-                "per sequence "
-                "(context length or KV cache) and needs room for at least one output token"
-            )
-        return ids, text
+            text, ids = None, prompt
+        return validation.check_prompt_ids(ids, self.model_config.vocab_size, self.max_total_tokens), text
 
     def check_params(self, params: SamplingParams) -> None:
-        if params.stop and self.detokenizer is None:
-            raise ValueError(f"stop={params.stop!r} needs a tokenizer; this model has none")
-        vocab = self.model_config.vocab_size
-        for t in params.stop_token_ids:
-            if t >= vocab:
-                raise ValueError(f"stop_token_ids has {t}, outside the vocabulary [0, {vocab})")
+        validation.check_params(params, self.model_config.vocab_size, self.detokenizer is not None)
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> None:
         """Queue one prompt (its n samples). Raises ValueError and changes nothing on bad input."""
@@ -155,15 +143,28 @@ class EngineCore:
     def abort(self, request_ids: Sequence[str]) -> list[RequestOutput]:
         """Finish these requests now with reason "abort", keeping their partial outputs. Unknown or
         already finished ids are ignored."""
-        outs = []
+        return [self._output(group) for group in self._abort(request_ids)]
+
+    def abort_deltas(self, request_ids: Sequence[str]) -> list[RequestDelta]:
+        """``abort`` for streaming: the last delta of each aborted prompt (its unreported tokens and
+        finish reason "abort")."""
+        return [self._delta(group) for group in self._abort(request_ids)]
+
+    def _abort(self, request_ids: Sequence[str]) -> list[_Group]:
+        groups = []
         for rid in request_ids:
             group = self._groups.pop(rid, None)
             if group is None:
                 continue
             for req in group.children:
                 self.scheduler.finish(req, "abort")
-            outs.append(self._output(group))
-        return outs
+            groups.append(group)
+        return groups
+
+    @property
+    def request_ids(self) -> list[str]:
+        """Ids of the prompts in the engine (queued or running), in arrival order."""
+        return list(self._groups)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -171,6 +172,26 @@ class EngineCore:
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step; return the outputs of the prompts that finished in it."""
+        finished = []
+        for group in self._step():
+            if all(r.is_finished for r in group.children):
+                del self._groups[group.request_id]
+                finished.append(self._output(group))
+        return finished
+
+    def step_deltas(self) -> list[RequestDelta]:
+        """Run one step; return what every prompt that got tokens gained in it (streaming). Use
+        either this or ``step`` on one engine: the delta cursors only advance here."""
+        deltas = []
+        for group in self._step():
+            delta = self._delta(group)
+            if delta.finished:
+                del self._groups[group.request_id]
+            deltas.append(delta)
+        return deltas
+
+    def _step(self) -> list[_Group]:
+        """Schedule, execute and apply one step; return the groups that got a token."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
@@ -178,7 +199,7 @@ class EngineCore:
         self.scheduler.update_computed(batch)
         return self._process(batch, out)
 
-    def _process(self, batch: ScheduledBatch, out: RunnerOutput) -> list[RequestOutput]:
+    def _process(self, batch: ScheduledBatch, out: RunnerOutput) -> list[_Group]:
         touched: dict[str, None] = {}
         i = 0
         for s in batch.requests:
@@ -198,13 +219,7 @@ class EngineCore:
                 continue
             self._append(req, token, logprob, top)
             touched[req.group_id] = None
-        finished = []
-        for gid in touched:
-            group = self._groups[gid]
-            if all(r.is_finished for r in group.children):
-                del self._groups[gid]
-                finished.append(self._output(group))
-        return finished
+        return [self._groups[gid] for gid in touched]
 
     def _append(self, req: Request, token: int, logprob: float, top: dict[int, float] | None) -> None:
         req.token_ids.append(token)
@@ -255,6 +270,54 @@ class EngineCore:
             finished=all(r.is_finished for r in group.children),
             num_cached_tokens=sum(o.num_cached_tokens for o in outputs),
         )
+
+    def _delta(self, group: _Group) -> RequestDelta:
+        """What ``group`` gained since its previous delta; advances its cursors."""
+        if not group.reported:
+            group.reported = [0] * len(group.children)
+            group.finish_reported = [False] * len(group.children)
+        samples = []
+        for i, req in enumerate(group.children):
+            start = group.reported[i]
+            new = req.num_output_tokens - start
+            done = req.is_finished and not group.finish_reported[i]
+            if new == 0 and not done:
+                continue
+            first = req.num_prompt_tokens + start
+            text = None
+            if done and self.detokenizer is not None and req.params.detokenize:
+                text = self.detokenizer.final_text(req)
+            samples.append(
+                SampleDelta(
+                    index=i,
+                    token_ids=req.token_ids[first:],
+                    logprobs=req.output_logprobs[start:],
+                    top_logprobs=req.output_top_logprobs[start:] if req.params.logprobs else None,
+                    weight_versions=req.output_versions[start:],
+                    finish_reason=req.finish_reason,
+                    stop_reason=req.stop_reason,
+                    text=text,
+                    num_cached_tokens=max(req.num_cached_tokens, 0),
+                    num_preemptions=req.num_preemptions,
+                )
+            )
+            group.reported[i] = req.num_output_tokens
+            group.finish_reported[i] = req.is_finished
+        finished = all(r.is_finished for r in group.children)
+        delta = RequestDelta(group.request_id, samples, finished)
+        if not group.prompt_reported and group.prompt is not None:
+            delta.prompt_token_ids = group.prompt_token_ids
+        group.prompt_reported = True
+        first = group.children[0]
+        if (
+            first.params.prompt_logprobs is not None
+            and not group.prompt_logprobs_reported
+            and (first.num_output_tokens > 0 or finished)
+        ):
+            delta.prompt_logprobs = list(first.prompt_logprobs)
+            delta.prompt_top_logprobs = list(first.prompt_top_logprobs)
+            group.prompt_logprobs_reported = True
+        return delta
 
     # ---- introspection ----------------------------------------------------------------------
     def stats(self) -> EngineStats:

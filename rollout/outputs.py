@@ -37,3 +37,35 @@ class RequestOutput:
     prompt: str | None = None  # the prompt text, when given as text
     finished: bool = False
     num_cached_tokens: int = field(default=0)  # prompt tokens served from the prefix cache, all samples
+
+
+@dataclass
+class SampleDelta:
+    """What one sample gained in one engine step (or at abort). Lists hold only the new tokens, so a
+    step's outputs cost O(new tokens) to build, send and apply."""
+
+    index: int  # which of the n samples
+    token_ids: list[int]  # tokens sampled since the previous delta of this sample
+    logprobs: list[float]  # their logprobs
+    top_logprobs: list[dict[int, float]] | None  # their top-k dicts, when params.logprobs = k > 0
+    weight_versions: list[int]  # the weight version that produced each new token
+    finish_reason: str | None  # set in the sample's last delta: "stop" | "length" | "abort"
+    stop_reason: int | str | None  # the stop token id or stop string, in the last delta
+    text: str | None  # the full output text, in the last delta, when detokenized
+    num_cached_tokens: int  # prompt tokens this sample took from the prefix cache (so far)
+    num_preemptions: int  # times this sample was preempted (so far)
+
+
+@dataclass
+class RequestDelta:
+    """What one prompt (all its samples) gained in one engine step. Samples with nothing new are left
+    out. ``prompt_logprobs`` come once, in the first delta after the prompt was computed (or in the
+    abort delta); ``prompt_token_ids`` come once, in the first delta, only for text prompts (the
+    engine tokenized them; a client that sent ids already knows them)."""
+
+    request_id: str
+    samples: list[SampleDelta]
+    finished: bool  # every sample has finished: this is the prompt's last delta
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None

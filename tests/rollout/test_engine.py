@@ -24,8 +24,18 @@ def qwen3_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny_engine():
     return LLM("tiny", device="cpu", cache_config=CacheConfig(num_blocks=256))
+
+
+@pytest.fixture
+def tiny(tiny_engine):
+    """The shared tiny LLM; after each test its block pool must be whole and consistent again."""
+    yield tiny_engine
+    engine = tiny_engine.engine
+    assert not engine.has_unfinished()
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
+    engine.check_invariants()
 
 
 def shared_prefix_workload(seed: int) -> list[list[int]]:
