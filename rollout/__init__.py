@@ -1,5 +1,7 @@
 """rollout-engine: a rollout engine for reinforcement learning on LLMs."""
 
+from rollout.async_llm import AsyncLLM
+from rollout.client import EngineDeadError
 from rollout.config import CacheConfig, RunnerConfig, SchedulerConfig
 from rollout.engine import EngineCore, EngineStats
 from rollout.llm import LLM
@@ -8,6 +10,8 @@ from rollout.samplers.params import SamplingParams
 
 __all__ = [
     "LLM",
+    "AsyncLLM",
+    "EngineDeadError",
     "CacheConfig",
     "CompletionOutput",
     "EngineCore",

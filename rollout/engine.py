@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rollout import validation
 from rollout.block_manager import BlockManager
 from rollout.config import CacheConfig, RunnerConfig, SchedulerConfig
 from rollout.detokenizer import Detokenizer
@@ -21,7 +22,6 @@ from rollout.presets import resolve_model
 from rollout.request import Request
 from rollout.samplers.params import SamplingParams
 from rollout.scheduler import ScheduledBatch, Scheduler
-from rollout import validation
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of the n samples of one seeded prompt
 

@@ -24,6 +24,11 @@ Pipeline for each row, all in float32:
    are the K largest of the same distribution, sorted descending, K = min(max_num_logprobs, V);
    ``ranks`` is 1 + the number of tokens strictly more likely than the sampled one.
 
+On CUDA, batches without top-k / top-p / min-p go through the fused Triton kernel of
+``rollout.kernels.sampling`` (one pass over the logits instead of ~20): same tokens (the same hash
+bits and float32 formulas), same logprobs up to float32 summation order. ``sample(...,
+use_kernel=...)`` forces either path.
+
 No step reads a device value on the host: branches use only the host flags of SamplingTensors
 and tensor shapes, so the whole function can be enqueued without waiting for the GPU.
 """
@@ -31,6 +36,7 @@ and tensor shapes, so the whole function can be enqueued without waiting for the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +59,22 @@ class SamplerOutput:
     ranks: torch.Tensor | None  # [B] i64: 1 + #tokens more likely than the sampled one; None when K == 0
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+def sample(logits: torch.Tensor, t: SamplingTensors, *, use_kernel: bool | None = None) -> SamplerOutput:
     """Sample one token per row of ``logits`` ([B, V], any float dtype) under ``t``.
 
     Pure: ``logits`` is not modified. See the module docstring for the exact semantics.
+
+    ``use_kernel``: None (default) runs the fused Triton kernel of ``rollout.kernels.sampling`` when
+    it applies (CUDA logits of dtype f32/f16/bf16, Triton importable, no row with top-k / top-p /
+    min-p) and the torch path otherwise; both give the same tokens and, within float32 rounding,
+    the same logprobs. True forces the kernel (``ValueError`` where it does not apply; on CPU it
+    needs TRITON_INTERPRET=1 before the kernel module's import); False forces the torch path.
     """
     _check_inputs(logits, t)
+    if use_kernel is None:
+        use_kernel = _kernel_applies(logits, t) and _kernel_module() is not None
+    if use_kernel:
+        return _sample_with_kernel(logits, t)
     logits = logits.float()  # may alias the caller's tensor: only out-of-place ops on it below
     processed = _processed_logits(logits, t)
     if t.all_greedy:
@@ -105,6 +121,62 @@ def prompt_logprobs(
     token_logprobs = (logits.gather(1, next_ids[:, None]) - lse).squeeze(1)
     top_vals, top_ids = logits.topk(min(k, logits.shape[1]), dim=-1)
     return token_logprobs, top_ids, top_vals - lse
+
+
+def _kernel_applies(logits: torch.Tensor, t: SamplingTensors) -> bool:
+    """Host-only test: could the fused kernel sample this batch (bar Triton being importable)?"""
+    return (
+        logits.is_cuda
+        and logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and not (t.any_top_k or t.any_top_p or t.any_min_p)
+    )
+
+
+def _kernel_module() -> ModuleType | None:
+    """``rollout.kernels.sampling``, or None where Triton cannot be imported (cached by sys.modules)."""
+    try:
+        from rollout.kernels import sampling
+    except ImportError:
+        return None
+    return sampling
+
+
+def _sample_with_kernel(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+    """``sample`` through the fused kernel: one pass over the logits for tokens, logprobs and lse.
+
+    Top-k logprobs and ranks (K > 0) still use torch on the row's logprob source: the raw logits
+    themselves when no row is in processed mode, else the [B, V] f32 source the kernel wrote in
+    its pass; top values minus the kernel's lse give the logprobs (no log_softmax pass).
+    """
+    kernels = _kernel_module()
+    if kernels is None:
+        raise ValueError("use_kernel=True but rollout.kernels.sampling cannot be imported (no Triton?)")
+    if t.any_top_k or t.any_top_p or t.any_min_p:
+        raise ValueError(
+            "use_kernel=True but the batch has top-k / top-p / min-p rows: the kernel has no filters"
+        )
+    k = min(t.max_num_logprobs, t.vocab_size)
+    write_source = k > 0 and t.any_processed
+    out = kernels.fused_sample(
+        logits,
+        t.temperature,
+        t.greedy,
+        t.seeds,
+        t.offsets,
+        t.processed_mode,
+        t.banned_rows,
+        t.banned_tokens,
+        all_greedy=t.all_greedy,
+        any_processed=t.any_processed,
+        write_source=write_source,
+    )
+    if k == 0:
+        return SamplerOutput(out.token_ids, out.logprobs, None, None, None)
+    source = out.source if out.source is not None else logits
+    top_vals, top_ids = source.topk(k, dim=-1)
+    chosen = source.gather(1, out.token_ids[:, None]).float()  # exact: bf16/f16 -> f32 is lossless
+    ranks = (source > chosen).sum(dim=-1) + 1
+    return SamplerOutput(out.token_ids, out.logprobs, top_ids, top_vals.float() - out.lse[:, None], ranks)
 
 
 def _check_inputs(logits: torch.Tensor, t: SamplingTensors) -> None:

@@ -1,0 +1,90 @@
+"""Synchronous generation over an engine core process (``LLM(..., multiprocess=True)``).
+
+Text prompts are tokenized here (with the model's tokenizer, loaded on first use) so that every
+prompt is validated before any request is sent, as in the in-process ``LLM``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rollout.client import EngineCoreClient, EngineDeadError
+from rollout.detokenizer import Detokenizer
+from rollout.engine import EngineStats
+from rollout.messages import AbortRequests, AddRequest, Outputs, RequestFailed
+from rollout.outputs import RequestOutput
+from rollout.samplers.params import SamplingParams
+from rollout.stream import OutputAccumulator
+from rollout.validation import check_params, check_prompt_ids
+
+
+class RemoteEngine:
+    """A synchronous view of one engine core process."""
+
+    def __init__(self, model: str, **engine_kwargs: Any) -> None:
+        self.client = EngineCoreClient(model, **engine_kwargs)
+        self._detokenizer: Detokenizer | None = None
+
+    @property
+    def detokenizer(self) -> Detokenizer | None:
+        if self._detokenizer is None and self.client.info.has_tokenizer:
+            self._detokenizer = Detokenizer.from_pretrained(self.client.model_path)
+        return self._detokenizer
+
+    def tokenize(self, prompt: str | Sequence[int]) -> tuple[list[int], str | None]:
+        """Validate a prompt against the engine and return its token ids (and text, if given)."""
+        info = self.client.info
+        if isinstance(prompt, str):
+            if self.detokenizer is None:
+                raise ValueError("text prompts need a tokenizer; this model has none: pass token ids")
+            text, ids = prompt, self.detokenizer.encode(prompt)
+        else:
+            text, ids = None, prompt
+        return check_prompt_ids(ids, info.vocab_size, info.max_total_tokens), text
+
+    def check_params(self, params: SamplingParams) -> None:
+        check_params(params, self.client.info.vocab_size, self.client.info.has_tokenizer)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(**self.client.call("get_state")["stats"])
+
+    def generate(
+        self,
+        request_ids: list[str],
+        prompts: list[tuple[list[int], str | None]],
+        params: list[SamplingParams],
+        on_finished: Callable[[int], None],
+    ) -> dict[str, RequestOutput]:
+        """Send validated requests and wait for all of them; ``on_finished(num_output_tokens)`` is
+        called as each one finishes. On any error (also KeyboardInterrupt) the rest are aborted."""
+        accs = {
+            rid: OutputAccumulator(rid, ids, text, p.n, bool(p.logprobs))
+            for rid, (ids, text), p in zip(request_ids, prompts, params, strict=True)
+        }
+        for rid, (ids, _), p in zip(request_ids, prompts, params, strict=True):
+            self.client.send(AddRequest(rid, ids, None, p.to_dict()))
+        results: dict[str, RequestOutput] = {}
+        try:
+            while len(results) < len(accs):
+                for msg in self.client.recv(0.25):
+                    if isinstance(msg, Outputs):
+                        for delta in msg.deltas:
+                            acc = accs.get(delta.request_id)
+                            if acc is None:
+                                continue  # a request of an earlier, interrupted call
+                            acc.apply(delta)
+                            if acc.finished:
+                                results[delta.request_id] = out = acc.cumulative()
+                                on_finished(sum(len(c.token_ids) for c in out.outputs))
+                    elif isinstance(msg, RequestFailed) and msg.request_id in accs:
+                        raise (TypeError if msg.error_type == "TypeError" else ValueError)(msg.message)
+        except BaseException:
+            with contextlib.suppress(EngineDeadError):  # a dead engine holds nothing to abort
+                self.client.send(AbortRequests([rid for rid in accs if rid not in results]))
+            raise
+        return results
+
+    def shutdown(self) -> None:
+        self.client.shutdown()
