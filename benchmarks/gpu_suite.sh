@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks in one call (the device machine has no internet: missing wheels,
+# pyzmq and msgpack, travel in .whl/). Usage: bash benchmarks/gpu_suite.sh [tests|bench|all]
+set -u
+what=${1:-all}
+out=${OUT:-bench-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 ROLLOUT_CACHE=/tmp/rollout-cache
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { echo "install failed"; tail "$out/install.log"; }
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  timeout 300 python3 -m pytest tests -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.log" | tail -25
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  timeout 150 python3 -m rollout.benchmarks.decode --out "$out" --steps 10 2>&1 | tail -34
+  timeout 60 python3 -m rollout.benchmarks.prefill --out "$out" 2>&1 | tail -2
+  timeout 120 python3 -m rollout.benchmarks.rl --out "$out" 2>&1 | tail -2
+  timeout 300 python3 -m rollout.benchmarks.throughput --workloads w1 peer256 --peer hf --out "$out" --timeout 200 2>&1 | tail -6
+fi
