@@ -31,7 +31,13 @@ class Attention(nn.Module):
     The model runner binds ``k_cache``/``v_cache`` ([num_blocks, block_size, num_kv_heads,
     head_dim]) before the first forward; they are plain attributes, not buffers, so they stay out of
     ``state_dict`` and weight loading.
+
+    ``backend`` picks the kernels: ``"torch"`` (default; the CPU path, reads the host-side lengths)
+    or ``"triton"`` (CUDA; reads only device tensors, so decode steps can be graph-captured). The
+    model runner sets it per layer.
     """
+
+    BACKENDS = ("torch", "triton")
 
     def __init__(
         self,
@@ -49,6 +55,7 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.backend = "torch"
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -59,6 +66,11 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.backend == "triton":
+            out = self._forward_triton(q, k, v, meta)
+            return out.view(num_tokens, self.num_heads * self.head_dim)
+        if self.backend != "torch":
+            raise ValueError(f"unknown attention backend {self.backend!r}, expected one of {self.BACKENDS}")
         store_kv_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = paged_attention_ref(
             q,
@@ -72,3 +84,35 @@ class Attention(nn.Module):
             self.sliding_window,
         )
         return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _forward_triton(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        # Imported here so that CPU-only users of the torch path never import Triton.
+        from rollout.kernels.decode_attention import decode_attention
+        from rollout.kernels.prefill_attention import extend_attention
+        from rollout.kernels.store_kv import store_kv
+
+        assert self.k_cache is not None and self.v_cache is not None
+        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.max_query_len == 1:  # one query row per sequence, rows in batch order
+            return decode_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                self.scale,
+                self.sliding_window,
+            )
+        return extend_attention(
+            q,
+            self.k_cache,
+            self.v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            meta.max_query_len,
+            self.scale,
+            self.sliding_window,
+        )

@@ -1,0 +1,61 @@
+"""Argument checks shared by the Triton attention launchers (cheap, host-side, no device sync)."""
+
+from __future__ import annotations
+
+import torch
+
+KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """Validate a paged cache pair; returns (num_blocks, block_size, num_kv_heads, head_dim)."""
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be [num_blocks, block_size, kv_heads, head_dim], got {k_cache.shape}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
+    if k_cache.dtype not in KV_DTYPES or v_cache.dtype != k_cache.dtype:
+        raise ValueError(
+            f"cache dtypes must match and be one of {KV_DTYPES}, got {k_cache.dtype}/{v_cache.dtype}"
+        )
+    if k_cache.device != v_cache.device:
+        raise ValueError(f"caches on different devices: {k_cache.device} / {v_cache.device}")
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    if block_size <= 0 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.stride(3) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim, got strides {cache.stride()}")
+    return num_blocks, block_size, num_kv_heads, head_dim
+
+
+def check_rows(
+    name: str, x: torch.Tensor, num_heads: int | None, head_dim: int, device: torch.device
+) -> None:
+    """A [rows, heads, head_dim] activation with a unit stride along head_dim."""
+    if x.dim() != 3 or x.shape[2] != head_dim or (num_heads is not None and x.shape[1] != num_heads):
+        want = f"[rows, {num_heads if num_heads is not None else 'heads'}, {head_dim}]"
+        raise ValueError(f"{name} must be {want}, got {tuple(x.shape)}")
+    if x.stride(2) != 1:
+        raise ValueError(f"{name} must be contiguous in head_dim, got strides {x.stride()}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, the cache on {device}")
+
+
+def check_index(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    """An int32 index tensor of exactly ``shape`` (-1 entries mean 'any size' in that dim)."""
+    if x.dtype != torch.int32:
+        raise ValueError(f"{name} must be int32, got {x.dtype}")
+    if x.dim() != len(shape) or any(w not in (-1, g) for g, w in zip(x.shape, shape, strict=True)):
+        raise ValueError(f"{name} must have shape {shape} (-1: any), got {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {x.stride()}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, the cache on {device}")
+
+
+def check_window(sliding_window: int | None) -> None:
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
