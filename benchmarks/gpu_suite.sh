@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one call (the device machine has no internet: missing wheels,
-# pyzmq and msgpack, travel in .whl/). Usage: bash benchmarks/gpu_suite.sh [tests|bench|all]
+# pyzmq and msgpack, travel in .whl/). Usage: bash benchmarks/gpu_suite.sh [tests|kernels|bench|all]
 set -u
 what=${1:-all}
 out=${OUT:-bench-out}
@@ -13,6 +13,10 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { echo "install failed"; tail "$out/install.log"; }
 if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout 300 python3 -m pytest tests -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.log" | tail -25
+fi
+if [ "$what" = kernels ]; then
+  timeout 150 python3 -m rollout.benchmarks.sampling_kernel --out "$out" 2>&1 | tail -14
+  timeout 200 python3 benchmarks/attention_kernels.py 2>&1 | tail -24
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 150 python3 -m rollout.benchmarks.decode --out "$out" --steps 10 2>&1 | tail -34

@@ -23,7 +23,8 @@ from rollout.kernels._checks import check_index, check_kv_cache, check_rows, che
 
 _LOG2E = 1.4426950408889634
 # Enough resident programs to keep the memory system busy: splits are added until the grid has
-# about this many programs per SM (measured on the H100, see benchmarks/attention_kernels.py).
+# about this many programs per SM. Chosen, not tuned: on the H100 it splits batch 1 and 8 (which
+# need it: 4-6x faster at 4K) and leaves batch >= 128 whole (see kernels/attention_notes.md).
 _PROGRAMS_PER_SM = 4
 _MAX_SPLITS = 32
 _CPU_SMS = 8  # interpreter runs: pretend a small GPU so that tests exercise the split path
@@ -51,8 +52,9 @@ def default_decode_config(batch: int, num_kv_heads: int, device: torch.device) -
         num_sms = _CPU_SMS
     programs = max(batch * num_kv_heads, 1)
     num_splits = max(1, min(_MAX_SPLITS, math.ceil(_PROGRAMS_PER_SM * num_sms / programs)))
-    # Small batches are latency-bound: fewer, longer tiles per split measured faster (batch 1 x 4K:
-    # 26 us at 128 vs 45 us at 64); at large batches both tile sizes reach the copy ceiling.
+    # At batch >= 32 tiles of 64 and 128 both reach ~90-100% of copy bandwidth. Small, split
+    # batches are latency-bound and were measured with 128 (batch 1 x 4K: 14 us in a CUDA graph);
+    # eager timings of 64 vs 128 there disagreed between runs (20-30 us, noise): unsettled.
     return DecodeConfig(num_splits=num_splits, block_n=128 if num_splits > 1 else 64)
 
 

@@ -1,28 +1,34 @@
 """Run the Triton kernels through Triton's interpreter when no CUDA device is present.
 
-Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a function, i.e. when a kernel module
-is imported, so the variable is set here, before the test modules import the kernels. If another
-test module imported a kernel module first (compiled for a GPU that is not there), that module is
-re-executed: ``importlib.reload`` refills the module's own namespace, so launchers that callers
-already imported pick up the interpreted kernels too.
+Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a function: for our kernels when their
+module is imported, and for Triton's own jit'd helpers (``tl.cdiv``, ``tl.maximum`` ...) when
+``triton.language`` is imported. So the variable must be set before anything imports Triton; this
+conftest is imported when pytest collects tests/kernels, before its test modules. If something
+collected earlier already imported Triton for a GPU that is not there, reloading modules cannot
+repair it (Triton's helpers stay compiled-only): ``triton_interpreter`` then fails with the fix.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
+import pytest
 import torch
-
-KERNEL_MODULES = (
-    "rollout.kernels.store_kv",
-    "rollout.kernels.decode_attention",
-    "rollout.kernels.prefill_attention",
-)
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    for name in KERNEL_MODULES:
-        if name in sys.modules:
-            importlib.reload(sys.modules[name])
+
+
+@pytest.fixture
+def triton_interpreter() -> None:
+    """Fail clearly when the CPU run cannot use the interpreter (see the module docstring)."""
+    if torch.cuda.is_available():
+        return
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.cdiv, InterpretedFunction):
+        pytest.fail(
+            "Triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1; "
+            "run with TRITON_INTERPRET=1 in the environment or run tests/kernels first"
+        )

@@ -8,6 +8,7 @@ import torch
 from rollout.models.layers.attention import Attention, AttentionMetadata
 from tests.kernels.paged_case import make_case, rel_err
 
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

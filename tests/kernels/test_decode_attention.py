@@ -11,6 +11,7 @@ import torch
 from rollout.kernels.decode_attention import DecodeConfig, decode_attention, default_decode_config
 from tests.kernels.paged_case import make_case, poisoned_empty, reference, rel_err
 
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 

@@ -10,6 +10,7 @@ import torch
 from rollout.kernels.prefill_attention import ExtendConfig, extend_attention
 from tests.kernels.paged_case import make_case, poisoned_empty, reference, rel_err
 
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Triton 3.9's interpreter multiplies the raw bits of bf16 dot operands: bf16 runs on the GPU only.

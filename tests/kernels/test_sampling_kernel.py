@@ -38,7 +38,7 @@ LAUNCHES = [(None, None), (3, 64), (16, 32)]
 def _rows(params: list[SamplingParams], banned: list[tuple[int, ...]] | None = None) -> list[RowSampling]:
     banned = banned or [()] * len(params)
     return [
-        RowSampling(p, HIGH_SEEDS[i % 8] ^ (i // 8), HIGH_OFFSETS[i % 8] + i // 8, banned[i])
+        RowSampling(p, HIGH_SEEDS[i % 8] ^ (i // 8), (HIGH_OFFSETS[i % 8] + i // 8) % 2**63, banned[i])
         for i, p in enumerate(params)
     ]
 

@@ -8,6 +8,7 @@ import torch
 from rollout.kernels.attention_ref import store_kv_ref
 from rollout.kernels.store_kv import store_kv
 
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
