@@ -15,7 +15,9 @@ class AttentionMetadata:
     """Where this step's tokens sit in the paged KV cache. Built by the model runner each step and
     passed explicitly to ``model.forward`` (no global context). Sequences are in batch order."""
 
-    slot_mapping: torch.Tensor  # [num_tokens] int64: flat cache slot each new token's K/V goes to (-1: skip)
+    # [num_tokens] int64: flat cache slot each new token's K/V goes to; -1 (graph padding) is skipped by
+    # the triton store, while the torch path takes only valid slots
+    slot_mapping: torch.Tensor
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32: block ids of each sequence, padded
     seq_lens: torch.Tensor  # [num_seqs] int32: KV length of each sequence after this step
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32: cumulative query lengths (row offsets)
