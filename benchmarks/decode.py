@@ -22,24 +22,27 @@ from rollout.benchmarks.common import measure_ceilings, model_bytes
 
 
 def time_decode(llm: LLM, batch: int, context: int, steps: int, rng: random.Random) -> float | None:
-    """Median-free mean ms of ``steps`` decode steps at (batch, context); None if it does not fit."""
+    """Mean ms of ``steps`` decode steps with exactly ``batch`` sequences of about ``context`` tokens;
+    None if they do not fit in the KV cache. Requests admitted early start decoding while later ones
+    prefill, so max_tokens leaves room for the whole prefill phase: nobody finishes while timed."""
     engine = llm.engine
     bs = engine.cache_config.block_size
-    if batch * -(-(context + steps + 4) // bs) > engine.runner.num_blocks:
+    prefill_steps = -(-batch * context // engine.scheduler_config.max_num_batched_tokens) + 2
+    max_tokens = prefill_steps + steps + 4
+    if batch * -(-(context + max_tokens) // bs) > engine.runner.num_blocks:
         return None
     ids = [f"d{batch}-{context}-{i}" for i in range(batch)]
-    params = SamplingParams(max_tokens=steps + 4, ignore_eos=True, temperature=1.0, seed=0)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.0, seed=0)
     for rid in ids:
         engine.add_request(rid, [rng.randrange(100, 10000) for _ in range(context)], params)
-    while any(r.in_prefill or r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running) or (
-        engine.scheduler.waiting
-    ):
+    while engine.scheduler.waiting or any(r.in_prefill for r in engine.scheduler.running):
         engine.step()
     engine.step()  # first pure decode step (warm)
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
     ms = (time.perf_counter() - start) / steps * 1e3
+    assert len(engine.scheduler.running) == batch, "a sequence finished while timed"
     engine.abort(ids)
     return ms
 
