@@ -103,13 +103,8 @@ class EngineCore:
     # ---- admission --------------------------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> tuple[list[int], str | None]:
         """Validate a prompt (text or token ids) and return its token ids (and text, if given)."""
-        if isinstance(prompt, str):
-            if self.detokenizer is None:
-                raise ValueError("text prompts need a tokenizer; this model has none: pass token ids")
-            text, ids = prompt, self.detokenizer.encode(prompt)
-        else:
-            text, ids = None, prompt
-        return validation.check_prompt_ids(ids, self.model_config.vocab_size, self.max_total_tokens), text
+        encode = None if self.detokenizer is None else self.detokenizer.encode
+        return validation.prompt_to_ids(prompt, encode, self.model_config.vocab_size, self.max_total_tokens)
 
     def check_params(self, params: SamplingParams) -> None:
         validation.check_params(params, self.model_config.vocab_size, self.detokenizer is not None)

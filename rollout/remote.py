@@ -17,7 +17,7 @@ from rollout.messages import AbortRequests, AddRequest, Outputs, RequestFailed
 from rollout.outputs import RequestOutput
 from rollout.samplers.params import SamplingParams
 from rollout.stream import OutputAccumulator
-from rollout.validation import check_params, check_prompt_ids
+from rollout.validation import check_params, prompt_to_ids
 
 
 class RemoteEngine:
@@ -36,13 +36,9 @@ class RemoteEngine:
     def tokenize(self, prompt: str | Sequence[int]) -> tuple[list[int], str | None]:
         """Validate a prompt against the engine and return its token ids (and text, if given)."""
         info = self.client.info
-        if isinstance(prompt, str):
-            if self.detokenizer is None:
-                raise ValueError("text prompts need a tokenizer; this model has none: pass token ids")
-            text, ids = prompt, self.detokenizer.encode(prompt)
-        else:
-            text, ids = None, prompt
-        return check_prompt_ids(ids, info.vocab_size, info.max_total_tokens), text
+        detok = self.detokenizer if isinstance(prompt, str) else None  # load the tokenizer only for text
+        encode = None if detok is None else detok.encode
+        return prompt_to_ids(prompt, encode, info.vocab_size, info.max_total_tokens)
 
     def check_params(self, params: SamplingParams) -> None:
         check_params(params, self.client.info.vocab_size, self.client.info.has_tokenizer)

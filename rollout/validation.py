@@ -3,7 +3,7 @@ anything is sent, with the same messages the in-process engine gives."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rollout.samplers.params import SamplingParams
 
@@ -24,6 +24,20 @@ def check_prompt_ids(ids: Sequence[object], vocab_size: int, max_total_tokens: i
             "(context length or KV cache) and needs room for at least one output token"
         )
     return ids  # type: ignore[return-value]
+
+
+def prompt_to_ids(
+    prompt: str | Sequence[int],
+    encode: Callable[[str], list[int]] | None,
+    vocab_size: int,
+    max_total_tokens: int,
+) -> tuple[list[int], str | None]:
+    """Validate a prompt (text, encoded with ``encode``, or token ids); return (token ids, text or None)."""
+    if isinstance(prompt, str):
+        if encode is None:
+            raise ValueError("text prompts need a tokenizer; this model has none: pass token ids")
+        return check_prompt_ids(encode(prompt), vocab_size, max_total_tokens), prompt
+    return check_prompt_ids(prompt, vocab_size, max_total_tokens), None
 
 
 def check_params(params: object, vocab_size: int, has_tokenizer: bool) -> None:
