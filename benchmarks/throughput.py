@@ -33,11 +33,36 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         for i, m in enumerate(work.max_tokens)
     ]
     stats0 = llm.stats()
+    trace: list[tuple[float, int, int]] = []  # per engine step: end time, running, waiting
+    if args.trace:
+        engine = llm.engine
+        step = engine.step
+
+        def traced_step():
+            out = step()
+            trace.append((time.perf_counter(), len(engine.scheduler.running), len(engine.scheduler.waiting)))
+            return out
+
+        engine.step = traced_step
+    if args.gc_freeze:
+        import gc
+
+        gc.collect()
+        gc.freeze()
     torch.cuda.synchronize()
     t = time.perf_counter()
     outs = llm.generate(work.prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
+    step_ms_by_batch = {}
+    if trace:
+        prev = t
+        buckets: dict[int, list[float]] = {}
+        for end, running, waiting in trace:
+            key = -1 if waiting else min(running // 32 * 32, 256)  # -1: steps with prompts waiting
+            buckets.setdefault(key, []).append((end - prev) * 1e3)
+            prev = end
+        step_ms_by_batch = {k: (len(v), sum(v) / len(v)) for k, v in sorted(buckets.items())}
     stats = llm.stats()
     ntok = sum(len(c.token_ids) for o in outs for c in o.outputs)
     weight_bytes, kv_per_token = model_bytes(llm)
@@ -49,6 +74,8 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         num_blocks=stats.num_blocks,
         kv_bytes_per_token=kv_per_token,
         weight_bytes=weight_bytes,
+        num_steps=len(trace),
+        step_ms_by_batch=step_ms_by_batch,  # running // 32 * 32 -> (steps, mean ms); -1: admission phase
     )
 
 
@@ -127,6 +154,8 @@ def parent(args: argparse.Namespace) -> None:
                 str(result_file),
                 "--max-batched",
                 str(args.max_batched),
+                *(["--trace"] if args.trace else []),
+                *(["--gc-freeze"] if args.gc_freeze else []),
             ]
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -170,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--max-batched", type=int, default=8192)
+    p.add_argument("--trace", action="store_true", help="record per-step times by batch size (ours)")
+    p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before the timed generate (ours)")
     p.add_argument("--child", action="store_true")
     p.add_argument("--engine", choices=["ours", "hf"])
     p.add_argument("--workload")

@@ -99,14 +99,29 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(
             spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim**-0.5, sliding_window
         )
+        self.eps = spec.rms_norm_eps
+        self.fused = False  # q/k norm + RoPE in one Triton kernel (the model runner turns it on for CUDA)
 
     def forward(
-        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
+        """``rope``: (cos, sin) rows of this step's positions, or with ``fused`` (positions, the
+        model's cos/sin table)."""
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
-            [self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], -1
-        )
+        qkv = self.qkv_proj(x)
+        if self.fused:
+            from rollout.kernels.fused_ops import qk_norm_rope
+
+            positions, table = rope
+            qw, kw = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+            q, k = qk_norm_rope(
+                qkv, positions, table, self.num_heads, self.num_kv_heads, self.head_dim, qw, kw, self.eps
+            )
+            v = qkv[:, self.qkv_proj.q_size + self.qkv_proj.kv_size :]
+            out = self.attn(q.view(num_tokens, -1), k.view(num_tokens, -1), v, meta)
+            return self.o_proj(out)
+        cos_sin = rope
+        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], -1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
@@ -168,10 +183,13 @@ class DecoderModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos_sin = self.rotary_emb(positions)
+        if self.layers and self.layers[0].self_attn.fused:
+            rope = (positions, self.rotary_emb.cos_sin_cache)  # each layer's kernel gathers its rows
+        else:
+            rope = self.rotary_emb(positions)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos_sin, meta)
+            x, residual = layer(x, residual, rope, meta)
         x, _ = self.norm(x, residual)
         return x
 

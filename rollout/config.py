@@ -35,6 +35,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # token budget of one step (prefill chunks + decodes)
     max_num_seqs: int = 256  # sequences running at once
     enable_chunked_prefill: bool = True  # split long prompts across steps instead of waiting for room
+    # Overlapped loop: schedule and prepare step N+1 (its decodes take the tokens of step N from the
+    # device) while step N runs, then read N's results. None = on for CUDA, off elsewhere. Outputs
+    # are the same either way; a request may finish one step later in wall time, never in tokens.
+    overlap: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -50,6 +54,7 @@ class RunnerConfig:
     attention_backend: str = "auto"  # "triton" (CUDA), "torch" (CPU path), or "auto": triton on CUDA
     cuda_graphs: bool = True  # replay captured graphs for decode steps (triton backend on CUDA only)
     max_graph_batch: int = 256  # largest decode batch served by a graph; larger ones run eagerly
+    fused_ops: bool = True  # Triton kernels for add+RMSNorm, q/k norm+RoPE, SiLU-and-mul (triton backend)
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "triton", "torch"):

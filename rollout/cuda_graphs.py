@@ -87,10 +87,15 @@ class DecodeGraphs:
         slots: torch.Tensor,
         seq_lens: torch.Tensor,
         block_tables: torch.Tensor,
+        fill: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Run the graph of ``size`` on host inputs of ``size`` rows (padding rows already marked);
-        ``block_tables`` may be narrower than max_blocks. Returns hidden states [size, hidden]."""
+        """Run the graph of ``size`` on inputs of ``size`` rows (padding rows already marked; host or
+        device tensors, any integer dtype); ``block_tables`` may be narrower than max_blocks.
+        ``fill = (rows, ids)`` then overwrites those rows' input ids on the device (tokens sampled
+        by a step still in flight). Returns hidden states [size, hidden]."""
         self.input_ids[:size].copy_(input_ids, non_blocking=True)
+        if fill is not None:
+            self.input_ids.index_copy_(0, fill[0], fill[1])
         self.positions[:size].copy_(positions, non_blocking=True)
         self.slots[:size].copy_(slots, non_blocking=True)
         self.seq_lens[:size].copy_(seq_lens, non_blocking=True)

@@ -3,6 +3,7 @@ computes logits only for rows that need them, and samples."""
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,19 +32,6 @@ class RunnerOutput:
     )
 
 
-@dataclass
-class _HostInputs:
-    """One step's inputs on the host, padded to ``num_rows`` tokens/sequences for graph replay."""
-
-    input_ids: np.ndarray  # [num_rows] int64
-    positions: np.ndarray  # [num_rows] int64
-    slots: np.ndarray  # [num_rows] int64, -1 on padding rows
-    block_tables: np.ndarray  # [num_seqs (padded), max blocks used] int32
-    seq_lens: list[int]  # [num_seqs (padded)], 0 on padding rows
-    query_start: list[int]  # [num_seqs + 1] (unpadded)
-    logits_rows: list[int]  # hidden rows of the sampling requests
-
-
 class ModelRunner:
     """Owns the model weights and the KV cache on one device."""
 
@@ -70,15 +58,34 @@ class ModelRunner:
             backend = "triton" if device.type == "cuda" else "torch"
         for layer in self.model.attention_layers():
             layer.backend = backend
+        if backend == "triton" and self.runner_config.fused_ops:
+            for module in self.model.modules():
+                if hasattr(module, "fused"):
+                    module.fused = True
         self.vocab_size = model_config.vocab_size
+        # SamplingTensors.build's per-params cache of effective values (by params identity)
+        self._sampling_cache: dict = {}
         self.num_blocks = self._decide_num_blocks()
         self.kv_cache = self._allocate_kv_cache(self.num_blocks)
         self._bind_kv_cache(self.kv_cache)
         self.graphs: DecodeGraphs | None = None
-        if self.attention_backend == "triton" and self.runner_config.cuda_graphs and device.type == "cuda":
-            max_blocks = -(-model_config.max_model_len // self.block_size)
-            max_batch = min(self.runner_config.max_graph_batch, scheduler_config.max_num_seqs)
-            self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, model_config.max_model_len, device)
+        self.capture_graphs()
+        if device.type == "cuda":
+            # Move everything alive now (torch, transformers, the model's modules: millions of
+            # objects) out of the cyclic GC's reach: full collections over them cost 100+ ms and
+            # came every few steps (W1 on the H100: 7.1K -> 18.3K tok/s with the heap frozen).
+            gc.collect()
+            gc.freeze()
+
+    def capture_graphs(self) -> None:
+        """Capture the decode graphs (when enabled) over the current weights and KV cache storage."""
+        self.graphs = None
+        on_gpu = self.device.type == "cuda"
+        if self.attention_backend == "triton" and self.runner_config.cuda_graphs and on_gpu:
+            max_len = self.model_config.max_model_len
+            max_blocks = -(-max_len // self.block_size)
+            max_batch = min(self.runner_config.max_graph_batch, self.scheduler_config.max_num_seqs)
+            self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, max_len, self.device)
             self.graphs.capture()
 
     @property
@@ -141,50 +148,94 @@ class ModelRunner:
         return int(budget // self.block_bytes())
 
     # ---- one step ---------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:
+        """Run one step and wait for its results (``launch`` + ``collect``)."""
+        return self.collect(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, prev: StepHandle | None = None) -> StepHandle:
+        """Enqueue one step on the device and return without waiting for it.
+
+        Rows whose input token is not known on the host yet (a token sampled by ``prev``, the step
+        still running: the request's ``num_pending`` placeholder) take it from ``prev``'s device
+        output, so the step can be queued before ``prev``'s results reach the host.
+        """
         rows, prompt_rows = self._sampling_rows(batch)
         graph_size = None
         if self.graphs is not None and batch.num_tokens == len(batch.requests):  # decode only
             graph_size = self.graphs.padded_size(len(batch.requests))
-        host = self._prepare(batch, graph_size or batch.num_tokens)
+        host = self._prepare(batch, graph_size or batch.num_tokens, prev)
+        dev = self.device
+        ints = host.ints.to(dev, non_blocking=True)
+        v = host.views(ints)
+        fill = None
+        if host.num_placeholders:
+            assert prev is not None and prev.token_ids is not None
+            fill = (v["placeholder_dst"], prev.token_ids.index_select(0, v["placeholder_src"]))
         if graph_size is not None:
             assert self.graphs is not None
             hidden = self.graphs.replay(
                 graph_size,
-                torch.from_numpy(host.input_ids),
-                torch.from_numpy(host.positions),
-                torch.from_numpy(host.slots),
-                torch.tensor(host.seq_lens, dtype=torch.int32),
-                torch.from_numpy(host.block_tables),
+                v["input_ids"],
+                v["positions"],
+                v["slots"],
+                v["seq_lens"],
+                v["block_tables"],
+                fill=fill,
             )
         else:
-            ids, positions, meta = self._to_device(host)
+            ids, positions, meta = self._to_device(host, v)
+            if fill is not None:
+                ids.index_copy_(0, fill[0], fill[1])
             hidden = self.model(ids, positions, meta)
+        handle = StepHandle(batch=batch)
+        if rows:
+            logits = self.model.compute_logits(hidden.index_select(0, v["logits_rows"]))
+            out = sample(logits, SamplingTensors.build(rows, self.vocab_size, dev, self._sampling_cache))
+            handle.token_ids = out.token_ids
+            # one device-to-host copy for ids and logprobs (ids < 2**24 are exact in float64)
+            packed = torch.stack([out.token_ids.double(), out.logprobs.double()])
+            handle.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=dev.type == "cuda")
+            handle.host.copy_(packed, non_blocking=True)
+            wanted = [r.params.logprobs or 0 for r in rows]
+            if any(wanted) and out.topk_ids is not None:
+                handle.topk = (out.topk_ids, out.topk_logprobs, wanted)
+            handle.num_rows = len(rows)
+        handle.prompt = self._prompt_logprobs(hidden, prompt_rows)
+        if dev.type == "cuda":
+            handle.event = torch.cuda.Event()
+            handle.event.record()
+        return handle
+
+    def collect(self, handle: StepHandle) -> RunnerOutput:
+        """Wait for a launched step and bring its results to the host."""
+        if handle.event is not None:
+            handle.event.synchronize()
         token_ids: list[int] = []
         logprobs: list[float] = []
         top: list[dict[int, float] | None] = []
-        if rows:
-            logits_rows = torch.tensor(host.logits_rows, dtype=torch.long).to(self.device, non_blocking=True)
-            logits = self.model.compute_logits(hidden[logits_rows])
-            out = sample(logits, SamplingTensors.build(rows, self.vocab_size, self.device))
-            # one device-to-host copy for ids and logprobs (ids < 2**24 are exact in float64)
-            packed = torch.stack([out.token_ids.double(), out.logprobs.double()]).cpu()
-            token_ids = packed[0].long().tolist()
-            logprobs = packed[1].tolist()
-            top = _top_dicts(out.topk_ids, out.topk_logprobs, [r.params.logprobs or 0 for r in rows])
-        return RunnerOutput(token_ids, logprobs, top, self._prompt_logprobs(hidden, prompt_rows))
+        if handle.host is not None:
+            token_ids = handle.host[0].long().tolist()
+            logprobs = handle.host[1].tolist()
+            top = [None] * handle.num_rows
+            if handle.topk is not None:
+                top = _top_dicts(*handle.topk)
+        prompt = {}
+        for request_id, lp, top_ids, top_lp, k in handle.prompt:
+            count = lp.shape[0]
+            tops = _top_dicts(top_ids, top_lp, [k] * count) if k > 0 else [None] * count
+            prompt[request_id] = (lp.tolist(), tops)
+        return RunnerOutput(token_ids, logprobs, top, prompt)
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, prompt_rows: list[tuple[str, int, int, list[int], int]]
-    ) -> dict[str, tuple[list[float], list[dict[int, float] | None]]]:
-        result = {}
+    ) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+        result = []
         for request_id, first, count, next_ids, k in prompt_rows:
             logits = self.model.compute_logits(hidden[first : first + count])
-            targets = torch.tensor(next_ids, dtype=torch.long, device=self.device)
+            targets = torch.tensor(next_ids, dtype=torch.long).to(self.device)
             lp, top_ids, top_lp = prompt_logprobs(logits, targets, k)
-            tops = _top_dicts(top_ids, top_lp, [k] * count) if k > 0 else [None] * count
-            result[request_id] = (lp.tolist(), tops)
+            result.append((request_id, lp, top_ids, top_lp, k))
         return result
 
     def _sampling_rows(
@@ -197,79 +248,208 @@ class ModelRunner:
         row = 0
         for s in batch.requests:
             req, start, n = s.request, s.start, s.num_new_tokens
+            params = req.params
             if s.sample:
-                rows.append(
-                    RowSampling(req.params, req.seed, req.num_output_tokens, self._banned_tokens(req))
-                )
-            k = req.params.prompt_logprobs
-            last_prompt_pos = req.num_prompt_tokens - 1  # logits at p predict token p + 1
-            if k is not None and start < last_prompt_pos:
-                count = min(start + n, last_prompt_pos) - start
-                prompt_rows.append(
-                    (req.request_id, row, count, req.token_ids[start + 1 : start + 1 + count], k)
-                )
+                # The RNG counter: the index of the output token sampled now. update_computed already
+                # counted it as pending, together with any token still in flight before it.
+                offset = req.num_output_tokens + req.num_pending - 1
+                banned = self._banned_tokens(req) if offset < params.min_tokens else ()
+                rows.append(RowSampling(params, req.seed, offset, banned))
+            k = params.prompt_logprobs
+            if k is not None:
+                last_prompt_pos = req.num_prompt_tokens - 1  # logits at p predict token p + 1
+                if start < last_prompt_pos:
+                    count = min(start + n, last_prompt_pos) - start
+                    prompt_rows.append(
+                        (req.request_id, row, count, req.token_ids[start + 1 : start + 1 + count], k)
+                    )
             row += n
         return rows, prompt_rows
 
-    def _prepare(self, batch: ScheduledBatch, num_rows: int) -> _HostInputs:
-        """Host arrays of the step. With num_rows > num_tokens (a decode graph's padded size), the
-        extra rows are padding sequences of length 0 whose token is stored nowhere."""
+    def _prepare(self, batch: ScheduledBatch, num_rows: int, prev: StepHandle | None = None) -> _HostInputs:
+        """Host arrays of the step, packed in one (pinned on CUDA) int64 buffer. With num_rows >
+        num_tokens (a decode graph's padded size), the extra rows are padding sequences of length 0
+        whose token is stored nowhere."""
         bs = self.block_size
-        num_seqs = len(batch.requests)
+        reqs = batch.requests
+        num_seqs = len(reqs)
         padded_seqs = num_seqs + (num_rows - batch.num_tokens)
-        input_ids = np.zeros(num_rows, dtype=np.int64)
-        positions = np.zeros(num_rows, dtype=np.int64)
-        slots = np.full(num_rows, -1, dtype=np.int64)
-        max_blocks = max(len(s.request.block_ids) for s in batch.requests)
-        block_tables = np.zeros((padded_seqs, max_blocks), dtype=np.int32)
-        seq_lens = [0] * padded_seqs
-        query_start = [0] * (num_seqs + 1)
-        logits_rows: list[int] = []
-        row = 0
-        for i, s in enumerate(batch.requests):
-            req, start, n = s.request, s.start, s.num_new_tokens
-            end = start + n
-            blocks = req.block_ids
-            block_tables[i, : len(blocks)] = blocks
-            if n == 1:
-                input_ids[row] = req.token_ids[start]
-                positions[row] = start
-                slots[row] = blocks[start // bs] * bs + start % bs
-            else:
-                pos = np.arange(start, end)
-                input_ids[row : row + n] = req.token_ids[start:end]
-                positions[row : row + n] = pos
-                slots[row : row + n] = np.asarray(blocks)[pos // bs] * bs + pos % bs
-            seq_lens[i] = end
-            query_start[i + 1] = row + n
-            if s.sample:
-                logits_rows.append(row + n - 1)
-            row += n
-        return _HostInputs(input_ids, positions, slots, block_tables, seq_lens, query_start, logits_rows)
-
-    def _to_device(self, host: _HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        dev = self.device
-        num_seqs = len(host.query_start) - 1
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(host.slots).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(host.block_tables).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(host.seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(host.query_start, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens_host=host.seq_lens,
-            query_start_loc_host=host.query_start,
-            max_seq_len=max(host.seq_lens),
-            max_query_len=max(host.query_start[i + 1] - host.query_start[i] for i in range(num_seqs)),
+        max_blocks = max(len(s.request.block_ids) for s in reqs)
+        num_samples = sum(1 for s in reqs if s.sample)
+        ph_dst: list[int] = []
+        ph_src: list[int] = []
+        if prev is not None:
+            for i, s in enumerate(reqs):
+                # a placeholder is always the last row of its request (one pending token at most)
+                if s.start + s.num_new_tokens > s.request.num_tokens:
+                    ph_src.append(prev.row_of(s.request))
+                    ph_dst.append(-1 - i)  # fixed up below, once row offsets are known
+        host = _HostInputs.allocate(
+            num_rows, padded_seqs, num_seqs, max_blocks, num_samples, len(ph_dst), self.device
         )
-        ids = torch.from_numpy(host.input_ids).to(dev, non_blocking=True)
-        positions = torch.from_numpy(host.positions).to(dev, non_blocking=True)
-        return ids, positions, meta
+        v = host.views_np()
+        if batch.num_tokens == num_seqs:  # decode only: one row per sequence, vectorized
+            starts = np.fromiter((s.start for s in reqs), dtype=np.int64, count=num_seqs)
+            ids = v["input_ids"]
+            for i, s in enumerate(reqs):
+                tokens = s.request.token_ids
+                if s.start < len(tokens):
+                    ids[i] = tokens[s.start]
+            v["positions"][:num_seqs] = starts
+            table = v["block_tables"]
+            for i, s in enumerate(reqs):
+                blocks = s.request.block_ids
+                table[i, : len(blocks)] = blocks
+            v["slots"][:num_seqs] = table[np.arange(num_seqs), starts // bs] * bs + starts % bs
+            v["seq_lens"][:num_seqs] = starts + 1
+            v["query_start"][:] = np.arange(num_seqs + 1)
+            rows_of = np.arange(num_seqs, dtype=np.int64)
+            if num_samples == num_seqs:
+                v["logits_rows"][:] = rows_of
+            else:
+                v["logits_rows"][:] = [i for i, s in enumerate(reqs) if s.sample]
+        else:
+            row = 0
+            logits_rows = []
+            table = v["block_tables"]
+            qs = v["query_start"]
+            for i, s in enumerate(reqs):
+                req, start, n = s.request, s.start, s.num_new_tokens
+                end = start + n
+                blocks = req.block_ids
+                table[i, : len(blocks)] = blocks
+                known = min(end, len(req.token_ids))
+                v["input_ids"][row : row + known - start] = req.token_ids[start:known]
+                pos = np.arange(start, end)
+                v["positions"][row : row + n] = pos
+                v["slots"][row : row + n] = table[i, pos // bs] * bs + pos % bs
+                v["seq_lens"][i] = end
+                qs[i + 1] = row + n
+                if s.sample:
+                    logits_rows.append(row + n - 1)
+                row += n
+            v["logits_rows"][:] = logits_rows
+            rows_of = qs[1:] - 1
+        if ph_dst:
+            v["placeholder_dst"][:] = rows_of[[-1 - d for d in ph_dst]]
+            v["placeholder_src"][:] = ph_src
+        host.seq_lens_host = v["seq_lens"].tolist()
+        host.query_start_host = v["query_start"].tolist()
+        host.max_query_len = int(np.diff(v["query_start"]).max())
+        return host
+
+    def _to_device(
+        self, host: _HostInputs, v: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        qs = host.query_start_host
+        meta = AttentionMetadata(
+            slot_mapping=v["slots"],
+            block_tables=v["block_tables"].to(torch.int32),
+            seq_lens=v["seq_lens"].to(torch.int32),
+            query_start_loc=v["query_start"].to(torch.int32),
+            seq_lens_host=host.seq_lens_host,
+            query_start_loc_host=qs,
+            max_seq_len=max(host.seq_lens_host),
+            max_query_len=host.max_query_len,
+        )
+        return v["input_ids"], v["positions"], meta
 
     @staticmethod
     def _banned_tokens(req) -> list[int]:
         """EOS and stop tokens may not be sampled before min_tokens outputs exist."""
-        if req.num_output_tokens >= req.params.min_tokens:
-            return []
         return sorted(set(req.eos_token_ids) | set(req.params.stop_token_ids))
+
+
+@dataclass(eq=False)
+class StepHandle:
+    """A step enqueued on the device whose results have not been read yet (see ``launch``)."""
+
+    batch: ScheduledBatch
+    token_ids: torch.Tensor | None = None  # [num_rows] i64 on the device: the sampled tokens
+    host: torch.Tensor | None = None  # [2, num_rows] f64 host copy (ids, logprobs), filled async
+    num_rows: int = 0  # rows that sampled
+    topk: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None  # top-k ids, logprobs, k per row
+    prompt: list = field(default_factory=list)  # (request_id, logprobs, top ids, top logprobs, k)
+    event: torch.cuda.Event | None = None  # recorded after the step's last kernel (CUDA)
+    _rows: dict[int, int] | None = None
+
+    def row_of(self, request) -> int:
+        """Index of ``request``'s sampled token in ``token_ids``."""
+        if self._rows is None:
+            self._rows = {}
+            i = 0
+            for s in self.batch.requests:
+                if s.sample:
+                    self._rows[id(s.request)] = i
+                    i += 1
+        return self._rows[id(request)]
+
+
+_FIELDS = (
+    "input_ids",
+    "positions",
+    "slots",
+    "seq_lens",
+    "query_start",
+    "block_tables",
+    "logits_rows",
+    "placeholder_dst",
+    "placeholder_src",
+)
+
+
+@dataclass(eq=False)
+class _HostInputs:
+    """One step's inputs on the host, padded to ``num_rows`` tokens/sequences for graph replay,
+    packed in one int64 buffer so they travel in one host-to-device copy."""
+
+    ints: torch.Tensor  # the packed buffer (pinned on CUDA)
+    layout: dict[str, tuple[int, tuple[int, ...]]]  # field -> (offset, shape)
+    num_placeholders: int
+    seq_lens_host: list[int] = field(default_factory=list)
+    query_start_host: list[int] = field(default_factory=list)
+    max_query_len: int = 1
+
+    @classmethod
+    def allocate(
+        cls,
+        num_rows: int,
+        padded_seqs: int,
+        num_seqs: int,
+        max_blocks: int,
+        num_samples: int,
+        num_placeholders: int,
+        device: torch.device,
+    ) -> _HostInputs:
+        shapes = {
+            "input_ids": (num_rows,),
+            "positions": (num_rows,),
+            "slots": (num_rows,),
+            "seq_lens": (padded_seqs,),
+            "query_start": (num_seqs + 1,),
+            "block_tables": (padded_seqs, max_blocks),
+            "logits_rows": (num_samples,),
+            "placeholder_dst": (num_placeholders,),
+            "placeholder_src": (num_placeholders,),
+        }
+        layout = {}
+        offset = 0
+        for name in _FIELDS:
+            layout[name] = (offset, shapes[name])
+            offset += int(np.prod(shapes[name]))
+        ints = torch.zeros(offset, dtype=torch.int64, pin_memory=device.type == "cuda")
+        host = cls(ints, layout, num_placeholders)
+        # padding rows: no slot (nothing stored)
+        o, (n,) = layout["slots"]
+        ints.numpy()[o : o + n] = -1
+        return host
+
+    def views_np(self) -> dict[str, np.ndarray]:
+        a = self.ints.numpy()
+        return {k: a[o : o + int(np.prod(shape))].reshape(shape) for k, (o, shape) in self.layout.items()}
+
+    def views(self, ints: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: ints[o : o + int(np.prod(shape))].view(shape) for k, (o, shape) in self.layout.items()}
 
 
 def _top_dicts(

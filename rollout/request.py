@@ -35,7 +35,10 @@ class Request:
     output_versions: list[int] = field(default_factory=list)  # weight version that produced each token
     prompt_logprobs: list[float | None] = field(default_factory=list)  # when params.prompt_logprobs
     prompt_top_logprobs: list[dict[int, float] | None] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache (or queued on the device)
+    # Tokens sampled by a step still running on the device (overlapped loop): the scheduler counts
+    # them as known tokens (placeholders) and they are appended once the step's results are read.
+    num_pending: int = 0
     num_cached_tokens: int = -1  # prompt tokens served by the prefix cache at first admission (-1: not yet)
     block_ids: list[int] = field(default_factory=list)  # KV blocks in sequence order
     block_hashes: list[bytes] = field(default_factory=list)  # chained hash of each full block of token_ids

@@ -82,7 +82,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            known = req.num_tokens + req.num_pending
+            if req.num_pending and known >= req.max_total_tokens:
+                i += 1  # its in-flight token ends it ("length"): no speculative slot
+                continue
+            n = min(known - req.num_computed_tokens, budget)
             while not self._grow(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -126,7 +130,7 @@ class Scheduler:
 
     def _entry(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
-        return ScheduledRequest(req, start, n, sample=start + n == req.num_tokens)
+        return ScheduledRequest(req, start, n, sample=start + n == req.num_tokens + req.num_pending)
 
     def _match_prefix(self, req: Request) -> None:
         """Take cached blocks for the longest cached prefix of the request's tokens. At least one token
@@ -168,7 +172,11 @@ class Scheduler:
 
     # ---- results ----------------------------------------------------------------------------
     def update_computed(self, batch: ScheduledBatch) -> None:
-        """Advance computed counts after the model ran and cache newly full blocks."""
+        """Advance computed counts for a batch just scheduled (its KV is computed by the step) and
+        cache the newly full blocks whose token ids are known. A sampling request's next token
+        counts as pending (``num_pending``) until ``cache_appended`` sees it appended. Stream order
+        on the device makes this safe before the step runs: any later reader of these blocks is a
+        later step."""
         bs = self.blocks.block_size
         for s in batch.requests:
             req = s.request
@@ -176,11 +184,26 @@ class Scheduler:
                 continue  # aborted while the step ran
             before = req.num_computed_tokens
             req.num_computed_tokens = before + s.num_new_tokens
+            if s.sample:
+                req.num_pending += 1
             if before < req.num_prompt_tokens:
                 self.num_prompt_tokens_computed += (
                     min(req.num_computed_tokens, req.num_prompt_tokens) - before
                 )
-            full = req.num_computed_tokens // bs
+            full = min(req.num_computed_tokens, req.num_tokens) // bs
             if full > before // bs:
                 self.blocks.compute_hashes(req.token_ids[: full * bs], req.block_hashes)
                 self.blocks.cache_blocks(req.block_ids, req.block_hashes, before // bs, full)
+
+    def token_appended(self, req: Request) -> None:
+        """A pending token of ``req`` was appended: cache the block it completes, if any (the block
+        was computed with the token as a placeholder, so its hash could not be known before)."""
+        req.num_pending -= 1
+        if req.status is not RequestStatus.RUNNING:
+            return  # finished or preempted: nothing to cache
+        bs = self.blocks.block_size
+        full = min(req.num_computed_tokens, req.num_tokens) // bs
+        first = (req.num_tokens - 1) // bs
+        if full > first:
+            self.blocks.compute_hashes(req.token_ids[: full * bs], req.block_hashes)
+            self.blocks.cache_blocks(req.block_ids, req.block_hashes, first, full)

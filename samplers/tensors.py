@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from rollout.samplers.params import SamplingParams
@@ -62,68 +63,119 @@ class SamplingTensors:
 
     @classmethod
     def build(
-        cls, rows: Sequence[RowSampling], vocab_size: int, device: torch.device | str
+        cls,
+        rows: Sequence[RowSampling],
+        vocab_size: int,
+        device: torch.device | str,
+        cache: dict[int, tuple[SamplingParams, tuple]] | None = None,
     ) -> SamplingTensors:
         """Validate ``rows`` against ``vocab_size`` and copy their values to ``device``.
 
         Raises ``ValueError`` for a seed outside [-2**63, 2**64), a negative offset, or a banned
         token id outside [0, vocab_size); ``TypeError`` for a row that is not a ``RowSampling``.
+
+        ``cache`` (optional, owned by the caller, e.g. the model runner) memoizes each params
+        object's effective values by identity, so a step over the same requests does no per-row
+        option work: only seeds and offsets are read per row. All values travel to the device in
+        two host-to-device copies (one float32, one int64 buffer, pinned on CUDA).
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
         device = torch.device(device)
-        temperature, greedy, top_k, top_p, min_p = [], [], [], [], []
-        seeds, offsets, processed = [], [], []
+        num = len(rows)
+        statics = []
+        seeds, offsets = [], []
         banned_rows: list[int] = []
         banned_tokens: list[int] = []
         for i, row in enumerate(rows):
-            if not isinstance(row, RowSampling):
+            if type(row) is not RowSampling and not isinstance(row, RowSampling):
                 raise TypeError(f"rows[{i}] must be a RowSampling, got {type(row).__name__}")
             p = row.params
-            is_greedy = p.is_greedy
-            is_processed = p.logprobs_mode == "processed"
-            uses_filters = is_processed or not is_greedy  # else nothing reads the processed distribution
-            greedy.append(is_greedy)
-            processed.append(is_processed)
-            temperature.append(1.0 if is_greedy else p.temperature)
-            top_k.append(min(p.top_k, vocab_size) if uses_filters and p.top_k > 0 else vocab_size)
-            top_p.append(p.top_p if uses_filters else 1.0)
-            min_p.append(p.min_p if uses_filters else 0.0)
-            seeds.append(_signed64(_check_int(f"rows[{i}].seed", row.seed, _INT64_MIN, _UINT64_MAX)))
-            offsets.append(_check_int(f"rows[{i}].offset", row.offset, 0, 2**63 - 1))
-            for tok in row.banned_token_ids:
-                banned_rows.append(i)
-                banned_tokens.append(_check_int(f"rows[{i}].banned_token_ids", tok, 0, vocab_size - 1))
-
-        active_k = [k for k in top_k if k < vocab_size]
-
-        def put(values: list, dtype: torch.dtype) -> torch.Tensor:
-            # Pinned host memory makes the copy truly asynchronous; the caching host allocator
-            # keeps the buffer alive until the copy has run.
-            pin = device.type == "cuda"
-            return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=pin)
-
+            entry = None if cache is None else cache.get(id(p))
+            if entry is None or entry[0] is not p:
+                entry = (p, _effective(p, vocab_size))
+                if cache is not None:
+                    if len(cache) > 8192:  # params die with their requests: forget old ones
+                        cache.clear()
+                    cache[id(p)] = entry
+            statics.append(entry[1])
+            seed = row.seed
+            if type(seed) is not int or not _INT64_MIN <= seed < 2**63:
+                seed = _signed64(_check_int(f"rows[{i}].seed", seed, _INT64_MIN, _UINT64_MAX))
+            seeds.append(seed)
+            offset = row.offset
+            if type(offset) is not int or offset < 0:
+                offset = _check_int(f"rows[{i}].offset", offset, 0, 2**63 - 1)
+            offsets.append(offset)
+            if row.banned_token_ids:
+                for tok in row.banned_token_ids:
+                    banned_rows.append(i)
+                    banned_tokens.append(_check_int(f"rows[{i}].banned_token_ids", tok, 0, vocab_size - 1))
+        if offsets and max(offsets) > 2**63 - 1:
+            bad = next(o for o in offsets if o > 2**63 - 1)
+            raise ValueError(f"offset must be in [0, {2**63 - 1}], got {bad!r}")
+        # columns: temperature, top_p, min_p | greedy, processed, top_k, num_logprobs
+        stat = np.array(statics, dtype=np.float64).reshape(num, 7)
+        top_p, min_p = stat[:, 1], stat[:, 2]
+        greedy, processed = stat[:, 3] != 0, stat[:, 4] != 0
+        top_k = stat[:, 5].astype(np.int64)
+        num_banned = len(banned_rows)
+        pin = device.type == "cuda"
+        floats = torch.empty(3 * num, dtype=torch.float32, pin_memory=pin)
+        floats.numpy()[:] = stat[:, :3].T.reshape(-1)
+        ints = torch.empty(5 * num + 2 * num_banned, dtype=torch.int64, pin_memory=pin)
+        iv = ints.numpy()
+        iv[0:num] = top_k
+        iv[num : 2 * num] = greedy
+        iv[2 * num : 3 * num] = processed
+        iv[3 * num : 4 * num] = seeds
+        iv[4 * num : 5 * num] = offsets
+        iv[5 * num : 5 * num + num_banned] = banned_rows
+        iv[5 * num + num_banned :] = banned_tokens
+        # Pinned host memory makes the copies truly asynchronous; the caching host allocator keeps
+        # the buffers alive until the copies have run.
+        f_dev = floats.to(device, non_blocking=pin)
+        i_dev = ints.to(device, non_blocking=pin)
+        flags = i_dev[num : 3 * num].to(torch.bool)
+        active_k = top_k[top_k < vocab_size]
         return cls(
-            temperature=put(temperature, torch.float32),
-            greedy=put(greedy, torch.bool),
-            top_k=put(top_k, torch.int32),
-            top_p=put(top_p, torch.float32),
-            min_p=put(min_p, torch.float32),
-            seeds=put(seeds, torch.int64),
-            offsets=put(offsets, torch.int64),
-            processed_mode=put(processed, torch.bool),
-            banned_rows=put(banned_rows, torch.int64),
-            banned_tokens=put(banned_tokens, torch.int64),
+            temperature=f_dev[:num],
+            greedy=flags[:num],
+            top_k=i_dev[:num].to(torch.int32),
+            top_p=f_dev[num : 2 * num],
+            min_p=f_dev[2 * num :],
+            seeds=i_dev[3 * num : 4 * num],
+            offsets=i_dev[4 * num : 5 * num],
+            processed_mode=flags[num:],
+            banned_rows=i_dev[5 * num : 5 * num + num_banned],
+            banned_tokens=i_dev[5 * num + num_banned :],
             vocab_size=vocab_size,
-            all_greedy=all(greedy),
-            any_greedy=any(greedy),
-            any_top_k=bool(active_k),
-            max_top_k=max(active_k, default=0),
-            any_top_p=any(v < 1.0 for v in top_p),
-            any_min_p=any(v > 0.0 for v in min_p),
-            max_num_logprobs=max((r.params.logprobs or 0 for r in rows), default=0),
-            any_processed=any(processed),
+            all_greedy=bool(greedy.all()),
+            any_greedy=bool(greedy.any()),
+            any_top_k=bool(active_k.size),
+            max_top_k=int(active_k.max()) if active_k.size else 0,
+            any_top_p=bool((top_p < 1.0).any()),
+            any_min_p=bool((min_p > 0.0).any()),
+            max_num_logprobs=int(stat[:, 6].max()) if num else 0,
+            any_processed=bool(processed.any()),
         )
+
+
+def _effective(p: SamplingParams, vocab_size: int) -> tuple:
+    """One row's effective option values (see ``SamplingTensors``), as the 7 numeric columns
+    temperature, top_p, min_p, greedy, processed, top_k, num_logprobs."""
+    is_greedy = p.is_greedy
+    is_processed = p.logprobs_mode == "processed"
+    uses_filters = is_processed or not is_greedy  # else nothing reads the processed distribution
+    return (
+        1.0 if is_greedy else p.temperature,
+        p.top_p if uses_filters else 1.0,
+        p.min_p if uses_filters else 0.0,
+        is_greedy,
+        is_processed,
+        min(p.top_k, vocab_size) if uses_filters and p.top_k > 0 else vocab_size,
+        p.logprobs or 0,
+    )
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> int:

@@ -19,6 +19,9 @@ class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
+        # Triton kernel instead of the torch ops (same numerics up to summation order); the model
+        # runner turns it on for CUDA (see RunnerConfig.fused_ops).
+        self.fused = False
         self.weight = nn.Parameter(torch.ones(hidden_size))
         set_weight_loader(self.weight, default_weight_loader)
 
@@ -30,6 +33,10 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.fused and x.dim() == 2:
+            from rollout.kernels.fused_ops import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

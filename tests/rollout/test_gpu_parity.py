@@ -39,12 +39,14 @@ def test_bf16_logprobs_and_greedy_match_hf(tmp_path, case):
         # our sampled-token logprobs agree with fp32 as closely as HF's own bf16 run does (plus slack)
         ours_lp = torch.tensor(ours.logprobs, device="cuda")
         hf16_lp = ref16.gather(1, torch.tensor(ours.token_ids, device="cuda")[:, None])[:, 0]
-        assert (ours_lp - picked32).abs().max() <= 2 * (hf16_lp - picked32).abs().max() + 0.02
+        noise = 2 * (hf16_lp - picked32).abs().max() + 0.02
+        assert (ours_lp - picked32).abs().max() <= noise
         # every greedy choice is the fp32 argmax unless the fp32 top-2 margin is within bf16 noise
+        # (the same bound: with the fused kernels a 0.06 margin once flipped where ours was 0.04 off)
         top2 = ref32.topk(2, dim=-1).values
         margin = top2[:, 0] - top2[:, 1]
         wrong = picked32 < top2[:, 0] - 1e-6
-        assert not bool((wrong & (margin > 0.05)).any()), (
+        assert not bool((wrong & (margin > max(0.05, float(noise)))).any()), (
             f"greedy diverged where fp32 had a clear winner ({case})"
         )
     assert llm.stats().num_free_blocks == 256

@@ -33,7 +33,9 @@ def make_workload(rng: random.Random, num: int) -> list[tuple[list[int], int, in
     return work
 
 
-def run(work, *, num_blocks, block_size, budget, max_seqs, caching, abort_rng=None, chunked=True):
+def run(
+    work, *, num_blocks, block_size, budget, max_seqs, caching, abort_rng=None, chunked=True, overlap=False
+):
     bm = BlockManager(num_blocks, block_size, caching)
     sched = Scheduler(SchedulerConfig(budget, max_seqs, chunked), bm)
     kv = [[None] * block_size for _ in range(num_blocks)]
@@ -51,13 +53,47 @@ def run(work, *, num_blocks, block_size, budget, max_seqs, caching, abort_rng=No
             reqs.append(r)
             sched.add(r)
     steps = 0
-    while sched.has_unfinished():
+    inflight = None  # overlap: the batch "running on the device" while the next one is scheduled
+
+    def resolve(entry):
+        # a slot written from a placeholder holds (writer, position) until the token is known
+        if entry is not None and entry[0] == "placeholder":
+            writer, p = entry[1], entry[2]
+            return (writer.token_ids[p], p) if p < len(writer.token_ids) else entry
+        return entry
+
+    def check(batch):
+        for s in batch.requests:
+            r = s.request
+            if r.is_finished or r.status is not RequestStatus.RUNNING:
+                continue
+            for p in range(min(s.start + s.num_new_tokens, r.num_tokens)):
+                assert resolve(kv[r.block_ids[p // block_size]][p % block_size]) == (r.token_ids[p], p), (
+                    r.request_id,
+                    p,
+                )
+
+    def apply(batch):
+        for s in batch.requests:
+            r = s.request
+            if not s.sample:
+                continue
+            if r.is_finished:
+                r.num_pending -= 1
+                continue
+            r.token_ids.append(next_token(r.token_ids))
+            sched.token_appended(r)
+            if r.num_tokens >= r.max_total_tokens:
+                sched.finish(r, "length")
+
+    while sched.has_unfinished() or inflight is not None:
         steps += 1
         assert steps < 10_000, "no progress"
         batch = sched.schedule()
         assert batch.num_tokens <= budget
         assert len(sched.running) <= max_seqs
-        assert batch.requests or not sched.has_unfinished(), "an idle step with work left"
+        idle = not batch.requests and inflight is None
+        assert not idle or not sched.has_unfinished(), "an idle step with work left"
         seen = set()
         for s in batch.requests:
             r = s.request
@@ -65,22 +101,19 @@ def run(work, *, num_blocks, block_size, budget, max_seqs, caching, abort_rng=No
             seen.add(id(r))
             assert r.status is RequestStatus.RUNNING and s.start == r.num_computed_tokens
             assert len(r.block_ids) * block_size >= s.start + s.num_new_tokens
+            assert s.start + s.num_new_tokens <= r.num_tokens + r.num_pending
             for p in range(s.start, s.start + s.num_new_tokens):
-                kv[r.block_ids[p // block_size]][p % block_size] = (r.token_ids[p], p)
-        for s in batch.requests:
-            r = s.request
-            for p in range(s.start + s.num_new_tokens):
-                assert kv[r.block_ids[p // block_size]][p % block_size] == (r.token_ids[p], p), (
-                    r.request_id,
-                    p,
-                )
+                tok = ("placeholder", r, p) if p >= r.num_tokens else (r.token_ids[p], p)
+                kv[r.block_ids[p // block_size]][p % block_size] = tok
         sched.update_computed(batch)
-        for s in batch.requests:
-            r = s.request
-            if s.sample and not r.is_finished:
-                r.token_ids.append(next_token(r.token_ids))
-                if r.num_tokens >= r.max_total_tokens:
-                    sched.finish(r, "length")
+        if overlap:
+            if inflight is not None:
+                check(inflight)
+                apply(inflight)
+            inflight = batch if batch.requests else None
+        else:
+            check(batch)
+            apply(batch)
         if abort_rng is not None and abort_rng.random() < 0.05:
             live = [r for r in reqs if not r.is_finished]
             if live:
@@ -97,8 +130,9 @@ def expected_output(prompt: list[int], max_tokens: int) -> list[int]:
     return toks[len(prompt) :]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("seed", range(12))
-def test_random_workloads_finish_with_correct_outputs(seed):
+def test_random_workloads_finish_with_correct_outputs(seed, overlap):
     rng = random.Random(seed)
     work = make_workload(rng, rng.randint(1, 25))
     block_size = rng.choice([1, 2, 4, 8])
@@ -112,6 +146,7 @@ def test_random_workloads_finish_with_correct_outputs(seed):
         max_seqs=rng.choice([1, 2, 8, 64]),
         caching=rng.random() < 0.8,
         chunked=True,
+        overlap=overlap,
     )
     i = 0
     for prompt, max_tokens, n in work:
@@ -121,25 +156,33 @@ def test_random_workloads_finish_with_correct_outputs(seed):
             i += 1
 
 
-def test_preemption_happens_and_is_harmless():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_preemption_happens_and_is_harmless(overlap):
     rng = random.Random(99)
     work = [([rng.randrange(50) for _ in range(20)], 30, 1) for _ in range(8)]
-    reqs, sched = run(work, num_blocks=14, block_size=4, budget=64, max_seqs=8, caching=True)
+    reqs, sched = run(work, num_blocks=14, block_size=4, budget=64, max_seqs=8, caching=True, overlap=overlap)
     assert sched.num_preemptions > 0
     for r, (prompt, max_tokens, _) in zip(reqs, work, strict=True):
         assert r.output_token_ids == expected_output(prompt, max_tokens)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_random_aborts_leak_nothing(seed):
+def test_random_aborts_leak_nothing(seed, overlap):
     rng = random.Random(100 + seed)
     work = make_workload(rng, 20)
-    run(work, num_blocks=40, block_size=4, budget=32, max_seqs=8, caching=True, abort_rng=rng)
+    run(
+        work, num_blocks=40, block_size=4, budget=32, max_seqs=8, caching=True, abort_rng=rng, overlap=overlap
+    )
 
 
-def test_group_prompt_is_computed_once():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_group_prompt_is_computed_once(overlap):
     prompt = list(range(40))
-    reqs, sched = run([(prompt, 5, 8)], num_blocks=200, block_size=4, budget=4096, max_seqs=16, caching=True)
+    work = [(prompt, 5, 8)]
+    reqs, sched = run(
+        work, num_blocks=200, block_size=4, budget=4096, max_seqs=16, caching=True, overlap=overlap
+    )
     # the leader computes 40 prompt tokens; each sibling recomputes only the last block (4 tokens)
     assert sched.num_prompt_tokens_computed == 40 + 7 * 4
     assert all(r.num_cached_tokens == 36 for r in reqs[1:])

@@ -1,0 +1,299 @@
+"""Fused element-wise kernels of the decoder layer, in Triton: residual add + RMSNorm, per-head
+q/k RMSNorm + rotary embedding, and SiLU-and-mul.
+
+Each replaces a chain of small torch ops (a Qwen3 layer ran ~40 kernels outside its GEMMs and
+attention; these bring that to 3) and reproduces the torch layers' numerics: RMSNorm statistics
+in fp32, the normalized value rounded to the input dtype BEFORE the weight multiply, the residual
+sum rounded to the input dtype; rotary products and sums each rounded to the input dtype as HF's
+``x * cos + rotate_half(x) * sin`` does; SiLU rounded before the multiply. The only differences
+left are fp32 summation order and ``rsqrt``/``exp`` ulps. The ``*_ref`` functions are the torch
+versions (the CPU path and the tests' reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ---- residual add + RMSNorm -----------------------------------------------------------------
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    n_cols,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like torch's x + residual
+        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    var = tl.sum(h * h, axis=0) / n_cols
+    normed = (h * tl.rsqrt(var + eps)).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    y = w.to(tl.float32) * normed.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``RMSNorm`` over the last dim of a 2-D ``x`` [T, H]; with ``residual`` first ``x + residual``,
+    returning ``(norm, x + residual)`` like ``rollout.models.layers.norm.RMSNorm``."""
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"x must be 2-D with unit inner stride, got {tuple(x.shape)} {x.stride()}")
+    rows, cols = x.shape
+    if weight.shape != (cols,) or not weight.is_contiguous():
+        raise ValueError(f"weight must be contiguous of shape ({cols},), got {tuple(weight.shape)}")
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty((rows, cols), dtype=out_dtype, device=x.device)
+    if residual is not None:
+        if residual.shape != x.shape or residual.stride(-1) != 1 or residual.dtype != x.dtype:
+            raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)}")
+        res_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    else:
+        residual = res_out = x  # unused
+    if rows:
+        block = triton.next_power_of_2(cols)
+        _rms_norm_kernel[(rows,)](
+            x,
+            residual,
+            weight,
+            out,
+            res_out,
+            x.stride(0),
+            residual.stride(0),
+            out.stride(0),
+            res_out.stride(0),
+            cols,
+            eps,
+            HAS_RESIDUAL=res_out is not x,
+            BLOCK=block,
+            num_warps=min(max(block // 256, 1), 8),
+        )
+    return out if res_out is x else (out, res_out)
+
+
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * h.to(x.dtype)
+    return y if residual is None else (y, x)
+
+
+# ---- q/k RMSNorm + rotary ---------------------------------------------------------------------
+@triton.jit
+def _rope_heads(
+    src_ptr,
+    dst_ptr,
+    w_ptr,
+    cos,
+    sin,
+    src_row,
+    dst_row,
+    eps,
+    NUM_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+):
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    mask = heads < NUM_HEADS
+    offs = heads * (2 * HALF) + d
+    x1 = tl.load(src_ptr + src_row + offs, mask=mask, other=0.0)
+    x2 = tl.load(src_ptr + src_row + offs + HALF, mask=mask, other=0.0)
+    if HAS_NORM:
+        h1, h2 = x1.to(tl.float32), x2.to(tl.float32)
+        var = (tl.sum(h1 * h1, axis=1) + tl.sum(h2 * h2, axis=1)) / (2 * HALF)
+        inv = tl.rsqrt(var + eps)[:, None]
+        w1 = tl.load(w_ptr + d).to(tl.float32)
+        w2 = tl.load(w_ptr + d + HALF).to(tl.float32)
+        x1 = (w1 * (h1 * inv).to(x1.dtype).to(tl.float32)).to(x1.dtype)
+        x2 = (w2 * (h2 * inv).to(x2.dtype).to(tl.float32)).to(x2.dtype)
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    dt = x1.dtype
+    # each product and sum rounded to the input dtype, as torch does op by op
+    o1 = (f1 * cos).to(dt).to(tl.float32) - (f2 * sin).to(dt).to(tl.float32)
+    o2 = (f2 * cos).to(dt).to(tl.float32) + (f1 * sin).to(dt).to(tl.float32)
+    tl.store(dst_ptr + dst_row + offs, o1.to(dt), mask=mask)
+    tl.store(dst_ptr + dst_row + offs + HALF, o2.to(dt), mask=mask)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    qkv_ptr,
+    pos_ptr,
+    table_ptr,
+    qw_ptr,
+    kw_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    stride_t,
+    stride_table,
+    k_offset,
+    eps,
+    NUM_Q: tl.constexpr,
+    NUM_KV: tl.constexpr,
+    Q_PAD: tl.constexpr,
+    KV_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, HALF)[None, :]
+    # the table is cast to the activations' dtype first (HF casts cos/sin to the input dtype)
+    cos = tl.load(table_ptr + pos * stride_table + d).to(q_out_ptr.dtype.element_ty).to(tl.float32)
+    sin = tl.load(table_ptr + pos * stride_table + HALF + d).to(q_out_ptr.dtype.element_ty).to(tl.float32)
+    src = t * stride_t
+    _rope_heads(
+        qkv_ptr, q_out_ptr, qw_ptr, cos, sin, src, t * NUM_Q * 2 * HALF, eps, NUM_Q, Q_PAD, HALF, HAS_NORM
+    )
+    _rope_heads(
+        qkv_ptr,
+        k_out_ptr,
+        kw_ptr,
+        cos,
+        sin,
+        src + k_offset,
+        t * NUM_KV * 2 * HALF,
+        eps,
+        NUM_KV,
+        KV_PAD,
+        HALF,
+        HAS_NORM,
+    )
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_weight: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the packed projection ``qkv`` [T, (Hq + 2 Hkv) * D], return rotated ``q`` [T, Hq, D] and
+    ``k`` [T, Hkv, D] (new contiguous tensors), each head first RMS-normalized with ``q_weight`` /
+    ``k_weight`` when given (Qwen3). ``cos_sin_cache`` [max_pos, D] holds cos then sin per row."""
+    if qkv.dim() != 2 or qkv.stride(-1) != 1:
+        raise ValueError(f"qkv must be 2-D with unit inner stride, got {tuple(qkv.shape)} {qkv.stride()}")
+    tokens = qkv.shape[0]
+    if qkv.shape[1] < (num_heads + num_kv_heads) * head_dim or head_dim % 2:
+        raise ValueError(
+            f"qkv {tuple(qkv.shape)} too narrow for {num_heads}+{num_kv_heads} heads of {head_dim}"
+        )
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two, got {head_dim}")
+    if positions.shape != (tokens,) or positions.device != qkv.device:
+        raise ValueError(f"positions must be [{tokens}] on {qkv.device}, got {tuple(positions.shape)}")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim or cos_sin_cache.stride(1) != 1:
+        raise ValueError(f"cos_sin_cache must be [max_pos, {head_dim}], got {tuple(cos_sin_cache.shape)}")
+    has_norm = q_weight is not None
+    if has_norm != (k_weight is not None):
+        raise ValueError("give both q_weight and k_weight or neither")
+    if has_norm and (q_weight.shape != (head_dim,) or k_weight.shape != (head_dim,)):
+        raise ValueError(f"q/k norm weights must be ({head_dim},)")
+    q = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((tokens, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if tokens:
+        _qk_norm_rope_kernel[(tokens,)](
+            qkv,
+            positions,
+            cos_sin_cache,
+            q_weight if has_norm else qkv,
+            k_weight if has_norm else qkv,
+            q,
+            k,
+            qkv.stride(0),
+            cos_sin_cache.stride(0),
+            num_heads * head_dim,
+            eps,
+            NUM_Q=num_heads,
+            NUM_KV=num_kv_heads,
+            Q_PAD=triton.next_power_of_2(num_heads),
+            KV_PAD=triton.next_power_of_2(num_kv_heads),
+            HALF=head_dim // 2,
+            HAS_NORM=has_norm,
+            num_warps=4,
+        )
+    return q, k
+
+
+def qk_norm_rope_ref(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_weight: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from rollout.models.layers.rotary import apply_rotary
+
+    tokens = qkv.shape[0]
+    q = qkv[:, : num_heads * head_dim].reshape(tokens, num_heads, head_dim)
+    k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].reshape(
+        tokens, num_kv_heads, head_dim
+    )
+    if q_weight is not None:
+        q, k = rms_norm_ref(q, q_weight, eps), rms_norm_ref(k, k_weight, eps)
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+# ---- SiLU and mul -----------------------------------------------------------------------------
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    u = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # F.silu rounds to the input dtype
+    tl.store(out_ptr + row * stride_o + cols, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``[T, 2d]`` packed (gate, up) -> ``silu(gate) * up`` [T, d]."""
+    if x.dim() != 2 or x.shape[1] % 2 or x.stride(-1) != 1:
+        raise ValueError(f"x must be [T, 2d] with unit inner stride, got {tuple(x.shape)} {x.stride()}")
+    rows, d = x.shape[0], x.shape[1] // 2
+    out = torch.empty((rows, d), dtype=x.dtype, device=x.device)
+    if rows:
+        block = min(1024, triton.next_power_of_2(d))
+        _silu_and_mul_kernel[(rows, triton.cdiv(d, block))](
+            x, out, x.stride(0), out.stride(0), d, BLOCK=block, num_warps=4
+        )
+    return out
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
