@@ -90,7 +90,9 @@ class WeightMapper:
         }
 
 
-def _apply(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], write: bool) -> set[str]:
+def _apply(
+    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], write: bool, complete: bool = True
+) -> set[str]:
     mapper = WeightMapper(model)
     covered: set[tuple[str, str | None]] = set()
     for name, tensor in weights:
@@ -107,7 +109,7 @@ def _apply(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], write:
         except ValueError as err:
             raise ValueError(f"weight {name!r} (parameter {target.param_name!r}): {err}") from None
         covered.add((target.param_name, target.shard_id))
-    missing = sorted(mapper.hf_name(*key) for key in mapper.required() - covered)
+    missing = sorted(mapper.hf_name(*key) for key in mapper.required() - covered) if complete else []
     if missing:
         shown = ", ".join(repr(n) for n in missing[:8]) + (
             f" and {len(missing) - 8} more" if len(missing) > 8 else ""
@@ -124,7 +126,17 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     return _apply(model, weights, write=True)
 
 
-def check_weights(model: nn.Module, specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
-    """Validate ``(hf_name, shape, dtype)`` triples as ``load_weights`` would, without writing."""
+@torch.no_grad()
+def write_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """``load_weights`` without the completeness check: for the pieces of an update whose whole
+    manifest already passed ``check_weights`` (weight sync writes bucket by bucket)."""
+    return _apply(model, weights, write=True, complete=False)
+
+
+def check_weights(
+    model: nn.Module, specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]], complete: bool = True
+) -> set[str]:
+    """Validate ``(hf_name, shape, dtype)`` triples as ``load_weights`` would, without writing; with
+    ``complete`` every parameter must be covered. Returns the parameter names covered."""
     metas = ((name, torch.empty(tuple(shape), dtype=dtype, device="meta")) for name, shape, dtype in specs)
-    _apply(model, metas, write=False)
+    return _apply(model, metas, write=False, complete=complete)

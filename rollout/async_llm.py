@@ -150,6 +150,20 @@ class AsyncLLM:
         """State, queue sizes, block usage and counters of the core."""
         return await self.call("get_state", check_invariants=check_invariants)
 
+    async def update_weights_from_disk(
+        self, path: str, version: int | None = None, pause: str = "keep"
+    ) -> int:
+        """Reload the weights from a safetensors directory under ``pause`` ("keep": streams go on
+        and their later tokens carry the new version; "abort"; "wait"). Returns the new version."""
+        return await self.call("update_weights_from_disk", path=str(path), version=version, pause=pause)
+
+    async def sleep(self, level: int = 1, pause: str = "abort") -> dict[str, Any]:
+        """Free device memory (see ``LLM.sleep``); in-flight requests are aborted or ("wait") finished."""
+        return await self.call("sleep", level=level, pause=pause)
+
+    async def wake_up(self, tags: list[str] | None = None) -> dict[str, Any]:
+        return await self.call("wake_up", tags=tags)
+
     async def call(self, method: str, **args: Any) -> Any:
         """Run a control call in the core and return its result (raises what it raised)."""
         self._ensure_reader()

@@ -36,6 +36,9 @@ class BlockManager:
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}  # hash -> block id holding those tokens
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # Seeds every hash chain. The engine sets it to the weight version, so KV computed under
+        # other weights (requests kept in flight across an update) can never be matched.
+        self.hash_salt = b""
         # Counters for metrics and tests.
         self.num_hit_tokens = 0
         self.num_queried_tokens = 0
@@ -52,7 +55,8 @@ class BlockManager:
         """Extend ``hashes`` in place to cover every full block of ``token_ids``."""
         bs = self.block_size
         for i in range(len(hashes), len(token_ids) // bs):
-            hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs]))
+            parent = hashes[-1] if hashes else self.hash_salt
+            hashes.append(hash_block(parent, token_ids[i * bs : (i + 1) * bs]))
 
     def match_prefix(self, hashes: Sequence[bytes], max_blocks: int) -> list[int]:
         """Ids of the longest run of cached blocks matching ``hashes`` (at most ``max_blocks``).

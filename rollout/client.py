@@ -54,6 +54,9 @@ class EngineInfo:
     num_blocks: int
     block_size: int
     pid: int
+    device: str  # the engine's device ("cuda:0", "cpu")
+    dtype: str  # its weights' dtype ("bfloat16")
+    device_uuid: str | None  # the GPU's UUID (CUDA IPC needs the sender on the same GPU)
 
 
 class EngineCoreClient:
@@ -104,6 +107,7 @@ class EngineCoreClient:
         self.proc = subprocess.Popen(cmd, env=core_env)
         self._finalizer = weakref.finalize(self, _cleanup, self.proc, self._ctx, self.input, self.socket_dir)
         self._call_ids = 0
+        self._acks: dict[int, ControlAck] = {}  # answers that arrived while waiting for another
         self._dead: EngineDeadError | None = None
         try:
             self.info = self._wait_ready(startup_timeout)
@@ -145,14 +149,28 @@ class EngineCoreClient:
     def call(self, method: str, timeout_s: float = 600.0, **args: Any) -> Any:
         """Run a control call and wait for its answer (synchronous users only: it reads the output
         socket itself, dropping whatever else arrives meanwhile)."""
+        return self.wait_call(self.start_call(method, **args), method, timeout_s)
+
+    def start_call(self, method: str, **args: Any) -> int:
+        """Send a control call without waiting (a weight sender broadcasts before the answer comes);
+        returns its id for ``wait_call``."""
         call_id = self.next_call_id()
         self.send(ControlCall(call_id, method, args))
+        return call_id
+
+    def wait_call(self, call_id: int, method: str = "call", timeout_s: float = 600.0) -> Any:
+        """Wait for the answer to ``call_id``. Answers to other calls are kept for their own
+        ``wait_call``; anything else is dropped (synchronous users only)."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
+            ack = self._acks.pop(call_id, None)
+            if ack is not None:
+                return ack_result(ack)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{method}() got no answer in {timeout_s} s")
             for msg in self.recv(0.2):
-                if isinstance(msg, ControlAck) and msg.call_id == call_id:
-                    return ack_result(msg)
-        raise TimeoutError(f"{method}() got no answer in {timeout_s} s")
+                if isinstance(msg, ControlAck):
+                    self._acks[msg.call_id] = msg
 
     # ---- liveness and shutdown --------------------------------------------------------------
     @property

@@ -10,9 +10,19 @@ States (``EngineState``)::
 While not running, new requests are validated and held (in arrival order); they enter the engine on
 ``resume()``. Every call is idempotent (pausing a paused engine changes nothing but what the mode
 itself asks for; resuming a running one is a no-op) and answered by exactly one ``ControlAck``;
-``pause(mode="wait")`` is answered once the engine is paused. ``sleeping`` and
-``updating_weights`` are reserved for ``sleep()``/``wake_up()`` and ``update_weights()`` (weight
-sync); they will hold new requests the same way ``paused`` does.
+``pause(mode="wait")`` is answered once the engine is paused.
+
+Weight updates and sleep run "exclusively": at a step boundary, after the caller's pause mode
+("keep": in-flight requests are frozen and continue on the new weights; "abort": they end with
+their partial outputs; "wait": they finish first, new ones are held meanwhile)::
+
+    running/paused --update--> updating_weights --done--> the state before
+    running/paused --sleep--> sleeping --wake_up (all tags)--> the state before
+
+Requests arriving meanwhile are held. A bucketed update (process group or CUDA IPC) stays in
+``updating_weights`` from ``begin_weight_update`` to its last bucket. An update that fails after
+writing (a sender that died mid-stream) leaves ``updating_weights`` with the engine refusing to serve
+until a complete update arrives; one that fails validation changes nothing.
 
 The plane is plain Python over messages: ``handle(msg)`` and ``step()`` put what must be sent into
 ``outbox``; the core process only moves frames. Tests drive it in-process.
@@ -22,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rollout.engine import EngineCore
@@ -38,6 +48,7 @@ from rollout.messages import (
 )
 from rollout.outputs import RequestDelta, SampleDelta
 from rollout.samplers.params import SamplingParams
+from rollout.weight_sync.manifest import Manifest
 
 PAUSE_MODES = ("abort", "wait", "keep")
 
@@ -46,8 +57,8 @@ class EngineState(str, enum.Enum):
     RUNNING = "running"  # admitting and stepping
     DRAINING = "draining"  # pause(wait): stepping in-flight requests, holding new ones
     PAUSED = "paused"  # not stepping; in-flight requests (mode "keep") keep their KV blocks
-    SLEEPING = "sleeping"  # reserved: KV cache / weights released (sleep / wake_up)
-    UPDATING_WEIGHTS = "updating_weights"  # reserved: weights being replaced (update_weights)
+    SLEEPING = "sleeping"  # KV cache / weights released (sleep / wake_up); requests held
+    UPDATING_WEIGHTS = "updating_weights"  # weights being replaced; requests held
 
 
 @dataclasses.dataclass
@@ -70,6 +81,10 @@ class ControlPlane:
         self.num_rejected_messages = 0  # malformed frames dropped by the core process (get_state)
         self._held: dict[str, _Held] = {}
         self._drain_acks: list[int] = []  # call ids of pause(wait) calls answered once paused
+        # Exclusive calls with pause "wait", run once the in-flight requests finished.
+        self._after_drain: list[tuple[int, Callable[[], Any], EngineState]] = []
+        self._resume_to: EngineState | None = None  # the state an exclusive call returns to
+        self._update_version = 0  # the version the open bucketed update will set
 
     # ---- the loop ---------------------------------------------------------------------------
     @property
@@ -131,10 +146,15 @@ class ControlPlane:
 
     # ---- control calls ----------------------------------------------------------------------
     def _call(self, msg: ControlCall) -> None:
+        handler = getattr(self, f"_do_{msg.method}", None)
+        if handler is None:
+            self.outbox.append(
+                ControlAck(msg.call_id, False, None, f"ValueError: no control method {msg.method!r}")
+            )
+            return
         try:
-            handler = getattr(self, f"_do_{msg.method}")
             result = handler(msg.call_id, **msg.args)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, TransferError) as e:
             self.outbox.append(ControlAck(msg.call_id, False, None, f"{type(e).__name__}: {e}"))
             return
         if result is not _DEFERRED:
@@ -143,6 +163,8 @@ class ControlPlane:
     def _do_pause(self, call_id: int, mode: str = "abort") -> Any:
         if mode not in PAUSE_MODES:
             raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
+        if self.state in (EngineState.SLEEPING, EngineState.UPDATING_WEIGHTS) or self._after_drain:
+            raise ValueError(f"the engine is {self.state.value}; it does not take pause() now")
         if mode == "abort":
             self._abort_everything()
             self._enter_paused(mode)
@@ -159,6 +181,10 @@ class ControlPlane:
         return self.state.value
 
     def _do_resume(self, call_id: int) -> str:
+        if self.state in (EngineState.SLEEPING, EngineState.UPDATING_WEIGHTS):
+            raise ValueError(f"cannot resume while {self.state.value}: wake_up() or finish the update")
+        if self._after_drain:
+            raise ValueError("an exclusive call waits for the drain; it resumes by itself")
         if self.state is EngineState.DRAINING:
             for cid in self._drain_acks:
                 self.outbox.append(
@@ -194,6 +220,10 @@ class ControlPlane:
             "num_waiting": len(sched.waiting),
             "num_held": len(self._held),
             "weight_version": self.engine.weight_version,
+            "weights_valid": self.engine.weights_valid,
+            "sleep_level": self.engine.memory.level,
+            "released": sorted(self.engine.memory.released),
+            "weight_group": self.engine.weights.group is not None,
             "num_rejected_messages": self.num_rejected_messages,
             "stats": dataclasses.asdict(self.engine.stats()),
         }
@@ -201,6 +231,197 @@ class ControlPlane:
     def _do_shutdown(self, call_id: int) -> bool:
         self.shutdown_requested = True
         return True
+
+    # ---- weights and memory (exclusive calls) ---------------------------------------------------
+    def _do_update_weights_from_disk(
+        self, call_id: int, path: str, version: int | None = None, pause: str = "keep"
+    ) -> Any:
+        def action() -> int:
+            return self.engine.update_weights_from_disk(path, version)
+
+        return self._exclusive(call_id, pause, action, EngineState.UPDATING_WEIGHTS)
+
+    def _do_init_weight_group(
+        self,
+        call_id: int,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str = "gloo",
+        timeout_s: float = 600.0,
+    ) -> bool:
+        """Join the sender's process group (blocks until every rank joined)."""
+        try:
+            self.engine.weights.init_group(host, port, rank, world_size, backend, timeout_s)
+        except (RuntimeError, OSError) as e:  # rendezvous failed: the engine keeps serving
+            raise TransferError(f"joining the weight group failed: {e}") from None
+        return True
+
+    def _do_destroy_weight_group(self, call_id: int) -> bool:
+        return self.engine.weights.destroy_group()
+
+    def _do_begin_weight_update(
+        self,
+        call_id: int,
+        manifest: Any,
+        version: int | None = None,
+        pause: str = "keep",
+        buffers: list[dict[str, Any]] | None = None,
+    ) -> Any:
+        """Open a bucketed update (answered once the engine is stopped under ``pause`` and the whole
+        manifest validated; nothing is written yet). The buckets then come over the weight group
+        (``receive_weight_buckets``) or, with ``buffers``, over CUDA IPC (``weight_bucket`` for each,
+        in order, then ``finish_weight_update``). The engine holds requests until the update ends."""
+        parsed = Manifest.from_wire(manifest)
+
+        def action() -> int:
+            self.engine.check_can_update()
+            self._update_version = self.engine.next_weight_version(version)
+            self.engine.weights.begin(parsed, buffers)
+            return self._update_version
+
+        return self._exclusive(call_id, pause, action, EngineState.UPDATING_WEIGHTS, stay=True)
+
+    def _do_receive_weight_buckets(self, call_id: int) -> int:
+        """Receive the open update's buckets from the group's rank 0 and commit it."""
+        self._bucket_transfer(self.engine.weights.receive_group)
+        return self._do_finish_weight_update(call_id)
+
+    def _do_weight_bucket(self, call_id: int, index: int) -> int:
+        self._bucket_transfer(lambda: self.engine.weights.copy_bucket(index))
+        return index
+
+    def _bucket_transfer(self, fn: Callable[[], Any]) -> None:
+        """A transport failure ends the open update (a sender that died cannot go on)."""
+        try:
+            self._transfer(fn)
+        except TransferError:
+            self.engine.weights.end(complete=False)
+            self._after_failed_update()
+            raise
+
+    def _do_finish_weight_update(self, call_id: int) -> int:
+        try:
+            self.engine.weights.end(complete=True)
+        except ValueError:
+            self._after_failed_update()
+            raise
+        version = self.engine.commit_weights(self._update_version)
+        if self.state is EngineState.UPDATING_WEIGHTS:  # not when it came inside a sleep
+            self._leave_exclusive()
+        return version
+
+    def _do_abort_weight_update(self, call_id: int) -> bool:
+        """Drop the open update (its sender failed). If buckets were written already the weights are a
+        mix, and the engine holds requests until a complete update arrives."""
+        if not self.engine.weights.in_progress:
+            return False
+        self.engine.weights.end(complete=False)
+        self._after_failed_update()
+        return True
+
+    def _after_failed_update(self) -> None:
+        if self.engine.weights_valid and self.state is EngineState.UPDATING_WEIGHTS:
+            self._leave_exclusive()
+
+    def _do_sleep(self, call_id: int, level: int = 1, pause: str = "abort") -> Any:
+        if pause == "keep":
+            raise ValueError("sleep frees the KV cache: pause must be 'abort' or 'wait', not 'keep'")
+
+        def action() -> dict[str, float]:
+            return self.engine.sleep(level)
+
+        return self._exclusive(call_id, pause, action, EngineState.SLEEPING, stay=True)
+
+    def _do_wake_up(self, call_id: int, tags: list[str] | None = None) -> dict[str, Any]:
+        info = dict(self.engine.wake_up(tags))
+        if self.state is EngineState.SLEEPING and self.engine.memory.level == 0:
+            self._leave_exclusive()
+        info["state"] = self.state.value
+        return info
+
+    def _exclusive(
+        self, call_id: int, pause: str, action: Callable[[], Any], state: EngineState, stay: bool = False
+    ) -> Any:
+        """Run ``action`` with the engine stopped under ``pause``. The engine returns to the state it
+        had unless ``stay`` (the action opens a phase a later call ends)."""
+        if pause not in PAUSE_MODES:
+            raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {pause!r}")
+        held = (EngineState.SLEEPING, EngineState.UPDATING_WEIGHTS)
+        busy = self._resume_to is not None or self.state in held
+        if busy and not (state is EngineState.UPDATING_WEIGHTS and self._may_update_now()):
+            raise ValueError(f"the engine is {self.state.value}; finish that first")
+        if pause == "abort":
+            self._abort_everything()
+        elif (
+            pause == "wait"
+            and self.state in (EngineState.RUNNING, EngineState.DRAINING)
+            and self.engine.has_unfinished()
+        ):
+            self._after_drain.append((call_id, lambda: self._run_exclusive(action, state, stay), state))
+            self.state = EngineState.DRAINING
+            return _DEFERRED
+        return self._run_exclusive(action, state, stay)
+
+    def _may_update_now(self) -> bool:
+        """An update may come while asleep with the weights awake (colocated: wake weights, update,
+        wake the KV cache) or to repair weights left incomplete by a failed update."""
+        if self.state is EngineState.SLEEPING:
+            return self.engine.memory.weights_on_device
+        return (
+            self.state is EngineState.UPDATING_WEIGHTS
+            and not self.engine.weights_valid
+            and not self.engine.weights.in_progress
+        )
+
+    def _run_exclusive(self, action: Callable[[], Any], state: EngineState, stay: bool) -> Any:
+        nested = self._resume_to is not None  # an update inside a sleep or repairing a failed one
+        if not nested:
+            self._resume_to = EngineState.RUNNING if self.state is EngineState.DRAINING else self.state
+            self.state = state
+        try:
+            result = action()
+        except BaseException:
+            if not nested and self.engine.weights_valid and not self.engine.weights.in_progress:
+                self._leave_exclusive()  # nothing was written: back to where we were
+            raise
+        if nested and self.state is EngineState.UPDATING_WEIGHTS and self.engine.weights_valid:
+            self._leave_exclusive()  # a repair completed
+        elif not stay and not nested:
+            self._leave_exclusive()
+        return result
+
+    def _leave_exclusive(self) -> None:
+        target, self._resume_to = self._resume_to or EngineState.RUNNING, None
+        self.state = target
+        if target is EngineState.RUNNING:
+            self._do_resume(0)  # admits the requests held meanwhile
+        elif target is EngineState.PAUSED:
+            self._answer_drains()
+
+    def _run_after_drain(self) -> None:
+        pending, self._after_drain = self._after_drain, []
+        self.state = EngineState.RUNNING  # the drain is over; each call stops the engine itself
+        for cid, run, _ in pending:
+            try:
+                result = run()
+            except (ValueError, TypeError, TransferError) as e:
+                self.outbox.append(ControlAck(cid, False, None, f"{type(e).__name__}: {e}"))
+                continue
+            self.outbox.append(ControlAck(cid, True, result, None))
+        if self._drain_acks and self.state is EngineState.RUNNING:
+            self.state, self.pause_mode = EngineState.PAUSED, "wait"
+            self._answer_drains()
+
+    def _transfer(self, fn: Callable[[], Any]) -> Any:
+        """Run a transfer; transport failures (a dead sender, a timeout) become ``TransferError``."""
+        try:
+            return fn()
+        except (ValueError, TypeError):
+            raise
+        except Exception as e:  # torch.distributed / CUDA errors: the core keeps serving
+            raise TransferError(f"{type(e).__name__}: {e}") from None
 
     # ---- transitions ------------------------------------------------------------------------
     def _enter_paused(self, mode: str) -> None:
@@ -210,6 +431,9 @@ class ControlPlane:
     def _settle(self) -> None:
         """Finish a drain once nothing is in flight."""
         if self.state is EngineState.DRAINING and not self.engine.has_unfinished():
+            if self._after_drain:
+                self._run_after_drain()
+                return
             self.state = EngineState.PAUSED
             self._answer_drains()
 
@@ -220,6 +444,10 @@ class ControlPlane:
 
 
 _DEFERRED = object()  # a control call answered later (pause "wait")
+
+
+class TransferError(RuntimeError):
+    """A weight transfer failed in the transport (not in validation)."""
 
 
 def _empty_abort(request_id: str, n: int) -> RequestDelta:

@@ -26,7 +26,8 @@ import zmq
 
 from rollout.client import CONFIG_CLASSES
 from rollout.control import ControlPlane
-from rollout.messages import EngineDead, MessageError, Ready, decode, encode
+from rollout.messages import ControlAck, EngineDead, MessageError, Ready, control_call_id, decode, encode
+from rollout.weight_sync.cuda_ipc import device_uuid
 
 log = logging.getLogger("rollout.core")
 
@@ -74,6 +75,9 @@ def _serve(spec: dict[str, Any], inp: zmq.Socket, out: zmq.Socket, parent: int) 
         "num_blocks": engine.blocks.num_blocks,
         "block_size": engine.blocks.block_size,
         "pid": os.getpid(),
+        "device": str(engine.device),
+        "dtype": str(engine.model_config.dtype).removeprefix("torch."),
+        "device_uuid": device_uuid(engine.device) if engine.device.type == "cuda" else None,
     }
     _send(out, encode(Ready(info)), parent)
     plane = ControlPlane(engine)
@@ -108,6 +112,9 @@ def _drain_input(inp: zmq.Socket, plane: ControlPlane) -> None:
         except MessageError as e:
             plane.num_rejected_messages += 1
             log.warning("rejected a malformed message (%d bytes): %s", len(frame), e)
+            call_id = control_call_id(frame)
+            if call_id is not None:  # the caller waits for an answer: refuse it rather than hang it
+                plane.outbox.append(ControlAck(call_id, False, None, f"ValueError: {e}"))
 
 
 def _send(out: zmq.Socket, frame: bytes, parent: int) -> None:

@@ -6,7 +6,7 @@ This is the in-process engine (tests, and trainers that embed the engine). ``LLM
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -15,13 +15,15 @@ from rollout import validation
 from rollout.block_manager import BlockManager
 from rollout.config import CacheConfig, RunnerConfig, SchedulerConfig
 from rollout.detokenizer import Detokenizer
-from rollout.model_runner import ModelRunner, RunnerOutput
+from rollout.memory import DeviceMemory
+from rollout.model_runner import ModelRunner, RunnerOutput, StepHandle
 from rollout.models.config import ModelConfig
 from rollout.outputs import CompletionOutput, RequestDelta, RequestOutput, SampleDelta
 from rollout.presets import resolve_model
 from rollout.request import Request
 from rollout.samplers.params import SamplingParams
 from rollout.scheduler import ScheduledBatch, Scheduler
+from rollout.weight_sync.receiver import WeightReceiver
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of the n samples of one seeded prompt
 
@@ -93,12 +95,20 @@ class EngineCore:
         self.detokenizer = Detokenizer.from_pretrained(path)
         # A sequence may not outgrow the context nor the whole cache (it could never be scheduled).
         self.max_total_tokens = min(self.model_config.max_model_len, self.runner.num_blocks * bs)
-        self.weight_version = 0
+        self.weight_version = 0  # of the weights serving now; every output token records it
+        self.weights = WeightReceiver(self.runner.model, self.device)
+        self.memory = DeviceMemory(self.runner)
+        self._weights_dropped = False  # sleep(2) dropped them; an update must refill them
         self._rng = random.Random(seed)
         self._groups: dict[str, _Group] = {}
         self._arrivals = 0
         self._num_prompt_tokens = 0
         self._num_output_tokens = 0
+        sc = self.scheduler_config
+        self.overlap = sc.overlap if sc.overlap is not None else self.device.type == "cuda"
+        # The step running on the device whose results are not applied yet (overlapped loop):
+        # (batch, handle, weight version it runs under).
+        self._inflight: tuple[ScheduledBatch, StepHandle, int] | None = None
 
     # ---- admission --------------------------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> tuple[list[int], str | None]:
@@ -187,14 +197,35 @@ class EngineCore:
 
     def _step(self) -> list[_Group]:
         """Schedule, execute and apply one step; return the groups that got a token."""
+        if self.memory.level:
+            raise RuntimeError("the engine is asleep: wake_up() first")
+        if not self.weights_valid:
+            raise RuntimeError("the engine's weights are incomplete: send a complete update first")
+        # Overlapped loop: step N+1 is scheduled and enqueued (its decodes read step N's sampled
+        # tokens on the device) before N's results are read and applied; see SchedulerConfig.overlap.
         batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return []
-        out = self.runner.execute(batch)
-        self.scheduler.update_computed(batch)
-        return self._process(batch, out)
+        launched = None
+        if not batch.is_empty:
+            self.scheduler.update_computed(batch)
+            prev = self._inflight[1] if self._inflight is not None else None
+            launched = (batch, self.runner.launch(batch, prev), self.weight_version)
+        if not self.overlap:
+            self._inflight, launched = launched, None
+        groups = self._apply_inflight()
+        self._inflight = launched
+        if self._inflight is not None and not self.scheduler.has_unfinished():
+            groups += self._apply_inflight()  # only finished requests in it: an idle engine has none
+        return groups
 
-    def _process(self, batch: ScheduledBatch, out: RunnerOutput) -> list[_Group]:
+    def _apply_inflight(self) -> list[_Group]:
+        """Wait for the step in flight (if any) and apply its results."""
+        if self._inflight is None:
+            return []
+        batch, handle, version = self._inflight
+        self._inflight = None
+        return self._process(batch, self.runner.collect(handle), version)
+
+    def _process(self, batch: ScheduledBatch, out: RunnerOutput, version: int) -> list[_Group]:
         touched: dict[str, None] = {}
         i = 0
         for s in batch.requests:
@@ -204,24 +235,30 @@ class EngineCore:
                 if not req.prompt_logprobs:
                     req.prompt_logprobs.append(None)
                     req.prompt_top_logprobs.append(None)
-                req.prompt_logprobs.extend(lps)
-                req.prompt_top_logprobs.extend(tops)
+                # entry j is prompt token start + 1 + j; a recompute after preemption repeats some
+                skip = max(len(req.prompt_logprobs) - 1 - s.start, 0)
+                req.prompt_logprobs.extend(lps[skip:])
+                req.prompt_top_logprobs.extend(tops[skip:])
             if not s.sample:
                 continue
             token, logprob, top = out.token_ids[i], out.logprobs[i], out.top_logprobs[i]
             i += 1
             if req.is_finished:
+                req.num_pending -= 1  # stopped or aborted while this step ran: drop its token
                 continue
-            self._append(req, token, logprob, top)
+            self._append(req, token, logprob, top, version)
             touched[req.group_id] = None
         return [self._groups[gid] for gid in touched]
 
-    def _append(self, req: Request, token: int, logprob: float, top: dict[int, float] | None) -> None:
+    def _append(
+        self, req: Request, token: int, logprob: float, top: dict[int, float] | None, version: int
+    ) -> None:
         req.token_ids.append(token)
+        self.scheduler.token_appended(req)
         req.output_logprobs.append(logprob)
         if top is not None:
             req.output_top_logprobs.append(top)
-        req.output_versions.append(self.weight_version)
+        req.output_versions.append(version)  # the weights of the step that computed it
         self._num_output_tokens += 1
         params = req.params
         if token in params.stop_token_ids:
@@ -313,6 +350,66 @@ class EngineCore:
             delta.prompt_top_logprobs = list(first.prompt_top_logprobs)
             group.prompt_logprobs_reported = True
         return delta
+
+    # ---- weights and memory (see rollout.weight_sync, rollout.memory) -----------------------
+    @property
+    def weights_valid(self) -> bool:
+        """False while the weights are a failed update's mix of old and new, or were dropped by
+        ``sleep(2)``: the engine then serves nothing until a complete update arrives."""
+        return not self.weights.dirty and not self._weights_dropped
+
+    def next_weight_version(self, version: int | None) -> int:
+        """The version an update will set: ``version`` (above the current one) or current + 1."""
+        if version is None:
+            return self.weight_version + 1
+        if not isinstance(version, int) or isinstance(version, bool) or version <= self.weight_version:
+            raise ValueError(
+                f"weight version must be an int above the current {self.weight_version}, got {version!r}"
+            )
+        return version
+
+    def check_can_update(self) -> None:
+        if not self.memory.weights_on_device:
+            raise ValueError("the weights are released by sleep(): wake_up(tags=['weights']) first")
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
+        """Replace the weights in place from ``(hf_name, tensor)`` pairs (same process). The whole
+        set is validated first: a bad name, shape or dtype raises ``ValueError`` and changes nothing.
+        Requests in flight continue on the new weights. Returns the new weight version."""
+        self.check_can_update()
+        new = self.next_weight_version(version)
+        self.weights.apply_tensors(weights)
+        return self.commit_weights(new)
+
+    def update_weights_from_disk(self, path: str, version: int | None = None) -> int:
+        """``update_weights`` from a safetensors directory (e.g. the trainer's ``save_pretrained``)."""
+        self.check_can_update()
+        new = self.next_weight_version(version)
+        self.weights.apply_disk(path)
+        return self.commit_weights(new)
+
+    def commit_weights(self, version: int) -> int:
+        """Finish a complete update: new version, and a prefix cache that cannot serve KV computed
+        under older weights (the hash chains are salted with the version)."""
+        self.weights.mark_complete()
+        self._weights_dropped = False
+        self.blocks.reset_prefix_cache()
+        self.blocks.hash_salt = version.to_bytes(8, "little")
+        self.weight_version = version
+        return version
+
+    def sleep(self, level: int = 1) -> dict[str, float]:
+        """Release device memory (see ``rollout.memory``); no request may be in the engine."""
+        if self.has_unfinished():
+            raise ValueError("requests are in flight: abort or finish them before sleep()")
+        info = self.memory.sleep(level)
+        self.blocks.reset_prefix_cache()  # the KV contents are gone
+        self._weights_dropped = self._weights_dropped or level == 2
+        return info
+
+    def wake_up(self, tags: list[str] | None = None) -> dict[str, float]:
+        """Restore released memory (``tags``: "weights", "kv_cache"; both by default)."""
+        return self.memory.wake_up(tags)
 
     # ---- introspection ----------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -14,6 +14,7 @@ from rollout.engine import EngineCore, EngineStats
 from rollout.outputs import RequestOutput
 from rollout.remote import RemoteEngine
 from rollout.samplers.params import SamplingParams
+from rollout.weight_sync.sender import Weights, WeightSender
 
 Prompt = str | Sequence[int]
 
@@ -37,6 +38,7 @@ class LLM:
         else:
             self.engine = EngineCore(model, **engine_kwargs)
         self._ids = itertools.count()
+        self._sender: WeightSender | None = None
 
     @property
     def client(self) -> EngineCoreClient | None:
@@ -51,8 +53,55 @@ class LLM:
 
     def shutdown(self) -> None:
         """Stop the engine process (multiprocess mode; idempotent)."""
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
         if self.remote is not None:
             self.remote.shutdown()
+
+    # ---- weights and memory -------------------------------------------------------------------
+    def update_weights(self, weights: Weights, version: int | None = None, pause: str = "keep") -> int:
+        """Load new weights in place: an ``nn.Module`` with HF parameter names (plain, DDP, FSDP...)
+        or ``(hf_name, tensor)`` pairs. In process they are copied directly; to an engine process
+        they go over CUDA IPC (same GPU), NCCL (another GPU) or gloo (CPU): see
+        ``rollout.weight_sync.WeightSender``, which this keeps open between calls. The whole update
+        is validated first: a bad one raises ``ValueError`` and the old weights keep serving.
+        Returns the new weight version (``version`` if given, which must grow; else current + 1)."""
+        if self._sender is None:
+            self._sender = WeightSender(self)
+        version_out = self._sender.push(weights, version=version, pause=pause)
+        assert version_out is not None
+        return version_out
+
+    def update_weights_from_disk(self, path: str, version: int | None = None, pause: str = "keep") -> int:
+        """Reload the weights from a safetensors directory (e.g. a trainer's ``save_pretrained``)."""
+        if self.engine is not None:
+            return self.engine.update_weights_from_disk(str(path), version)
+        return self._call("update_weights_from_disk", path=str(path), version=version, pause=pause)
+
+    def sleep(self, level: int = 1) -> dict[str, float]:
+        """Free device memory for a colocated trainer: level 1 frees the KV cache and moves the
+        weights to host memory, level 2 frees both (send weights again after ``wake_up``)."""
+        if self.engine is not None:
+            return self.engine.sleep(level)
+        return self._call("sleep", level=level)
+
+    def wake_up(self, tags: list[str] | None = None) -> dict[str, Any]:
+        """Restore what ``sleep`` freed: ``tags`` from ("weights", "kv_cache"), both by default."""
+        if self.engine is not None:
+            return self.engine.wake_up(tags)
+        return self._call("wake_up", tags=tags)
+
+    @property
+    def weight_version(self) -> int:
+        """The version of the weights serving now."""
+        if self.engine is not None:
+            return self.engine.weight_version
+        return self._call("get_state")["weight_version"]
+
+    def _call(self, method: str, **args: Any) -> Any:
+        assert self.remote is not None
+        return self.remote.client.call(method, **args)
 
     def __enter__(self) -> LLM:
         return self

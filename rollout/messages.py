@@ -24,7 +24,25 @@ import msgpack
 
 from rollout.outputs import RequestDelta, SampleDelta
 
-CONTROL_METHODS = ("pause", "resume", "abort_all", "reset_prefix_cache", "get_state", "shutdown")
+CONTROL_METHODS = (
+    "pause",
+    "resume",
+    "abort_all",
+    "reset_prefix_cache",
+    "get_state",
+    "shutdown",
+    # weight sync (rollout.weight_sync) and memory (rollout.memory)
+    "update_weights_from_disk",
+    "init_weight_group",
+    "destroy_weight_group",
+    "begin_weight_update",
+    "receive_weight_buckets",
+    "weight_bucket",
+    "finish_weight_update",
+    "abort_weight_update",
+    "sleep",
+    "wake_up",
+)
 """Control calls the core answers (see ``rollout.control.ControlPlane``)."""
 
 
@@ -122,6 +140,20 @@ _SPECS = MappingProxyType(
         for cls in _CLASSES
     }
 )
+
+
+def control_call_id(frame: bytes) -> int | None:
+    """The call id of a frame that is a ``ControlCall`` with a valid id but is otherwise malformed
+    (unknown method, bad arguments), so the core can refuse it; None for anything else."""
+    try:
+        values = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception:
+        return None
+    if isinstance(values, list) and len(values) >= 2 and values[0] == ControlCall.TAG:
+        call_id = values[1]
+        if isinstance(call_id, int) and not isinstance(call_id, bool):
+            return call_id
+    return None
 
 
 def encode(msg: Message) -> bytes:

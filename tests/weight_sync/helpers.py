@@ -1,0 +1,40 @@
+"""Shared pieces of the weight-sync tests: two tiny checkpoints (the served one, the new one) and a
+comparison of what two engines compute on the same prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rollout import SamplingParams
+from tests.models.tiny_models import save_tiny_checkpoint
+
+PROMPTS = [[5, 17, 42, 99, 7, 3, 250, 11, 64, 8, 1, 9, 200, 31, 77, 12, 18], [4, 4, 8, 15, 16, 23, 42]]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=0)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """``old``: the directory engines start from; ``new_dir`` / ``new_model``: the update."""
+    root = tmp_path_factory.mktemp("weight_sync")
+    save_tiny_checkpoint(root / "old", "qwen3", seed=0)
+    new_model = save_tiny_checkpoint(root / "new", "qwen3", seed=1)
+    return {"old": str(root / "old"), "new_dir": str(root / "new"), "new_model": new_model}
+
+
+def fingerprint(outs) -> list[tuple[list[int], list[float], list[float | None]]]:
+    """Greedy tokens, their logprobs and the prompt logprobs of every prompt (the logits' imprint)."""
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs, o.prompt_logprobs) for o in outs]
+
+
+def assert_same(a, b, atol: float = 1e-5) -> None:
+    for (ta, la, pa), (tb, lb, pb) in zip(a, b, strict=True):
+        assert ta == tb
+        assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= atol
+        assert max(abs(x - y) for x, y in zip(pa[1:], pb[1:], strict=True)) <= atol
+
+
+def write_dir(path: Path, model) -> str:
+    model.save_pretrained(path)
+    return str(path)

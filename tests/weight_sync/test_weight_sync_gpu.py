@@ -1,0 +1,73 @@
+"""Weight sync on the GPU: CUDA IPC from this process into an engine core process on the same GPU,
+NCCL into an engine on a second GPU, and sleep/wake with the memory it releases (device only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rollout import LLM, CacheConfig, SamplingParams
+from rollout.weight_sync import WeightSender
+from tests.weight_sync.helpers import PROMPTS, assert_same, checkpoints, fingerprint  # noqa: F401
+
+pytestmark = pytest.mark.gpu
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=0)
+CACHE = CacheConfig(num_blocks=256)
+KW = dict(dtype="bfloat16", cache_config=CACHE)
+
+
+def reference(path: str, device: str = "cuda:0"):
+    with LLM(path, multiprocess=True, device=device, **KW) as llm:
+        return fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+
+
+def test_cuda_ipc_from_another_process_equals_fresh_engine(checkpoints):  # noqa: F811
+    expected = reference(checkpoints["new_dir"])
+    trainer = checkpoints["new_model"].to("cuda:0")  # fp32 master weights; the sender casts to bf16
+    try:
+        with LLM(checkpoints["old"], multiprocess=True, device="cuda:0", **KW) as llm:
+            sender = WeightSender(llm, bucket_bytes=64 << 10)  # many buckets: exercises buffer reuse
+            bad = [(n, p[..., :-1] if "layers.1.mlp.up" in n else p) for n, p in trainer.named_parameters()]
+            with pytest.raises(ValueError, match="shape mismatch"):
+                sender.push(bad)
+            assert sender.push(trainer) == 1 and sender.last_transport == "cuda_ipc"
+            assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), expected, atol=0)
+            assert sender.push(trainer.named_parameters(), version=4) == 4  # buffers reused
+            sender.close()
+    finally:
+        checkpoints["new_model"].to("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_nccl_from_gpu0_to_engine_on_gpu1(checkpoints):  # noqa: F811
+    expected = reference(checkpoints["new_dir"], "cuda:1")
+    trainer = checkpoints["new_model"].to("cuda:0")
+    try:
+        with LLM(checkpoints["old"], multiprocess=True, device="cuda:1", **KW) as llm:
+            sender = WeightSender(llm, bucket_bytes=64 << 10)
+            assert sender.push(trainer) == 1 and sender.last_transport == "nccl"
+            assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), expected, atol=0)
+            assert sender.push(trainer, version=2) == 2
+            sender.close()
+    finally:
+        checkpoints["new_model"].to("cpu")
+
+
+def test_sleep_releases_memory_and_wake_keeps_outputs_and_graphs(checkpoints):  # noqa: F811
+    llm = LLM(
+        checkpoints["old"], device="cuda:0", dtype="bfloat16", cache_config=CacheConfig(num_blocks=4096)
+    )
+    before = fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    runner = llm.engine.runner
+    kv_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
+    info = llm.sleep(1)
+    assert info["freed_bytes"] >= 0.9 * kv_bytes  # measured with mem_get_info
+    assert runner.graphs is None and runner.kv_cache is None
+    wake = llm.wake_up()
+    assert wake["recaptured"] == (runner.runner_config.cuda_graphs and runner.attention_backend == "triton")
+    assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), before, atol=0)
+    llm.sleep(2)
+    llm.wake_up(["weights"])
+    llm.update_weights_from_disk(checkpoints["old"])
+    llm.wake_up(["kv_cache"])
+    assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), before, atol=0)
