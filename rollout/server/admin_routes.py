@@ -1,0 +1,117 @@
+"""Control routes under ``/admin`` (mounted only with ``enable_admin``; every call needs the admin key
+as ``Authorization: Bearer <admin key>``).
+
+``POST /admin/<method>`` runs the engine's control call of that name with the JSON body as its
+keyword arguments and answers ``{"method", "result"}``:
+
+- ``pause`` ``{"mode": "abort"|"wait"|"keep"}``, ``resume``, ``abort_all``, ``reset_prefix_cache``;
+- ``abort`` ``{"request_ids": [...]}`` (the ids given to /generate);
+- ``update_weights_from_disk`` ``{"path", "version"?, "pause"?}``, ``sleep`` ``{"level", "pause"?}``,
+  ``wake_up`` ``{"tags"}``; the weight-group calls (``init_weight_group``,
+  ``update_weights_from_group``, ``begin_weight_update``, ``receive_weight_buckets``,
+  ``finish_weight_update``, ``abort_weight_update``, ``destroy_weight_group``) with their keyword
+  arguments as given. A call the engine core does not have is answered 501.
+
+``GET /admin/state?check_invariants=false``: the engine's state, queues, block usage and counters.
+Errors: 400 for bad arguments (ValueError/TypeError from the engine), 503 when the engine is dead,
+500 for other failures, with OpenAI's error object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from rollout import messages
+from rollout.client import EngineDeadError
+from rollout.server.errors import APIError, json_response, parse_body, read_body
+from rollout.server.protocol import (
+    AbortBody,
+    EmptyBody,
+    KwargsBody,
+    PauseBody,
+    SleepBody,
+    UpdateFromDiskBody,
+    WakeUpBody,
+)
+from rollout.server.state import ServerState
+
+CALLS: dict[str, type[BaseModel]] = {
+    "pause": PauseBody,
+    "resume": EmptyBody,
+    "abort_all": EmptyBody,
+    "reset_prefix_cache": EmptyBody,
+    "update_weights_from_disk": UpdateFromDiskBody,
+    "init_weight_group": KwargsBody,
+    "update_weights_from_group": KwargsBody,
+    "destroy_weight_group": KwargsBody,
+    "begin_weight_update": KwargsBody,
+    "receive_weight_buckets": KwargsBody,
+    "finish_weight_update": KwargsBody,
+    "abort_weight_update": KwargsBody,
+    "sleep": SleepBody,
+    "wake_up": WakeUpBody,
+}
+"""Control calls the admin routes expose, with the body each one takes."""
+
+
+def server(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def _body(request: Request, model: type[BaseModel]) -> dict[str, Any]:
+    st = server(request)
+    raw = await read_body(request, st.config.max_request_bytes)
+    if not raw.strip():
+        raw = b"{}"
+    return parse_body(raw, model).model_dump(exclude_unset=True)
+
+
+async def _call(st: ServerState, method: str, kwargs: dict[str, Any]) -> Any:
+    missing = APIError(501, f"this engine has no control call {method!r}", None, "not_implemented")
+    known = getattr(messages, "CONTROL_METHODS", None)  # the core would drop an unknown call unanswered
+    if known is not None and method not in known:
+        raise missing
+    try:
+        return await st.llm.call(method, **kwargs)
+    except EngineDeadError:
+        raise
+    except (ValueError, TypeError) as e:
+        if str(e).startswith("no control method"):
+            raise missing from None
+        raise APIError(400, str(e)) from None
+    except RuntimeError as e:
+        raise APIError(500, f"{method} failed: {e}") from None
+
+
+def build_router() -> APIRouter:
+    """The admin routes (the caller adds the admin-key dependency)."""
+    router = APIRouter(prefix="/admin")
+
+    def control_route(method: str, model: type[BaseModel]) -> None:
+        async def route(request: Request) -> Response:
+            kwargs = await _body(request, model)
+            result = await _call(server(request), method, kwargs)
+            return json_response({"method": method, "result": result})
+
+        route.__name__ = f"admin_{method}"
+        router.add_api_route(f"/{method}", route, methods=["POST"], name=f"admin_{method}")
+
+    for method, model in CALLS.items():
+        control_route(method, model)
+
+    @router.post("/abort")
+    async def admin_abort(request: Request) -> Response:
+        body = await _body(request, AbortBody)
+        await server(request).llm.abort(body["request_ids"])
+        return json_response({"method": "abort", "result": len(body["request_ids"])})
+
+    @router.get("/state")
+    async def admin_state(request: Request, check_invariants: bool = False) -> Response:
+        result = await _call(server(request), "get_state", {"check_invariants": check_invariants})
+        return json_response(result)
+
+    return router
