@@ -2,8 +2,8 @@
 the same bytes (across GPUs); sleep/wake times and memory released; and a check that an updated
 engine equals a fresh one loaded with the new weights.
 
-    python -m rollout.benchmarks.weight_sync --model qwen3-0.6b --out DIR       # 1 GPU
-    python -m rollout.benchmarks.weight_sync --model qwen3-0.6b --nccl --out DIR  # 2 GPUs
+    rollout bench weight_sync --model qwen3-0.6b --check-disk --out DIR   # 1 GPU
+    rollout bench weight_sync --model qwen3-0.6b --nccl --out DIR         # 2 GPUs
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def run_nccl(args: argparse.Namespace, path: str, kw: dict) -> dict:
     return res
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--bucket-mb", type=int, default=256)
@@ -172,7 +172,7 @@ def main() -> None:
     )
     parser.add_argument("--tmp", default="/tmp/rollout-w6")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     path, _ = resolve_model(args.model, "dummy")
     kw = dict(dtype="bfloat16", cache_config=CacheConfig(num_blocks=args.num_blocks))
     res = run_nccl(args, path, kw) if args.nccl else run_single_gpu(args, path, kw)

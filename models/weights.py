@@ -37,6 +37,7 @@ class WeightMapper:
         self._packed_of = {
             sub: (packed, i) for packed, subs in self.packed.items() for i, sub in enumerate(subs)
         }
+        self._resolved: dict[str, WeightTarget | None] = {}  # memo: weight sync resolves the same names
         for name, param in self.params.items():
             shard_ids = getattr(param, "shard_ids", None)
             packed = self._packed_segment(name)
@@ -52,6 +53,13 @@ class WeightMapper:
     def resolve(self, name: str) -> WeightTarget | None:
         """The target of checkpoint tensor ``name``; None if it is to be skipped. Raises
         ``ValueError`` naming it if the model has no such weight."""
+        if name in self._resolved:
+            return self._resolved[name]
+        target = self._resolve(name)
+        self._resolved[name] = target
+        return target
+
+    def _resolve(self, name: str) -> WeightTarget | None:
         if self._is_ignored(name):
             return None
         parts = name.split(".")
@@ -91,9 +99,13 @@ class WeightMapper:
 
 
 def _apply(
-    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], write: bool, complete: bool = True
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    write: bool,
+    complete: bool = True,
+    mapper: WeightMapper | None = None,
 ) -> set[str]:
-    mapper = WeightMapper(model)
+    mapper = mapper or WeightMapper(model)
     covered: set[tuple[str, str | None]] = set()
     for name, tensor in weights:
         target = mapper.resolve(name)
@@ -127,16 +139,22 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
 
 
 @torch.no_grad()
-def write_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+def write_weights(
+    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], mapper: WeightMapper | None = None
+) -> set[str]:
     """``load_weights`` without the completeness check: for the pieces of an update whose whole
-    manifest already passed ``check_weights`` (weight sync writes bucket by bucket)."""
-    return _apply(model, weights, write=True, complete=False)
+    manifest already passed ``check_weights`` (weight sync writes bucket by bucket). ``mapper``: a
+    ``WeightMapper(model)`` kept across calls (it memoizes name resolution)."""
+    return _apply(model, weights, write=True, complete=False, mapper=mapper)
 
 
 def check_weights(
-    model: nn.Module, specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]], complete: bool = True
+    model: nn.Module,
+    specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+    complete: bool = True,
+    mapper: WeightMapper | None = None,
 ) -> set[str]:
     """Validate ``(hf_name, shape, dtype)`` triples as ``load_weights`` would, without writing; with
     ``complete`` every parameter must be covered. Returns the parameter names covered."""
     metas = ((name, torch.empty(tuple(shape), dtype=dtype, device="meta")) for name, shape, dtype in specs)
-    return _apply(model, metas, write=False, complete=complete)
+    return _apply(model, metas, write=False, complete=complete, mapper=mapper)

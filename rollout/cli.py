@@ -84,10 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU benchmarks of BENCHMARKS.md: throughput (W1), rl (W2), decode (W3), prefill (W4)",
         add_help=False,
     )
-    b.add_argument("workload", choices=["throughput", "rl", "decode", "prefill"])
+    workloads = ["throughput", "rl", "decode", "prefill", "weight_sync", "serve", "core_overhead"]
+    b.add_argument("workload", choices=workloads)
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the workload (--help for them)")
     b.set_defaults(func=_bench)
+    d = sub.add_parser("demo", help="demos: grpo (train the tiny model with GRPO on CPU)", add_help=False)
+    d.add_argument("rest", nargs=argparse.REMAINDER, help="the demo name and its options")
+    d.set_defaults(func=_demo)
+    from rollout.server.launch import add_serve_parser  # argparse only: fastapi loads on `serve`
+
+    add_serve_parser(sub)
     return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rollout.integrations.demo import main as demo_main
+
+    return demo_main(args.rest)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ This is the in-process engine (tests, and trainers that embed the engine). ``LLM
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -109,6 +110,11 @@ class EngineCore:
         # The step running on the device whose results are not applied yet (overlapped loop):
         # (batch, handle, weight version it runs under).
         self._inflight: tuple[ScheduledBatch, StepHandle, int] | None = None
+        if self.device.type == "cuda":
+            # Freeze again now that the tokenizer and everything else the engine holds exists (the
+            # runner froze the heap before they did): see ModelRunner.__init__.
+            gc.collect()
+            gc.freeze()
 
     # ---- admission --------------------------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> tuple[list[int], str | None]:

@@ -34,6 +34,7 @@ class DeviceMemory:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self._asleep: _Asleep | None = None
+        self._host: torch.Tensor | None = None  # pinned host copy of the weights (level 1)
 
     @property
     def level(self) -> int:
@@ -64,11 +65,22 @@ class DeviceMemory:
         runner.graphs = None  # frees the graphs' memory pool
         runner._bind_kv_cache(None)
         runner.kv_cache = None
+        pin = runner.device.type == "cuda"
+        if level == 1:
+            # One pinned buffer, kept across sleeps: pinning host memory costs far more than the copy
+            # (seconds for an 8B model), and an RL loop sleeps every step.
+            need = sum(-(-p.numel() * p.element_size() // 256) * 256 for p in params.values())
+            if self._host is None or self._host.numel() < need:
+                self._host = None
+                self._host = torch.empty(need, dtype=torch.uint8, pin_memory=pin)
+        offset = 0
         for name, p in params.items():
             asleep.shapes[name] = (p.shape, p.dtype)
             if level == 1:
-                pin = runner.device.type == "cuda"
-                host = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
+                assert self._host is not None
+                nbytes = p.numel() * p.element_size()
+                host = self._host[offset : offset + nbytes].view(p.dtype).view(p.shape)
+                offset += -(-nbytes // 256) * 256
                 host.copy_(p.data, non_blocking=pin)
                 asleep.host_weights[name] = host
         if runner.device.type == "cuda":

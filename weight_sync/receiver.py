@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rollout.models.loader import iter_weights, read_weight_specs, safetensors_files
-from rollout.models.weights import check_weights, write_weights
+from rollout.models.weights import WeightMapper, check_weights, write_weights
 from rollout.weight_sync import cuda_ipc
 from rollout.weight_sync.manifest import Manifest, TensorEntry, unpack
 from rollout.weight_sync.process_group import WeightGroup
@@ -35,6 +35,10 @@ class WeightReceiver:
         self.group: WeightGroup | None = None
         self.dirty = False  # some weights were written by an update that did not complete
         self._session: _Session | None = None
+        self._mapper = WeightMapper(model)  # parameters keep their identity across sleep/wake
+        # Spec lists that passed validation: an RL loop sends the same names, shapes and dtypes every
+        # step, and the verdict depends on nothing else, so it is computed once.
+        self._valid_specs: dict[tuple, None] = {}
 
     # ---- in memory and on disk ----------------------------------------------------------------
     def apply_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -46,8 +50,7 @@ class WeightReceiver:
                 raise TypeError(f"weights must be (name, tensor) pairs, got {type(item).__name__}")
             if not isinstance(item[0], str):
                 raise TypeError(f"weight names must be str, got {item[0]!r}")
-        _check_unique(name for name, _ in items)
-        check_weights(self.model, ((n, tuple(t.shape), t.dtype) for n, t in items))
+        self._check([(n, tuple(t.shape), t.dtype) for n, t in items])
         self._write(items)
         return sum(t.numel() * t.element_size() for _, t in items)
 
@@ -59,9 +62,7 @@ class WeightReceiver:
             files = safetensors_files(path)
         except FileNotFoundError as e:
             raise ValueError(str(e)) from None
-        specs = read_weight_specs(files)
-        _check_unique(name for name, _, _ in specs)
-        check_weights(self.model, specs)
+        self._check(read_weight_specs(files))
         self._write(iter_weights(files))
         return sum(f.stat().st_size for f in files)
 
@@ -91,8 +92,7 @@ class WeightReceiver:
         come over the weight group (``receive_group``), with them over CUDA IPC (``copy_bucket``)."""
         if self._session is not None:
             raise ValueError("a weight update is already in progress")
-        _check_unique(e.name for e in manifest.entries)
-        check_weights(self.model, manifest.specs())
+        self._check(list(manifest.specs()))
         if buffers is None:
             if self.group is None:
                 raise ValueError("no weight group: init_weight_group() first")
@@ -156,7 +156,18 @@ class WeightReceiver:
     def _write(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Write validated weights; marks ``dirty`` until the caller reports completion."""
         self.dirty = True
-        write_weights(self.model, weights)
+        write_weights(self.model, weights, self._mapper)
+
+    def _check(self, specs: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        """Validate a whole update's ``(name, shape, dtype)`` list (memoized; see ``__init__``)."""
+        key = tuple((n, tuple(s), d) for n, s, d in specs)
+        if key in self._valid_specs:
+            return
+        _check_unique(n for n, _, _ in specs)
+        check_weights(self.model, specs, mapper=self._mapper)
+        if len(self._valid_specs) >= 8:
+            self._valid_specs.pop(next(iter(self._valid_specs)))
+        self._valid_specs[key] = None
 
     def mark_complete(self) -> None:
         self.dirty = False
