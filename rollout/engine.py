@@ -76,6 +76,8 @@ class EngineCore:
     ) -> None:
         path, load_format = resolve_model(model, load_format)
         self.device = torch.device(device) if device is not None else _default_device()
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # kernels, graphs and streams go to the current device
         self.model_config = ModelConfig.from_pretrained(
             path, dtype=dtype, max_model_len=max_model_len, device=self.device
         )
