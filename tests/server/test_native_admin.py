@@ -199,11 +199,15 @@ def test_admin_pause_resume_abort_reset(secured):
     assert secured.state()["state"] == "running"
 
 
-def test_admin_memory_calls_answer(secured):
-    """sleep / wake_up either work or say the engine has no such call (501); never hang."""
+def test_admin_sleep_and_wake(secured):
+    """sleep frees the engine's memory and holds it in "sleeping"; wake_up brings it back running."""
     admin = secured.headers("admin")
-    r = httpx.post(secured.url + "/admin/wake_up", json={}, headers=admin, timeout=30.0)
-    assert r.status_code in (200, 501), r.text
+    r = httpx.post(secured.url + "/admin/sleep", json={"level": 1}, headers=admin, timeout=60.0)
+    assert r.status_code == 200, r.text
+    assert secured.state()["state"] == "sleeping"
+    r = httpx.post(secured.url + "/admin/wake_up", json={}, headers=admin, timeout=60.0)
+    assert r.status_code == 200, r.text
+    assert secured.state()["state"] == "running"
     r = httpx.post(secured.url + "/admin/update_weights_from_group", json={}, headers=admin, timeout=30.0)
     assert r.status_code in (400, 501), r.text
 
