@@ -7,6 +7,9 @@ One call sends the model's full weights to an engine, by the cheapest way that r
 - ``nccl``: the engine is on another GPU: a process group of our own (rank 0 = this sender);
 - ``gloo``: CPU engines (and CPU trainers): the same group over gloo.
 
+The engine is an ``LLM`` (in this process or in its own) or any ``EngineControl``, a control channel
+to an engine elsewhere: ``HTTPRolloutClient`` drives a served engine through its /admin routes.
+
 ``auto`` picks in that order. Every bucketed push first sends the manifest (names, shapes, dtypes):
 the engine validates the whole update before any byte moves, so a bad update raises ``ValueError``
 here and leaves the old weights serving. Floating tensors are cast to the engine's dtype on the way
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -29,10 +32,27 @@ from rollout.weight_sync.params import FullWeight, full_weights
 from rollout.weight_sync.process_group import WeightGroup
 
 if TYPE_CHECKING:
+    from rollout.client import EngineInfo
     from rollout.llm import LLM
 
 TRANSPORTS = ("auto", "direct", "cuda_ipc", "nccl", "gloo")
 Weights = nn.Module | Iterable[tuple[str, torch.Tensor]]
+
+
+class EngineControl(Protocol):
+    """The control calls of an engine in another process, as a bucketed push makes them
+    (``EngineCoreClient`` is one; ``HTTPRolloutClient`` another, over the server's /admin routes).
+    ``start_call`` must return at once: the sender broadcasts while the engine's call is running."""
+
+    @property
+    def info(self) -> EngineInfo:  # ``device``, ``dtype``, ``device_uuid``: the transport and wire dtype
+        ...
+
+    def call(self, method: str, timeout_s: float = 600.0, **args: Any) -> Any: ...
+
+    def start_call(self, method: str, **args: Any) -> int: ...
+
+    def wait_call(self, call_id: int, method: str = "call", timeout_s: float = 600.0) -> Any: ...
 
 
 class WeightSender:
@@ -40,15 +60,16 @@ class WeightSender:
 
     def __init__(
         self,
-        llm: LLM | None,
+        llm: LLM | EngineControl | None,
         *,
         transport: str = "auto",
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         host: str = "127.0.0.1",
         timeout_s: float = 600.0,
     ) -> None:
-        """``llm``: the engine (in this process or not); None on trainer ranks that only join the
-        gathers. ``host``: the address the engine reaches this process on (process groups)."""
+        """``llm``: the engine (an ``LLM``, in this process or not, or an ``EngineControl``); None on
+        trainer ranks that only join the gathers. ``host``: the address the engine reaches this process
+        on (process groups)."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.llm = llm
@@ -73,7 +94,7 @@ class WeightSender:
             transport = self._pick(weights)
             self.last_transport = transport
             if transport == "direct":
-                engine = self.llm.engine
+                engine = getattr(self.llm, "engine", None)
                 assert engine is not None
                 return engine.update_weights([(w.name, w.get()) for w in weights], version)
             manifest = plan_buckets(
@@ -103,7 +124,7 @@ class WeightSender:
     def _pick(self, weights: list[FullWeight]) -> str:
         llm = self.llm
         assert llm is not None
-        if llm.engine is not None:
+        if getattr(llm, "engine", None) is not None:
             if self.transport not in ("auto", "direct"):
                 raise ValueError(
                     f"the engine is in this process: transport {self.transport!r} does not apply"
@@ -206,8 +227,10 @@ class WeightSender:
         return client.call("finish_weight_update", timeout_s=self.timeout_s)
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _client(self) -> Any:
+    def _client(self) -> EngineControl:
         assert self.llm is not None
+        if callable(getattr(type(self.llm), "start_call", None)):
+            return self.llm  # a control channel itself
         client = self.llm.client
         if client is None:
             raise ValueError("this LLM runs in process; its weights are updated directly")

@@ -9,9 +9,18 @@ keyword arguments and answers ``{"method", "result"}``:
 - ``update_weights_from_disk`` ``{"path", "version"?, "pause"?}``, ``sleep`` ``{"level", "pause"?}``,
   ``wake_up`` ``{"tags"}``; the weight-group calls (``init_weight_group``,
   ``update_weights_from_group``, ``begin_weight_update``, ``receive_weight_buckets``,
-  ``finish_weight_update``, ``abort_weight_update``, ``destroy_weight_group``) with their keyword
-  arguments as given. A call the engine core does not have is answered 501.
+  ``weight_bucket``, ``finish_weight_update``, ``abort_weight_update``, ``destroy_weight_group``) with
+  their keyword arguments as given. A call the engine core does not have is answered 501. A field sent
+  as ``null`` counts as not sent (the engine's default applies).
 
+A trainer pushes weights over a process group through these (``WeightSender`` over an
+``HTTPRolloutClient`` does it): it hosts the group, posts ``init_weight_group`` (answered once the
+engine joined) while joining as rank 0, posts ``begin_weight_update`` with the manifest (every name,
+shape and dtype checked: a bad update is a 400 and changes nothing), posts ``receive_weight_buckets``
+(answered once the last bucket is written: the new version) while broadcasting the buckets.
+
+``GET /admin/info``: what the engine reported at start-up (``device``, ``dtype``, ``device_uuid``,
+vocabulary and cache sizes): a weight sender picks its transport and wire dtype from it.
 ``GET /admin/state?check_invariants=false``: the engine's state, queues, block usage and counters.
 Errors: 400 for bad arguments (ValueError/TypeError from the engine), 503 when the engine is dead,
 500 for other failures, with OpenAI's error object.
@@ -19,6 +28,7 @@ Errors: 400 for bad arguments (ValueError/TypeError from the engine), 503 when t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -50,6 +60,7 @@ CALLS: dict[str, type[BaseModel]] = {
     "destroy_weight_group": KwargsBody,
     "begin_weight_update": KwargsBody,
     "receive_weight_buckets": KwargsBody,
+    "weight_bucket": KwargsBody,
     "finish_weight_update": KwargsBody,
     "abort_weight_update": KwargsBody,
     "sleep": SleepBody,
@@ -67,7 +78,10 @@ async def _body(request: Request, model: type[BaseModel]) -> dict[str, Any]:
     raw = await read_body(request, st.config.max_request_bytes)
     if not raw.strip():
         raw = b"{}"
-    return parse_body(raw, model).model_dump(exclude_unset=True)
+    body = parse_body(raw, model).model_dump(exclude_unset=True)
+    # A top-level null is "not sent": the bodies' optional fields are None, which is not every call's
+    # default (``pause`` is "keep" for updates, "abort" for sleep); no call reads None as more than that.
+    return {k: v for k, v in body.items() if v is not None}
 
 
 async def _call(st: ServerState, method: str, kwargs: dict[str, Any]) -> Any:
@@ -108,6 +122,10 @@ def build_router() -> APIRouter:
         body = await _body(request, AbortBody)
         await server(request).llm.abort(body["request_ids"])
         return json_response({"method": "abort", "result": len(body["request_ids"])})
+
+    @router.get("/info")
+    async def admin_info(request: Request) -> Response:
+        return json_response(dataclasses.asdict(server(request).llm.info))
 
     @router.get("/state")
     async def admin_state(request: Request, check_invariants: bool = False) -> Response:
