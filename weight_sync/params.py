@@ -51,8 +51,9 @@ def full_weights(source: nn.Module | Iterable[tuple[str, torch.Tensor]]) -> Iter
         return
     model = unwrap(source)
     fsdp1 = _fsdp1_class()
-    if fsdp1 is not None and isinstance(model, fsdp1):
+    if fsdp1 is not None and any(isinstance(m, fsdp1) for m in model.modules()):
         # FSDP1 flattens parameters; summoning restores the original ones (the whole model at once).
+        # The root need not be wrapped itself (only its layers may be): summon from the root anyway.
         with fsdp1.summon_full_params(model, writeback=False, recurse=True):
             yield [_weight(_clean(n), p) for n, p in model.named_parameters()]
         return
