@@ -5,12 +5,18 @@ to that prompt's stream; ``generate`` is an async iterator over one stream. Cont
 futures answered by the core's acknowledgements. When the core dies or fails, every stream and
 pending call raises ``EngineDeadError`` with the cause (the reader polls the process while the
 socket is quiet, so this takes at most ~``liveness_interval`` seconds), and so does every later call.
+
+Streamed text is decoded here, off the core's loop: the first request that asks for text
+(``detokenize``, the default, on a model with a tokenizer) loads the model's tokenizer in this process,
+in a thread; token-id-only requests never load it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +26,7 @@ import zmq
 import zmq.asyncio
 
 from rollout.client import EngineCoreClient, EngineDeadError, EngineInfo, ack_result
+from rollout.detokenizer import Detokenizer, IncrementalDetokenizer
 from rollout.messages import AbortRequests, AddRequest, ControlAck, ControlCall, Outputs, RequestFailed
 from rollout.outputs import RequestOutput
 from rollout.samplers.params import SamplingParams
@@ -45,7 +52,7 @@ class AsyncLLM:
     or the interpreter exits. One ``AsyncLLM`` serves one event loop at a time.
 
     >>> async for out in llm.generate([1, 2, 3], SamplingParams(max_tokens=8), request_id="r0"):
-    ...     print(out.outputs[0].token_ids)  # cumulative by default
+    ...     print(out.outputs[0].token_ids, out.outputs[0].text)  # cumulative by default
     """
 
     def __init__(self, model: str, *, liveness_interval: float = 0.25, **engine_kwargs: Any) -> None:
@@ -59,6 +66,9 @@ class AsyncLLM:
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._tokenizer_lock = threading.Lock()
+        self._tokenizer_loaded = False
+        self._detokenizer: Detokenizer | None = None  # the model's tokenizer, once loaded
 
     # ---- generation -------------------------------------------------------------------------
     async def generate(
@@ -69,13 +79,18 @@ class AsyncLLM:
         *,
         output_kind: OutputKind = "cumulative",
     ) -> AsyncIterator[RequestOutput]:
-        """Stream one prompt's outputs until it finishes: each step's new tokens (``"delta"``) or
-        everything so far (``"cumulative"``). Bad input raises ValueError/TypeError before anything is
-        sent (text prompts are checked by the core, and raise here too). Leaving the loop early
-        (break, cancellation) aborts the request. An aborted request ends normally: its last output
-        has finish reason "abort" and the tokens generated until then."""
+        """Stream one prompt's outputs until it finishes: each step's new tokens and text
+        (``"delta"``) or everything so far (``"cumulative"``). Text (with ``params.detokenize`` on a
+        model with a tokenizer) never shows what a stop string will cut: the last ``len(stop) - 1``
+        characters wait until the end. Bad input raises ValueError/TypeError before anything is sent
+        (text prompts are checked by the core, and raise here too). Leaving the loop early (break,
+        cancellation) aborts the request. An aborted request ends normally: its last output has finish
+        reason "abort" and the tokens generated until then."""
         params = SamplingParams() if sampling_params is None else sampling_params
         rid = uuid.uuid4().hex if request_id is None else request_id
+        wants_text = isinstance(params, SamplingParams) and params.detokenize and self.info.has_tokenizer
+        if wants_text and not self._tokenizer_loaded:
+            await asyncio.to_thread(self.get_tokenizer)  # seconds for a large one: not on the loop
         msg, acc = self._prepare(prompt, params, rid, output_kind)
         self._ensure_reader()
         stream = _Stream(acc)
@@ -118,8 +133,21 @@ class AsyncLLM:
             ids, text = None, prompt
         else:
             ids, text = check_prompt_ids(prompt, info.vocab_size, info.max_total_tokens), None
-        acc = OutputAccumulator(rid, ids, text, params.n, bool(params.logprobs))
+        new_detok = None
+        if params.detokenize and self._detokenizer is not None:
+            new_detok = functools.partial(IncrementalDetokenizer.for_params, self._detokenizer, params)
+        acc = OutputAccumulator(rid, ids, text, params.n, bool(params.logprobs), new_detok)
         return AddRequest(rid, ids, text, params.to_dict()), acc
+
+    def get_tokenizer(self) -> Any | None:
+        """The model's Hugging Face tokenizer, loaded in this process on first use (once; None when
+        the model has none)."""
+        with self._tokenizer_lock:
+            if not self._tokenizer_loaded:
+                if self.info.has_tokenizer:
+                    self._detokenizer = Detokenizer.from_pretrained(self.client.model_path)
+                self._tokenizer_loaded = True
+        return None if self._detokenizer is None else self._detokenizer.tokenizer
 
     async def abort(self, request_ids: str | Sequence[str]) -> None:
         """Abort requests: their streams end with finish reason "abort" and their partial outputs.

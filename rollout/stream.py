@@ -4,13 +4,20 @@ The core sends each prompt's new tokens per step (``RequestDelta``); an ``Output
 them (O(new tokens)) and hands the caller either what is new since the caller's previous output
 (``output_kind="delta"``, O(new tokens)) or a snapshot of everything so far (``"cumulative"``, a copy:
 O(tokens so far)). Several deltas that arrive before the caller asks are merged into one output.
+
+Text: the core sends a sample's final text in its last delta. With a ``new_detokenizer``, each output
+also carries the text of its tokens: in delta outputs the text new since the previous output, in
+cumulative ones the text so far; both end at the core's final text (see ``IncrementalDetokenizer``).
+It is decoded when the caller asks, so merged deltas are decoded once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rollout.detokenizer import IncrementalDetokenizer
 from rollout.outputs import CompletionOutput, RequestDelta, RequestOutput
 
 OutputKind = Literal["delta", "cumulative"]
@@ -25,11 +32,13 @@ class _Sample:
     weight_versions: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    text: str | None = None
+    text: str | None = None  # the core's final text, from the last delta
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     emitted: int = 0  # tokens already handed out in delta outputs
     finish_emitted: bool = False
+    detok: IncrementalDetokenizer | None = None  # the streamed text; None: only the final ``text``
+    decoded: int = 0  # tokens ``detok`` has read
 
 
 class OutputAccumulator:
@@ -42,11 +51,20 @@ class OutputAccumulator:
         prompt: str | None,
         n: int,
         wants_top_logprobs: bool,
+        new_detokenizer: Callable[[], IncrementalDetokenizer] | None = None,
     ) -> None:
+        """``new_detokenizer`` makes one sample's detokenizer; without it, outputs carry only the
+        core's final text (in the last one)."""
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids  # None until the core reports a text prompt's ids
         self.prompt = prompt
-        self.samples = [_Sample(top_logprobs=[] if wants_top_logprobs else None) for _ in range(n)]
+        self.samples = [
+            _Sample(
+                top_logprobs=[] if wants_top_logprobs else None,
+                detok=None if new_detokenizer is None else new_detokenizer(),
+            )
+            for _ in range(n)
+        ]
         self.prompt_logprobs: list[float | None] | None = None
         self.prompt_top_logprobs: list[dict[int, float] | None] | None = None
         self.finished = False
@@ -92,7 +110,7 @@ class OutputAccumulator:
                 weight_versions=list(s.weight_versions),
                 finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason,
-                text=s.text,
+                text=s.text if s.detok is None else self._text_so_far(s),
                 num_cached_tokens=s.num_cached_tokens,
                 num_preemptions=s.num_preemptions,
             )
@@ -118,7 +136,7 @@ class OutputAccumulator:
                     weight_versions=s.weight_versions[start:],
                     finish_reason=s.finish_reason,
                     stop_reason=s.stop_reason,
-                    text=s.text,
+                    text=s.text if s.detok is None else self._new_text(s),
                     num_cached_tokens=s.num_cached_tokens,
                     num_preemptions=s.num_preemptions,
                 )
@@ -129,6 +147,20 @@ class OutputAccumulator:
             prompt_lps, prompt_tops = self.prompt_logprobs, self.prompt_top_logprobs
             self._prompt_logprobs_emitted = True
         return self._request_output(outputs, prompt_lps, prompt_tops)
+
+    @staticmethod
+    def _new_text(s: _Sample) -> str:
+        """Feed ``s.detok`` the tokens it has not read; the text they add (at the end: all the rest)."""
+        assert s.detok is not None
+        new, s.decoded = s.token_ids[s.decoded :], len(s.token_ids)
+        return s.detok.step(new) if s.finish_reason is None else s.detok.finish(new, s.text)
+
+    def _text_so_far(self, s: _Sample) -> str:
+        assert s.detok is not None
+        self._new_text(s)
+        if s.finish_reason is not None and s.text is not None:
+            return s.text  # the core's, exactly (see IncrementalDetokenizer.finish)
+        return s.detok.text
 
     def _request_output(
         self,

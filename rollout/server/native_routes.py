@@ -10,9 +10,9 @@
                   "weight_versions", "finish_reason", "stop_reason", "text"}],
      "prompt_logprobs", "prompt_top_logprobs"}                # with sampling_params.prompt_logprobs
 
-Streamed (``stream: true``): server-sent events, each ``{"request_id", "outputs": [...new tokens of
-the samples that advanced...], "finished"}`` (``prompt_token_ids`` in the first, prompt logprobs once),
-then ``data: [DONE]``.
+Streamed (``stream: true``): server-sent events, each ``{"request_id", "outputs": [...new tokens (and
+"text": their new text) of the samples that advanced...], "finished"}`` (``prompt_token_ids`` in the
+first, prompt logprobs once), then ``data: [DONE]``.
 """
 
 from __future__ import annotations

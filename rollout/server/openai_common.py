@@ -1,5 +1,6 @@
-"""What the OpenAI routes share: request -> ``SamplingParams``, streamed text, collected samples,
-logprobs in OpenAI's two formats, usage."""
+"""What the OpenAI routes share: request -> ``SamplingParams``, collected samples, logprobs in OpenAI's
+two formats, usage. Streamed text comes decoded from ``AsyncLLM``'s delta outputs (each one's new text,
+held back where a stop string could still cut it)."""
 
 from __future__ import annotations
 
@@ -114,48 +115,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-class TextStream:
-    """Streamed text of one sample. New tokens are decoded a few at a time (a sliding prefix/read
-    window, as TGI and vLLM do), so a step costs O(new tokens); an incomplete UTF-8 character (U+FFFD
-    at the end) waits for its next bytes, and the last ``holdback`` characters wait while a stop
-    string could still cut them. The last step takes the engine's final text."""
-
-    def __init__(
-        self, st: ServerState, context: Sequence[int], skip_special_tokens: bool, holdback: int
-    ) -> None:
-        self.st = st
-        self.skip = skip_special_tokens
-        self.holdback = holdback
-        self.ids = list(context[-5:])  # a few prompt tokens: leading spaces decode as in context
-        self.prefix, self.read = 0, len(self.ids)
-        self.text = ""  # decoded so far
-        self.sent = 0  # characters of ``text`` handed out
-
-    def step(self, new_ids: Sequence[int], finished: bool = False, final_text: str | None = None) -> str:
-        """The text to send for a sample's new tokens. In the sample's last step, everything left:
-        the engine's ``final_text`` (cut at a stop string) when it has one."""
-        if finished and final_text is not None:
-            if not final_text.startswith(self.text[: self.sent]):
-                return ""  # cannot happen with a consistent tokenizer; never resend text
-            out = final_text[self.sent :]
-            self.text, self.sent = final_text, len(final_text)
-            return out
-        if new_ids and self.st.tokenizer is not None:
-            self.ids.extend(new_ids)
-            before = self.st.decode(self.ids[self.prefix : self.read], self.skip)
-            after = self.st.decode(self.ids[self.prefix :], self.skip)
-            if len(after) > len(before) and not after.endswith("\ufffd"):
-                self.text += after[len(before) :]
-                del self.ids[: self.read]  # the tokens just read become the next window's prefix
-                self.prefix, self.read = 0, len(self.ids)
-        upto = len(self.text) if finished else len(self.text) - self.holdback
-        if upto <= self.sent:
-            return ""
-        out = self.text[self.sent : upto]
-        self.sent = upto
-        return out
-
-
 @dataclass
 class Sample:
     """One sample of a non-streamed response, accumulated from delta outputs."""
@@ -166,7 +125,11 @@ class Sample:
     weight_versions: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    text: str | None = None
+    text_parts: list[str] | None = None  # the delta outputs' texts (None: no text)
+
+    @property
+    def text(self) -> str | None:
+        return None if self.text_parts is None else "".join(self.text_parts)
 
 
 @dataclass
@@ -189,8 +152,12 @@ class Collected:
             if c.top_logprobs is not None:
                 s.top_logprobs = (s.top_logprobs or []) + list(c.top_logprobs)
             s.weight_versions.extend(c.weight_versions)
+            if c.text is not None:
+                if s.text_parts is None:
+                    s.text_parts = []
+                s.text_parts.append(c.text)
             if c.finish_reason is not None:
-                s.finish_reason, s.stop_reason, s.text = c.finish_reason, c.stop_reason, c.text
+                s.finish_reason, s.stop_reason = c.finish_reason, c.stop_reason
         if out.prompt_logprobs is not None:
             self.prompt_logprobs, self.prompt_top_logprobs = out.prompt_logprobs, out.prompt_top_logprobs
 

@@ -21,7 +21,6 @@ from rollout.outputs import RequestOutput
 from rollout.server.errors import APIError, json_response, parse_body, read_body
 from rollout.server.openai_common import (
     Collected,
-    TextStream,
     chat_logprobs,
     check_counts,
     check_room,
@@ -194,10 +193,6 @@ class _Completion:
         }
 
     async def events(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[bytes]:
-        holdback = max((len(s) for s in _stops(self.req.stop)), default=1) - 1
-        if self.req.include_stop_str_in_output:
-            holdback = 0
-        text_streams: dict[int, TextStream] = {}
         started: set[int] = set()
         prompt_lps: dict[int, RequestOutput] = {}
         completion_tokens = 0
@@ -207,15 +202,11 @@ class _Completion:
                     prompt_lps[i] = out
                 for c in out.outputs:
                     idx = i * self.n + c.index
-                    ts = text_streams.get(idx)
-                    if ts is None:
-                        ts = text_streams[idx] = TextStream(self.st, self.prompts[i], self.skip, holdback)
                     ids, lps, tops = c.token_ids, c.logprobs, c.top_logprobs
                     if self.drop_output:
                         ids, lps, tops = [], [], None
                     completion_tokens += len(ids)
-                    done = c.finish_reason is not None
-                    text = "" if self.drop_output else ts.step(ids, done, c.text)
+                    text = "" if self.drop_output else (c.text or "")
                     p_ids: list[int] = []
                     p_lps: list[Any] = []
                     p_tops: list[Any] = []
@@ -254,10 +245,6 @@ class _Completion:
         yield DONE
 
 
-def _stops(stop: str | list[str] | None) -> list[str]:
-    return [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
-
-
 # ---- /v1/chat/completions ---------------------------------------------------------------------
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
@@ -283,7 +270,7 @@ async def chat_completions(request: Request) -> Response:
     st.check_params(params, {"max_tokens": field, "logprobs": "top_logprobs"})
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     stream = st.generate(prompt, params, rid)
-    chat = _Chat(st, req, rid, prompt, n, k, params.skip_special_tokens)
+    chat = _Chat(st, req, rid, prompt, n, k)
     if req.stream:
         return EventStream(chat.events(stream))
     try:
@@ -302,10 +289,8 @@ class _Chat:
         prompt: list[int],
         n: int,
         k: int | None,
-        skip_special_tokens: bool,
     ) -> None:
         self.st, self.req, self.rid, self.prompt, self.n, self.k = st, req, rid, prompt, n, k
-        self.skip = skip_special_tokens
         self.created = int(time.time())
         self.ids = req.return_token_ids is not False
 
@@ -342,10 +327,6 @@ class _Chat:
         return sse(body)
 
     async def events(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[bytes]:
-        holdback = (
-            0 if self.req.include_stop_str_in_output else max(map(len, _stops(self.req.stop)), default=1) - 1
-        )
-        text_streams = [TextStream(self.st, self.prompt, self.skip, holdback) for _ in range(self.n)]
         completion_tokens = 0
         for j in range(self.n):
             delta = {"role": "assistant", "content": ""}
@@ -356,9 +337,8 @@ class _Chat:
         try:
             async for out in stream:
                 for c in out.outputs:
-                    ts = text_streams[c.index]
                     completion_tokens += len(c.token_ids)
-                    text = ts.step(c.token_ids, c.finish_reason is not None, c.text)
+                    text = c.text or ""
                     logprobs = None
                     if self.k is not None:
                         logprobs = {
