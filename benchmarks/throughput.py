@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from rollout.benchmarks.common import measure_ceilings, model_bytes
+from rollout.benchmarks.common import GcStats, KernelCompiles, measure_ceilings, model_bytes
 from rollout.benchmarks.workloads import WORKLOADS, Workload, decode_roofline_tok_s
 
 
@@ -51,8 +51,9 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         gc.freeze()
     torch.cuda.synchronize()
     t = time.perf_counter()
-    outs = llm.generate(work.prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
+    with GcStats() as gc_stats, KernelCompiles() as compiles:
+        outs = llm.generate(work.prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     step_ms_by_batch = {}
     if trace:
@@ -75,6 +76,8 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         kv_bytes_per_token=kv_per_token,
         weight_bytes=weight_bytes,
         num_steps=len(trace),
+        gc=gc_stats.summary(),  # cyclic GC passes during the timed run: count and ms per generation
+        kernel_compiles=compiles.summary(),  # Triton specializations first met during the timed run
         step_ms_by_batch=step_ms_by_batch,  # running // 32 * 32 -> (steps, mean ms); -1: admission phase
     )
 

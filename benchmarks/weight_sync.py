@@ -87,6 +87,13 @@ def run_single_gpu(args: argparse.Namespace, path: str, kw: dict) -> dict:
         res["ipc_ms"], _ = timed(lambda: sender.push(weights))
         assert sender.last_transport == "cuda_ipc", sender.last_transport
         print(f"CUDA IPC push: {res['ipc_ms']:.2f} ms ({nbytes / res['ipc_ms'] / 1e6:.0f} GB/s)", flush=True)
+        if args.profile:  # where one push's time goes, on the trainer side (waits are the engine's share)
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.runcall(sender.push, weights)
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
         ipc_out = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
         sender.close()
         for level in (1, 2):
@@ -167,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bucket-mb", type=int, default=256)
     parser.add_argument("--nccl", action="store_true", help="2 GPUs: trainer on cuda:0, engine on cuda:1")
     parser.add_argument("--check-disk", action="store_true", help="disk reload + fresh-engine equality")
+    parser.add_argument("--profile", action="store_true", help="cProfile one CUDA IPC push (trainer side)")
     parser.add_argument(
         "--num-blocks", type=int, default=2048, help="KV blocks per engine (fixed: two engines share the GPU)"
     )

@@ -58,7 +58,8 @@ def default_decode_config(batch: int, num_kv_heads: int, device: torch.device) -
     return DecodeConfig(num_splits=num_splits, block_n=128 if num_splits > 1 else 64)
 
 
-@triton.jit
+# Not specialized: values that change between steps (see kernels/sampling.py).
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -160,7 +161,7 @@ def _decode_split_kernel(
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     part_out_ptr,
     part_lse_ptr,

@@ -95,7 +95,9 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# The block table's row stride changes with the batch's longest sequence: not specialized (a new
+# value's divisibility by 16 would compile a new kernel mid-serving).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _extend_kernel(
     q_ptr,
     k_cache_ptr,

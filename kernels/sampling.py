@@ -108,11 +108,13 @@ def _online_lse(m, s, x):
     return m_new, s * tl.exp(m - ref) + tl.sum(tl.exp(x - ref), 0)
 
 
-@triton.jit
+# Arguments that change with the batch are not specialized: a new value's divisibility by 16 would
+# otherwise compile a new kernel in the middle of serving (~1 s each on the H100).
+@triton.jit(do_not_specialize=["B", "chunk_cols"])
 def _partials_kernel(
     logits_ptr, stride_row, temperature_ptr, greedy_ptr, seeds_ptr, offsets_ptr, processed_ptr,
-    ban_ptr_ptr, ban_tok_ptr, part_f_ptr, part_i_ptr, source_ptr, B, V,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALL_GREEDY: tl.constexpr, NEED_PROCESSED: tl.constexpr,
+    ban_ptr_ptr, ban_tok_ptr, part_f_ptr, part_i_ptr, source_ptr, B, V, chunk_cols,
+    BLOCK: tl.constexpr, ALL_GREEDY: tl.constexpr, NEED_PROCESSED: tl.constexpr,
     HAS_BANS: tl.constexpr, WRITE_SOURCE: tl.constexpr, EXACT_LIBM: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
@@ -129,14 +131,14 @@ def _partials_kernel(
         ban_hi = tl.load(ban_ptr_ptr + row + 1)
 
     lanes = tl.arange(0, BLOCK)
-    start0 = chunk * CHUNK
+    start0 = chunk * chunk_cols
     m_raw = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
     s_raw = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
     m_p = m_raw
     s_p = s_raw
     best = m_raw
     best_col = start0
-    for start in range(start0, tl.minimum(start0 + CHUNK, V), BLOCK):  # the last chunk may be short
+    for start in range(start0, tl.minimum(start0 + chunk_cols, V), BLOCK):  # the last chunk may be short
         cols = start + lanes
         in_row = cols < V
         x = tl.load(x_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
@@ -181,7 +183,7 @@ def _merged_lse(m_ptr, s_ptr, idx, mask):
     return m_all + tl.log(tl.sum(s * tl.exp(m - ref), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "C"])
 def _merge_kernel(
     logits_ptr, stride_row, temperature_ptr, processed_ptr, part_f_ptr, part_i_ptr,
     token_ptr, logprob_ptr, lse_ptr, B, C, NEED_PROCESSED: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -302,14 +304,14 @@ def fused_sample(
     part_i = torch.empty((batch, num_chunks), dtype=torch.int32, device=device)
     _partials_kernel[(batch, num_chunks)](
         logits, logits.stride(0), temperature, greedy, seeds, offsets, processed_mode, ban_ptr, ban_tokens,
-        part_f, part_i, source if source is not None else logits, batch, vocab,
-        CHUNK=chunk_tiles * block, BLOCK=block, ALL_GREEDY=all_greedy, NEED_PROCESSED=any_processed,
+        part_f, part_i, source if source is not None else logits, batch, vocab, chunk_tiles * block,
+        BLOCK=block, ALL_GREEDY=all_greedy, NEED_PROCESSED=any_processed,
         HAS_BANS=has_bans, WRITE_SOURCE=write_source, EXACT_LIBM=not is_interpreted(),
         num_warps=num_warps or _DEFAULT_WARPS,
     )  # fmt: skip
     _merge_kernel[(batch,)](
         logits, logits.stride(0), temperature, processed_mode, part_f, part_i, token_ids, logprobs, lse,
-        batch, num_chunks, NEED_PROCESSED=any_processed, BLOCK_C=max(16, triton.next_power_of_2(num_chunks)),
+        batch, num_chunks, NEED_PROCESSED=any_processed, BLOCK_C=max(16, triton.next_power_of_2(tiles)),
         num_warps=1,
     )  # fmt: skip
     return FusedSampleOutput(token_ids, logprobs, lse, source)

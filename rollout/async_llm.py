@@ -246,6 +246,14 @@ class AsyncLLM:
                     continue
                 stream.acc.apply(delta)
                 stream.event.set()
+            t = msg.tokens
+            for rid, i, token, logprob, version in zip(
+                t.request_ids, t.indexes, t.token_ids, t.logprobs, t.weight_versions, strict=True
+            ):
+                stream = self._streams.get(rid)
+                if stream is not None and not stream.orphaned:
+                    stream.acc.add_token(i, token, logprob, version)
+                    stream.event.set()
         elif isinstance(msg, ControlAck):
             fut = self._calls.get(msg.call_id)
             if fut is not None and not fut.done():

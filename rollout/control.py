@@ -94,9 +94,9 @@ class ControlPlane:
 
     def step(self) -> None:
         """One engine step; its deltas go to the outbox."""
-        deltas = self.engine.step_deltas()
-        if deltas:
-            self.outbox.append(Outputs(deltas))
+        deltas, tokens = self.engine.step_outputs()
+        if deltas or tokens:
+            self.outbox.append(Outputs(deltas, tokens))
         self._settle()
 
     def handle(self, msg: Message) -> None:

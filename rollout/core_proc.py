@@ -5,7 +5,8 @@ ipc:// endpoints, builds the engine, sends ``Ready``, then loops: take every pen
 step when there is work, send what the step produced. With nothing to do it blocks on the input
 socket (waking once a second to check that its parent still lives: an orphaned core exits, freeing
 its requests). Malformed frames are logged and dropped. Any other error is sent as ``EngineDead``
-(with its traceback) before the process exits with status 1.
+(with its traceback) before the process exits with status 1. With ``ROLLOUT_CORE_PROFILE=FILE`` in
+its environment the loop runs under cProfile and the stats go to FILE at exit.
 """
 
 from __future__ import annotations
@@ -50,7 +51,16 @@ def main(argv: list[str]) -> int:
     inp.connect(spec["input_address"])
     out.connect(spec["output_address"])
     try:
-        return _serve(spec, inp, out, parent)
+        profile_path = os.environ.get("ROLLOUT_CORE_PROFILE")  # a file: cProfile the loop into it
+        if not profile_path:
+            return _serve(spec, inp, out, parent)
+        import cProfile
+
+        prof = cProfile.Profile()
+        try:
+            return prof.runcall(_serve, spec, inp, out, parent)
+        finally:
+            prof.dump_stats(profile_path)
     except BaseException:
         tb = traceback.format_exc()
         log.error("engine core failed:\n%s", tb)

@@ -19,7 +19,7 @@ from rollout.detokenizer import Detokenizer
 from rollout.memory import DeviceMemory
 from rollout.model_runner import ModelRunner, RunnerOutput, StepHandle
 from rollout.models.config import ModelConfig
-from rollout.outputs import CompletionOutput, RequestDelta, RequestOutput, SampleDelta
+from rollout.outputs import CompletionOutput, NewTokens, RequestDelta, RequestOutput, SampleDelta
 from rollout.presets import resolve_model
 from rollout.request import Request
 from rollout.samplers.params import SamplingParams
@@ -41,6 +41,8 @@ class _Group:
     # finish was reported, whether the prompt ids / prompt logprobs went out.
     reported: list[int] = field(default_factory=list)
     finish_reported: list[bool] = field(default_factory=list)
+    # per sample: (num_cached_tokens, num_preemptions) as of its last full delta
+    reported_counts: list[tuple[int, int]] = field(default_factory=list)
     prompt_reported: bool = False
     prompt_logprobs_reported: bool = False
 
@@ -193,8 +195,9 @@ class EngineCore:
         return finished
 
     def step_deltas(self) -> list[RequestDelta]:
-        """Run one step; return what every prompt that got tokens gained in it (streaming). Use
-        either this or ``step`` on one engine: the delta cursors only advance here."""
+        """Run one step; return what every prompt that got tokens gained in it (streaming). Use one
+        of this, ``step_outputs`` or ``step`` on an engine: the delta cursors only advance in the
+        first two."""
         deltas = []
         for group in self._step():
             delta = self._delta(group)
@@ -202,6 +205,50 @@ class EngineCore:
                 del self._groups[group.request_id]
             deltas.append(delta)
         return deltas
+
+    def step_outputs(self) -> tuple[list[RequestDelta], NewTokens]:
+        """``step_deltas`` in the form the core sends: the common case (a sample gained one token and
+        nothing else changed) in columns, every other prompt as a full ``RequestDelta``. A decode step
+        of a large batch then costs a few list appends per sample instead of two objects."""
+        deltas: list[RequestDelta] = []
+        tokens = NewTokens()
+        for group in self._step():
+            if self._new_token_only(group, tokens):
+                continue
+            delta = self._delta(group)
+            if delta.finished:
+                del self._groups[group.request_id]
+            deltas.append(delta)
+        return deltas, tokens
+
+    def _new_token_only(self, group: _Group, tokens: NewTokens) -> bool:
+        """If each sample of ``group`` with news gained exactly one token this step and has nothing
+        else to report, append those tokens to ``tokens``, advance the cursors and return True."""
+        if not group.reported:
+            return False  # a prompt's first delta is always a full one
+        first = group.children[0]
+        params = first.params
+        if params.logprobs or (params.prompt_logprobs is not None and not group.prompt_logprobs_reported):
+            return False
+        news = []
+        for i, req in enumerate(group.children):
+            new = req.num_output_tokens - group.reported[i]
+            if new == 0 and (not req.is_finished or group.finish_reported[i]):
+                continue
+            if new != 1 or req.is_finished:
+                return False
+            if group.reported_counts[i] != (req.num_cached_tokens, req.num_preemptions):
+                return False
+            news.append(i)
+        for i in news:
+            req = group.children[i]
+            tokens.request_ids.append(group.request_id)
+            tokens.indexes.append(i)
+            tokens.token_ids.append(req.token_ids[-1])
+            tokens.logprobs.append(req.output_logprobs[-1])
+            tokens.weight_versions.append(req.output_versions[-1])
+            group.reported[i] += 1
+        return True
 
     def _step(self) -> list[_Group]:
         """Schedule, execute and apply one step; return the groups that got a token."""
@@ -316,6 +363,7 @@ class EngineCore:
         if not group.reported:
             group.reported = [0] * len(group.children)
             group.finish_reported = [False] * len(group.children)
+            group.reported_counts = [(0, 0)] * len(group.children)
         samples = []
         for i, req in enumerate(group.children):
             start = group.reported[i]
@@ -343,6 +391,7 @@ class EngineCore:
             )
             group.reported[i] = req.num_output_tokens
             group.finish_reported[i] = req.is_finished
+            group.reported_counts[i] = (req.num_cached_tokens, req.num_preemptions)
         finished = all(r.is_finished for r in group.children)
         delta = RequestDelta(group.request_id, samples, finished)
         if not group.prompt_reported and group.prompt is not None:

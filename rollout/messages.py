@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Union
 
 import msgpack
 
-from rollout.outputs import RequestDelta, SampleDelta
+from rollout.outputs import NewTokens, RequestDelta, SampleDelta
 
 CONTROL_METHODS = (
     "pause",
@@ -92,10 +92,12 @@ class Ready:
 
 @dataclass(frozen=True)
 class Outputs:
-    """The deltas of one engine step (or of an abort)."""
+    """What one engine step (or an abort) produced: full deltas, and the one-new-token news of the
+    other prompts in columns (``NewTokens``; see ``EngineCore.step_outputs``)."""
 
     TAG: ClassVar[int] = 11
     deltas: list[RequestDelta]
+    tokens: NewTokens = field(default_factory=NewTokens)
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def decode(frame: bytes, *, check: bool = True) -> Message:
         raise MessageError(f"{cls.__name__} needs {len(names)} fields {names}, got {len(values)}")
     if cls is Outputs:
         try:
-            return Outputs([_delta_from_wire(d) for d in values[0]])
+            return Outputs([_delta_from_wire(d) for d in values[0]], NewTokens(*values[1]))
         except (TypeError, ValueError, IndexError) as e:
             raise MessageError(f"bad Outputs: {e}") from None
     if check:
@@ -191,6 +193,8 @@ def decode(frame: bytes, *, check: bool = True) -> Message:
 
 # ---- deltas on the wire (positional arrays: compact, and cheap to build per step) -----------------
 def _to_wire(obj: object) -> list[Any]:
+    if isinstance(obj, NewTokens):
+        return [obj.request_ids, obj.indexes, obj.token_ids, obj.logprobs, obj.weight_versions]
     if isinstance(obj, RequestDelta):
         return [
             obj.request_id,
@@ -240,7 +244,11 @@ def _matches(value: object, hint: Any) -> bool:
         return type(value) is hint
     if origin is list:
         (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
+        if not isinstance(value, list):
+            return False
+        if item is int:  # prompts: thousands of ids per message, checked without a call per id
+            return all(type(v) is int for v in value)
+        return all(_matches(v, item) for v in value)
     if origin is dict:
         key, item = typing.get_args(hint)
         return isinstance(value, dict) and all(

@@ -69,3 +69,21 @@ class RequestDelta:
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
+
+
+@dataclass
+class NewTokens:
+    """The common case of a streaming step, in columns: entry j says that sample ``indexes[j]`` of
+    prompt ``request_ids[j]`` gained the one token ``token_ids[j]`` (logprob ``logprobs[j]``, weight
+    version ``weight_versions[j]``), did not finish, and has nothing else to report. Everything else
+    travels as ``RequestDelta``s. Columns cost a few list appends per token to build and are packed
+    by msgpack in C."""
+
+    request_ids: list[str] = field(default_factory=list)
+    indexes: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    weight_versions: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.request_ids)

@@ -92,6 +92,14 @@ class OutputAccumulator:
         self.finished = self.finished or delta.finished
         self._changed = True
 
+    def add_token(self, index: int, token_id: int, logprob: float, weight_version: int) -> None:
+        """Append one token of sample ``index`` (an entry of ``NewTokens``: nothing else changed)."""
+        s = self.samples[index]
+        s.token_ids.append(token_id)
+        s.logprobs.append(logprob)
+        s.weight_versions.append(weight_version)
+        self._changed = True
+
     def take(self, kind: OutputKind) -> RequestOutput | None:
         """The output to hand the caller now, or None when nothing changed since the last one."""
         if not self._changed:

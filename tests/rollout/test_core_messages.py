@@ -21,7 +21,7 @@ from rollout.messages import (
     decode,
     encode,
 )
-from rollout.outputs import RequestDelta, SampleDelta
+from rollout.outputs import NewTokens, RequestDelta, SampleDelta
 from rollout.stream import OutputAccumulator
 
 
@@ -56,6 +56,7 @@ def test_messages_round_trip():
         ControlCall(7, "pause", {"mode": "keep"}),
         ControlAck(7, False, None, "ValueError: bad"),
         Outputs([delta]),
+        Outputs([], NewTokens(["a", "b", "b"], [0, 0, 1], [5, 6, 7], [-0.25, -1.0, 0.0], [3, 3, 4])),
     ):
         assert decode(encode(msg)) == msg
     assert SamplingParams.from_dict(decode(encode(AddRequest("a", [1], None, params))).params).seed == 2**63
@@ -84,13 +85,23 @@ def test_malformed_frames_raise_message_error(frame, match):
         decode(frame)
 
 
-def collect(plane: ControlPlane, accs: dict[str, OutputAccumulator]) -> list:
-    """Apply the outbox's deltas to accumulators; return the other messages."""
+def collect(plane: ControlPlane, accs: dict[str, OutputAccumulator], counts: dict | None = None) -> list:
+    """Apply the outbox's deltas and token columns to accumulators; return the other messages.
+    ``counts`` (when given) tallies how many sample tokens came as full deltas and as columns."""
     others = []
     for msg in plane.outbox:
         if isinstance(msg, Outputs):
             for d in msg.deltas:
                 accs[d.request_id].apply(d)
+                if counts is not None:
+                    counts["delta"] = counts.get("delta", 0) + sum(len(s.token_ids) for s in d.samples)
+            t = msg.tokens
+            for rid, i, token, lp, version in zip(
+                t.request_ids, t.indexes, t.token_ids, t.logprobs, t.weight_versions, strict=True
+            ):
+                accs[rid].add_token(i, token, lp, version)
+            if counts is not None:
+                counts["column"] = counts.get("column", 0) + len(t)
         else:
             others.append(msg)
     plane.outbox.clear()
@@ -103,13 +114,13 @@ def add(plane, accs, rid, prompt, params):
     plane.handle(AddRequest(rid, ids, None if ids is not None else prompt, params.to_dict()))
 
 
-def run(plane, accs, max_steps=1000):
-    others = collect(plane, accs)
+def run(plane, accs, max_steps=1000, counts=None):
+    others = collect(plane, accs, counts)
     for _ in range(max_steps):
         if not plane.can_step:
             break
         plane.step()
-        others += collect(plane, accs)
+        others += collect(plane, accs, counts)
     return others
 
 
@@ -135,6 +146,8 @@ def test_streamed_deltas_add_up_to_the_engine_outputs(plane, engine):
         ("n3", [7] * 20, SamplingParams(max_tokens=6, n=3, seed=5, ignore_eos=True, logprobs=2)),
         ("plp", [9, 8, 7, 6], SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=1)),
         ("text", "The cat sat", SamplingParams(max_tokens=12, temperature=0, stop=["a"])),
+        ("plain", [3, 1, 4, 1, 5], SamplingParams(max_tokens=10, n=2, seed=7, ignore_eos=True)),
+        ("eos", [2, 7, 1, 8], SamplingParams(max_tokens=12, n=2, seed=9, min_tokens=2)),
     ]
     ref = {}
     engine.blocks.reset_prefix_cache()  # both runs start from an empty prefix cache
@@ -147,10 +160,47 @@ def test_streamed_deltas_add_up_to_the_engine_outputs(plane, engine):
     accs: dict[str, OutputAccumulator] = {}
     for rid, prompt, params in cases:
         add(plane, accs, rid, prompt, params)
-    assert run(plane, accs) == []
+    counts: dict[str, int] = {}
+    assert run(plane, accs, counts=counts) == []
     for rid, *_ in cases:
         assert accs[rid].finished
         assert_same(accs[rid].cumulative(), ref[rid])
+    assert counts["column"] > counts["delta"] > 0  # most tokens went the cheap way, some could not
+
+
+def test_token_columns_keep_preemption_counts():
+    """Samples preempted while decoding report their new counts in a full delta, so the columnar
+    stream equals the all-deltas stream (``step_deltas``) after every step, counts included."""
+    prompts = [[(7 * i + j) % 50 + 3 for j in range(20)] for i in range(5)]
+    params = SamplingParams(max_tokens=80, seed=11, ignore_eos=True)
+
+    def make() -> EngineCore:
+        return EngineCore("tiny", device="cpu", cache_config=CacheConfig(num_blocks=24))
+
+    ref_engine, engine = make(), make()
+    plane = ControlPlane(engine)
+    ref: dict[str, OutputAccumulator] = {}
+    accs: dict[str, OutputAccumulator] = {}
+    for i, p in enumerate(prompts):
+        ref_engine.add_request(f"p{i}", p, params)
+        ref[f"p{i}"] = OutputAccumulator(f"p{i}", p, None, 1, False)
+        add(plane, accs, f"p{i}", p, params)
+    preempted_mid_decode = False
+    while ref_engine.has_unfinished():  # both engines run the same steps
+        for d in ref_engine.step_deltas():
+            had_tokens = bool(ref[d.request_id].samples[0].token_ids)
+            preempted_mid_decode |= had_tokens and d.samples[0].num_preemptions > 0
+            ref[d.request_id].apply(d)
+        plane.step()
+        assert collect(plane, accs) == []
+        for rid, acc in ref.items():
+            got, want = accs[rid].cumulative(), acc.cumulative()
+            assert_same(got, want)
+            assert [(c.num_preemptions, c.num_cached_tokens) for c in got.outputs] == [
+                (c.num_preemptions, c.num_cached_tokens) for c in want.outputs
+            ]
+    assert preempted_mid_decode and not plane.can_step
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
 
 
 def test_delta_outputs_hold_only_new_tokens(plane):

@@ -24,10 +24,10 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # see test_async_llm.py
 class FaultyEngine(EngineCore):
     """Raises in the middle of serving when a request id starts with "explode"."""
 
-    def step_deltas(self):
+    def step_outputs(self):
         if any(rid.startswith("explode") for rid in self.request_ids):
             raise RuntimeError("injected fault in step")
-        return super().step_deltas()
+        return super().step_outputs()
 
 
 class BrokenEngine(EngineCore):

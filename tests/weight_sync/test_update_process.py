@@ -87,7 +87,10 @@ def test_sleep_holds_requests_and_wake_restores_outputs(llm, checkpoints, expect
     with pytest.raises(ValueError, match="cannot resume while sleeping"):
         llm.client.call("resume")
     assert llm.wake_up()["state"] == "running"
-    assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), before, atol=0)
+    # Same tokens; logprobs within 1e-5, not bit-equal: the wake reset the prefix cache and requests
+    # may reach the core in other batches, and either changes fp32 summation order (a wrong weight
+    # moves them by far more).
+    assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), before)
     # Colocated flow: drop everything, wake the weights, send them, then wake the KV cache.
     llm.sleep(2)
     assert llm.wake_up(["weights"])["state"] == "sleeping"
