@@ -1,7 +1,8 @@
 """Issue 3: per-step cost of the engine core process split. The same decode workload runs on the
 in-process engine and over ZMQ (``LLM(multiprocess=True)``); per-step time is the difference of two
 generate calls that differ only in max_tokens, divided by the extra steps (prefill and admission
-cancel out; fresh prompts each call, so the prefix cache serves nothing).
+cancel out; fresh prompts each call, so the prefix cache serves nothing): the median of three such
+pairs, after one pair of warm-up.
 
     python -m rollout.benchmarks.core_overhead --out $OUT
 """
@@ -48,8 +49,9 @@ def main(argv: list[str] | None = None) -> None:
         rng = random.Random(0)
         llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm
         for batch in args.batches:
-            ms = per_step_ms(llm, batch, args.context, args.short, args.long, rng)
-            rows.append(dict(mode=mode, batch=batch, context=args.context, step_ms=ms))
+            per_step_ms(llm, batch, args.context, args.short, args.long, rng)  # warm: kernels, graphs
+            runs = sorted(per_step_ms(llm, batch, args.context, args.short, args.long, rng) for _ in range(3))
+            rows.append(dict(mode=mode, batch=batch, context=args.context, step_ms=runs[1], runs_ms=runs))
             print(json.dumps(rows[-1]), flush=True)
         llm.shutdown()
         del llm

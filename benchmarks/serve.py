@@ -126,7 +126,13 @@ def phase_async(model: str, work: Workload) -> dict[str, Any]:
         return asyncio.run(run(llm))
 
 
-async def _http_run(url: str, route: str, work: Any, n: int | None = None) -> dict[str, Any]:
+async def _http_run(
+    url: str, route: str, work: Any, n: int | None = None, rate: float | None = None
+) -> dict[str, Any]:
+    """All (or the first ``n``) prompts of ``work`` through ``route``, streamed: at once, or with
+    Poisson arrivals at ``rate`` requests/s (TTFT then starts at each request's arrival)."""
+    import random
+
     import httpx
 
     prompts = work.prompts if n is None else work.prompts[:n]
@@ -138,6 +144,7 @@ async def _http_run(url: str, route: str, work: Any, n: int | None = None) -> di
                 "temperature": work.temperature,
                 "ignore_eos": True,
                 "seed": i,
+                "detokenize": False,  # an RL client: token ids in and out
             }
             return {"prompt_token_ids": prompt, "sampling_params": params, "stream": True}
         return {
@@ -150,9 +157,17 @@ async def _http_run(url: str, route: str, work: Any, n: int | None = None) -> di
             "stream": True,
         }
 
+    rng = random.Random(0)
+    arrivals, t_next = [], 0.0
+    for _ in prompts:
+        arrivals.append(t_next)
+        t_next += rng.expovariate(rate) if rate else 0.0
+
     async def one(
         client: httpx.AsyncClient, timing: Timing, i: int, prompt: list[int], max_tokens: int
     ) -> None:
+        if arrivals[i]:
+            await asyncio.sleep(arrivals[i])
         req = timing.request()
         async with client.stream("POST", route, json=body(i, prompt, max_tokens)) as r:
             r.raise_for_status()
@@ -173,7 +188,7 @@ async def _http_run(url: str, route: str, work: Any, n: int | None = None) -> di
         return timing.summary(time.perf_counter() - t)
 
 
-def phase_http(model: str, work: Workload, log: Path) -> dict[str, Any]:
+def phase_http(model: str, work: Workload, log: Path, rates: list[float]) -> dict[str, Any]:
     import httpx
 
     cmd = [sys.executable, "-m", "rollout.cli", "serve", model, "--load-format", "dummy", "--port", "0"]
@@ -197,6 +212,9 @@ def phase_http(model: str, work: Workload, log: Path) -> dict[str, Any]:
             "openai_stream": asyncio.run(_http_run(url, "/v1/completions", work)),
             "generate_stream": asyncio.run(_http_run(url, "/generate", work)),
         }
+        for rate in rates:
+            run = _http_run(url, "/v1/completions", work, rate=rate)
+            results[f"openai_stream_rate{rate:g}"] = asyncio.run(run)
         results["metrics_sample"] = [
             line for line in httpx.get(url + "/metrics").text.splitlines() if line.startswith("rollout_")
         ][:60]
@@ -218,13 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=400.0, help="per phase")
     p.add_argument("--num-prompts", type=int, default=None, help="first N prompts of W1 (smoke runs)")
     p.add_argument("--max-tokens-cap", type=int, default=None, help="cap outputs (smoke runs)")
+    p.add_argument("--rates", type=float, nargs="*", default=[], help="also /v1/completions at these req/s")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.phase is not None:
         work = workload(args.num_prompts, args.max_tokens_cap)
         fn = {"offline": phase_offline, "async": phase_async}.get(args.phase)
-        result = fn(args.model, work) if fn else phase_http(args.model, work, out / "serve_server.log")
+        log = out / "serve_server.log"
+        result = fn(args.model, work) if fn else phase_http(args.model, work, log, args.rates)
         (out / f"serve_{args.phase}.json").write_text(json.dumps(result, indent=1))
         return
     results: dict[str, Any] = {}
@@ -233,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd += ["--out", str(out)]
         for flag, value in (("--num-prompts", args.num_prompts), ("--max-tokens-cap", args.max_tokens_cap)):
             cmd += [flag, str(value)] if value else []
+        cmd += ["--rates", *map(str, args.rates)] if args.rates else []
         try:
             subprocess.run(cmd, timeout=args.timeout, check=True)
             results[phase] = json.loads((out / f"serve_{phase}.json").read_text())
@@ -244,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     http = results.get("http", {})
     rows += [("HTTP /v1/completions stream", http.get("openai_stream", {}))]
     rows += [("HTTP /generate stream", http.get("generate_stream", {}))]
+    rows += [(f"HTTP /v1/completions @{r:g}/s", http.get(f"openai_stream_rate{r:g}", {})) for r in args.rates]
     base = results.get("offline", {}).get("out_tok_s")
     print(
         f"{'path':30s} {'tok/s':>9s} {'vs LLM':>7s} {'TTFT p50/p90/p99 ms':>22s} {'ITL p50/p90/p99 ms':>20s}"

@@ -121,34 +121,41 @@ class SamplingTensors:
         top_k = stat[:, 5].astype(np.int64)
         num_banned = len(banned_rows)
         pin = device.type == "cuda"
-        floats = torch.empty(3 * num, dtype=torch.float32, pin_memory=pin)
-        floats.numpy()[:] = stat[:, :3].T.reshape(-1)
-        ints = torch.empty(5 * num + 2 * num_banned, dtype=torch.int64, pin_memory=pin)
+        # Segments start at multiples of 16 rows, so every per-row tensor the kernels read is 16-byte
+        # aligned whatever the batch size: Triton specializes pointers on alignment, and a batch size
+        # that moved one would compile a new kernel mid-run.
+        ns = -(-num // 16) * 16
+        floats = torch.zeros(3 * ns, dtype=torch.float32, pin_memory=pin)
+        fv = floats.numpy()
+        for j in range(3):
+            fv[j * ns : j * ns + num] = stat[:, j]
+        nb = -(-num_banned // 16) * 16
+        ints = torch.zeros(5 * ns + nb + num_banned, dtype=torch.int64, pin_memory=pin)
         iv = ints.numpy()
         iv[0:num] = top_k
-        iv[num : 2 * num] = greedy
-        iv[2 * num : 3 * num] = processed
-        iv[3 * num : 4 * num] = seeds
-        iv[4 * num : 5 * num] = offsets
-        iv[5 * num : 5 * num + num_banned] = banned_rows
-        iv[5 * num + num_banned :] = banned_tokens
+        iv[ns : ns + num] = greedy
+        iv[2 * ns : 2 * ns + num] = processed
+        iv[3 * ns : 3 * ns + num] = seeds
+        iv[4 * ns : 4 * ns + num] = offsets
+        iv[5 * ns : 5 * ns + num_banned] = banned_rows
+        iv[5 * ns + nb :] = banned_tokens
         # Pinned host memory makes the copies truly asynchronous; the caching host allocator keeps
         # the buffers alive until the copies have run.
         f_dev = floats.to(device, non_blocking=pin)
         i_dev = ints.to(device, non_blocking=pin)
-        flags = i_dev[num : 3 * num].to(torch.bool)
+        flags = i_dev[ns : 3 * ns].to(torch.bool)
         active_k = top_k[top_k < vocab_size]
         return cls(
             temperature=f_dev[:num],
             greedy=flags[:num],
             top_k=i_dev[:num].to(torch.int32),
-            top_p=f_dev[num : 2 * num],
-            min_p=f_dev[2 * num :],
-            seeds=i_dev[3 * num : 4 * num],
-            offsets=i_dev[4 * num : 5 * num],
-            processed_mode=flags[num:],
-            banned_rows=i_dev[5 * num : 5 * num + num_banned],
-            banned_tokens=i_dev[5 * num + num_banned :],
+            top_p=f_dev[ns : ns + num],
+            min_p=f_dev[2 * ns : 2 * ns + num],
+            seeds=i_dev[3 * ns : 3 * ns + num],
+            offsets=i_dev[4 * ns : 4 * ns + num],
+            processed_mode=flags[ns : ns + num],
+            banned_rows=i_dev[5 * ns : 5 * ns + num_banned],
+            banned_tokens=i_dev[5 * ns + nb :],
             vocab_size=vocab_size,
             all_greedy=bool(greedy.all()),
             any_greedy=bool(greedy.any()),
