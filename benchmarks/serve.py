@@ -5,8 +5,8 @@ streams (the engine core process, no HTTP), and through ``rollout serve`` (strea
     python -m rollout.benchmarks.serve --model qwen3-0.6b --out $OUT
 
 Throughput = output tokens / wall time of the whole workload (warm-up excluded). TTFT is from
-submitting a request to its first token; ITL is the time between a request's streamed outputs
-divided by the tokens each carried (the server's own ITL metric), pooled over all requests.
+submitting a request to its first token; ITL is a request's time from its first to its last token
+divided by the tokens after the first, percentiles over requests.
 """
 
 from __future__ import annotations
@@ -36,36 +36,42 @@ class Timing:
     """Per-request arrival times of streamed tokens."""
 
     def __init__(self) -> None:
-        self.ttft: list[float] = []
-        self.itl: list[float] = []
+        self.requests: list[_Req] = []
         self.tokens = 0
 
     def request(self) -> _Req:
-        return _Req(self)
+        req = _Req(self)
+        self.requests.append(req)
+        return req
 
     def summary(self, seconds: float) -> dict[str, Any]:
+        done = [r for r in self.requests if r.first is not None]
         return {
             "seconds": seconds,
             "out_tokens": self.tokens,
             "out_tok_s": self.tokens / seconds,
-            "ttft": _percentiles(self.ttft),
-            "itl": _percentiles(self.itl),
+            "ttft": _percentiles([r.first - r.start for r in done]),
+            # per request: (last token - first token) / tokens after the first; percentiles over
+            # requests (timing single SSE events would read 0 for events that arrive in one chunk)
+            "itl": _percentiles([(r.last - r.first) / (r.n - r.n_first) for r in done if r.n > r.n_first]),
         }
 
 
 class _Req:
     def __init__(self, timing: Timing) -> None:
-        self.timing, self.start, self.last = timing, time.perf_counter(), None
+        self.timing, self.start = timing, time.perf_counter()
+        self.first: float | None = None
+        self.last = 0.0
+        self.n = self.n_first = 0
 
     def got(self, n: int) -> None:
         if not n:
             return
         now = time.perf_counter()
-        if self.last is None:
-            self.timing.ttft.append(now - self.start)
-        else:
-            self.timing.itl.append((now - self.last) / n)
+        if self.first is None:
+            self.first, self.n_first = now, n
         self.last = now
+        self.n += n
         self.timing.tokens += n
 
 

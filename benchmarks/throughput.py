@@ -51,9 +51,18 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         gc.freeze()
     torch.cuda.synchronize()
     t = time.perf_counter()
+    prof = None
+    if args.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
     with GcStats() as gc_stats, KernelCompiles() as compiles:
+        if prof is not None:
+            prof.enable()
         outs = llm.generate(work.prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
+        if prof is not None:
+            prof.disable()
     seconds = time.perf_counter() - t
     step_ms_by_batch = {}
     if trace:
@@ -64,6 +73,13 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
             buckets.setdefault(key, []).append((end - prev) * 1e3)
             prev = end
         step_ms_by_batch = {k: (len(v), sum(v) / len(v)) for k, v in sorted(buckets.items())}
+    if prof is not None:
+        import io
+        import pstats
+
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
+        Path(args.result).with_suffix(".profile.txt").write_text(text.getvalue())
     stats = llm.stats()
     ntok = sum(len(c.token_ids) for o in outs for c in o.outputs)
     weight_bytes, kv_per_token = model_bytes(llm)
@@ -159,6 +175,7 @@ def parent(args: argparse.Namespace) -> None:
                 str(args.max_batched),
                 *(["--trace"] if args.trace else []),
                 *(["--gc-freeze"] if args.gc_freeze else []),
+                *(["--profile"] if args.profile else []),
             ]
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -204,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batched", type=int, default=8192)
     p.add_argument("--trace", action="store_true", help="record per-step times by batch size (ours)")
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before the timed generate (ours)")
+    p.add_argument("--profile", action="store_true", help="cProfile the timed generate (ours): *.profile.txt")
     p.add_argument("--child", action="store_true")
     p.add_argument("--engine", choices=["ours", "hf"])
     p.add_argument("--workload")

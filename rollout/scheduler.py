@@ -79,6 +79,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
+        bs = self.blocks.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -86,16 +87,19 @@ class Scheduler:
             if req.num_pending and known >= req.max_total_tokens:
                 i += 1  # its in-flight token ends it ("length"): no speculative slot
                 continue
-            n = min(known - req.num_computed_tokens, budget)
-            while not self._grow(req, req.num_computed_tokens + n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is req:
-                    break
-            if req.status is not RequestStatus.RUNNING:
-                break  # preempted itself: nothing later in the list remains either
-            scheduled.append(self._entry(req, n))
+            start = req.num_computed_tokens
+            n = min(known - start, budget)
+            # (A decode step mostly needs no new block: skip the allocator then.)
+            if -(-(start + n) // bs) > len(req.block_ids):
+                while not self._grow(req, start + n):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is req:
+                        break
+                if req.status is not RequestStatus.RUNNING:
+                    break  # preempted itself: nothing later in the list remains either
+            scheduled.append(ScheduledRequest(req, start, n, sample=start + n == known))
             budget -= n
             i += 1
         if not preempted:
@@ -202,8 +206,9 @@ class Scheduler:
         if req.status is not RequestStatus.RUNNING:
             return  # finished or preempted: nothing to cache
         bs = self.blocks.block_size
-        full = min(req.num_computed_tokens, req.num_tokens) // bs
-        first = (req.num_tokens - 1) // bs
+        num_tokens = len(req.token_ids)
+        full = min(req.num_computed_tokens, num_tokens) // bs
+        first = (num_tokens - 1) // bs
         if full > first:
             self.blocks.compute_hashes(req.token_ids[: full * bs], req.block_hashes)
             self.blocks.cache_blocks(req.block_ids, req.block_hashes, first, full)
