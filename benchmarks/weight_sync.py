@@ -134,6 +134,7 @@ def run_single_gpu(args: argparse.Namespace, path: str, kw: dict) -> dict:
 
 
 def _raw_receiver(port: int, nbytes: int, reps: int) -> None:
+    torch.cuda.set_device(1)  # as the engine does: NCCL and torch.cuda.synchronize() act on cuda:1
     group = WeightGroup("127.0.0.1", port, 1, 2, "nccl", torch.device("cuda:1"))
     buf = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
     for _ in range(reps + 1):
