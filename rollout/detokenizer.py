@@ -53,8 +53,8 @@ class Detokenizer:
         return stop
 
     def final_text(self, req: Request) -> str:
-        if req.params.stop:
-            return req.text  # kept current (and cut at the stop string) by check_stop
+        if isinstance(req.stop_reason, str):
+            return req.text  # cut at the stop string by check_stop
         return self.decode(req.output_token_ids, req.params.skip_special_tokens)
 
 

@@ -169,6 +169,14 @@ def test_stop_token_ids_stop_strings_and_min_tokens(tiny):
     )
     c = out[0].outputs[0]
     assert c.token_ids == ids[: cut + 1] and c.finish_reason == "stop" and c.stop_reason == stop_tok
+    assert c.text == tiny.get_tokenizer().decode(ids[: cut + 1])
+    # the same with a stop string that never matches: the stop token's text is still in the output
+    out = tiny.generate(
+        prompt,
+        SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_tok], stop=["\x00never"]),
+        use_tqdm=False,
+    )
+    assert out[0].outputs[0].text == c.text
     # min_tokens bans the stop token before it: the output then differs from the greedy one
     if cut + 1 < 10:
         out = tiny.generate(
