@@ -34,7 +34,7 @@ from rollout.server.metrics import CONTENT_TYPE
 from rollout.server.openai_common import Collected, finite
 from rollout.server.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest
 from rollout.server.state import ServerState
-from rollout.server.streaming import DONE, ClientGone, EventStream, sse, until_disconnect
+from rollout.server.streaming import ClientGone, EventStream, sse, until_disconnect
 
 router = APIRouter()  # needs the API key when one is set
 open_router = APIRouter()  # /health, /version, /metrics: no key
@@ -111,25 +111,19 @@ async def _collect(stream: AsyncIterator[RequestOutput], n: int) -> Collected:
 
 async def _events(rid: str, prompt: list[int], stream: AsyncIterator[RequestOutput]) -> AsyncIterator[bytes]:
     first = True
-    try:
-        async for out in stream:
-            event: dict[str, Any] = {
-                "request_id": rid,
-                "outputs": [_sample(c, c.index) for c in out.outputs],
-                "finished": out.finished,
-            }
-            if first:
-                event["prompt_token_ids"] = prompt
-                first = False
-            if out.prompt_logprobs is not None:
-                event["prompt_logprobs"] = [None if x is None else finite(x) for x in out.prompt_logprobs]
-                event["prompt_top_logprobs"] = _tops(out.prompt_top_logprobs)
-            yield sse(event)
-    except APIError as e:
-        yield sse(e.body())
-    except EngineDeadError as e:
-        yield sse(APIError(503, f"the engine is not running: {e}").body())
-    yield DONE
+    async for out in stream:
+        event: dict[str, Any] = {
+            "request_id": rid,
+            "outputs": [_sample(c, c.index) for c in out.outputs],
+            "finished": out.finished,
+        }
+        if first:
+            event["prompt_token_ids"] = prompt
+            first = False
+        if out.prompt_logprobs is not None:
+            event["prompt_logprobs"] = [None if x is None else finite(x) for x in out.prompt_logprobs]
+            event["prompt_top_logprobs"] = _tops(out.prompt_top_logprobs)
+        yield sse(event)
 
 
 @router.post("/tokenize")

@@ -16,7 +16,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from rollout.client import EngineDeadError
 from rollout.outputs import RequestOutput
 from rollout.server.errors import APIError, json_response, parse_body, read_body
 from rollout.server.openai_common import (
@@ -32,7 +31,7 @@ from rollout.server.openai_common import (
 )
 from rollout.server.protocol import ChatCompletionRequest, CompletionRequest
 from rollout.server.state import ServerState
-from rollout.server.streaming import DONE, ClientGone, EventStream, merge, sse, until_disconnect
+from rollout.server.streaming import ClientGone, EventStream, merge, sse, until_disconnect
 
 
 def server(request: Request) -> ServerState:
@@ -196,53 +195,47 @@ class _Completion:
         started: set[int] = set()
         prompt_lps: dict[int, RequestOutput] = {}
         completion_tokens = 0
-        try:
-            async for i, out in merge(streams):
-                if out.prompt_logprobs is not None:
-                    prompt_lps[i] = out
-                for c in out.outputs:
-                    idx = i * self.n + c.index
-                    ids, lps, tops = c.token_ids, c.logprobs, c.top_logprobs
-                    if self.drop_output:
-                        ids, lps, tops = [], [], None
-                    completion_tokens += len(ids)
-                    text = "" if self.drop_output else (c.text or "")
-                    p_ids: list[int] = []
-                    p_lps: list[Any] = []
-                    p_tops: list[Any] = []
-                    if idx not in started and self.echo:
-                        text = self.prompt_text(i) + text
-                        p_ids = self.prompts[i]
-                        src = prompt_lps.get(i)
-                        p_lps = (src.prompt_logprobs if src else None) or [None] * len(p_ids)
-                        p_tops = (src.prompt_top_logprobs if src else None) or [None] * len(p_ids)
-                    logprobs = None
-                    if self.k is not None:
-                        all_tops = p_tops + (list(tops) if tops is not None else [None] * len(ids))
-                        logprobs = completion_logprobs(self.st, p_ids + ids, p_lps + lps, all_tops, 0)
-                    choice: dict[str, Any] = {
-                        "index": idx,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason,
-                        "weight_version": last_version(c.weight_versions),
-                    }
-                    if self.ids:
-                        choice["token_ids"] = ids
-                        if idx not in started:
-                            choice["prompt_token_ids"] = self.prompts[i]
-                    started.add(idx)
-                    yield sse(self._chunk([choice]))
-            if self.req.stream_options is not None and self.req.stream_options.include_usage:
-                chunk = self._chunk([])
-                chunk["usage"] = usage(sum(len(p) for p in self.prompts), completion_tokens)
-                yield sse(chunk)
-        except APIError as e:
-            yield sse(e.body())
-        except EngineDeadError as e:
-            yield sse(APIError(503, f"the engine is not running: {e}").body())
-        yield DONE
+        async for i, out in merge(streams):
+            if out.prompt_logprobs is not None:
+                prompt_lps[i] = out
+            for c in out.outputs:
+                idx = i * self.n + c.index
+                ids, lps, tops = c.token_ids, c.logprobs, c.top_logprobs
+                if self.drop_output:
+                    ids, lps, tops = [], [], None
+                completion_tokens += len(ids)
+                text = "" if self.drop_output else (c.text or "")
+                p_ids: list[int] = []
+                p_lps: list[Any] = []
+                p_tops: list[Any] = []
+                if idx not in started and self.echo:
+                    text = self.prompt_text(i) + text
+                    p_ids = self.prompts[i]
+                    src = prompt_lps.get(i)
+                    p_lps = (src.prompt_logprobs if src else None) or [None] * len(p_ids)
+                    p_tops = (src.prompt_top_logprobs if src else None) or [None] * len(p_ids)
+                logprobs = None
+                if self.k is not None:
+                    all_tops = p_tops + (list(tops) if tops is not None else [None] * len(ids))
+                    logprobs = completion_logprobs(self.st, p_ids + ids, p_lps + lps, all_tops, 0)
+                choice: dict[str, Any] = {
+                    "index": idx,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                    "weight_version": last_version(c.weight_versions),
+                }
+                if self.ids:
+                    choice["token_ids"] = ids
+                    if idx not in started:
+                        choice["prompt_token_ids"] = self.prompts[i]
+                started.add(idx)
+                yield sse(self._chunk([choice]))
+        if self.req.stream_options is not None and self.req.stream_options.include_usage:
+            chunk = self._chunk([])
+            chunk["usage"] = usage(sum(len(p) for p in self.prompts), completion_tokens)
+            yield sse(chunk)
 
 
 # ---- /v1/chat/completions ---------------------------------------------------------------------
@@ -334,34 +327,28 @@ class _Chat:
             if self.ids:
                 first["prompt_token_ids"] = self.prompt
             yield self._chunk(first)
-        try:
-            async for out in stream:
-                for c in out.outputs:
-                    completion_tokens += len(c.token_ids)
-                    text = c.text or ""
-                    logprobs = None
-                    if self.k is not None:
-                        logprobs = {
-                            "content": chat_logprobs(self.st, c.token_ids, c.logprobs, c.top_logprobs, self.k)
-                        }
-                    choice: dict[str, Any] = {
-                        "index": c.index,
-                        "delta": {"content": text} if text or c.finish_reason is None else {},
-                        "logprobs": logprobs,
-                        "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason,
-                        "weight_version": last_version(c.weight_versions),
+        async for out in stream:
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                text = c.text or ""
+                logprobs = None
+                if self.k is not None:
+                    logprobs = {
+                        "content": chat_logprobs(self.st, c.token_ids, c.logprobs, c.top_logprobs, self.k)
                     }
-                    if self.ids:
-                        choice["token_ids"] = c.token_ids
-                    yield self._chunk(choice)
-            if self.req.stream_options is not None and self.req.stream_options.include_usage:
-                body = self._envelope("chat.completion.chunk")
-                body["choices"] = []
-                body["usage"] = usage(len(self.prompt), completion_tokens)
-                yield sse(body)
-        except APIError as e:
-            yield sse(e.body())
-        except EngineDeadError as e:
-            yield sse(APIError(503, f"the engine is not running: {e}").body())
-        yield DONE
+                choice: dict[str, Any] = {
+                    "index": c.index,
+                    "delta": {"content": text} if text or c.finish_reason is None else {},
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                    "weight_version": last_version(c.weight_versions),
+                }
+                if self.ids:
+                    choice["token_ids"] = c.token_ids
+                yield self._chunk(choice)
+        if self.req.stream_options is not None and self.req.stream_options.include_usage:
+            body = self._envelope("chat.completion.chunk")
+            body["choices"] = []
+            body["usage"] = usage(len(self.prompt), completion_tokens)
+            yield sse(body)

@@ -19,6 +19,9 @@ from typing import Any, TypeVar
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from rollout.client import EngineDeadError
+from rollout.server.errors import APIError
+
 T = TypeVar("T")
 
 DONE = b"data: [DONE]\n\n"
@@ -42,8 +45,10 @@ async def wait_for_disconnect(receive: Receive) -> None:
 
 
 class EventStream(Response):
-    """A ``text/event-stream`` response over an async iterator of encoded events. When the client
-    disconnects, the iterator is cancelled where it waits and closed, aborting the requests behind it."""
+    """A ``text/event-stream`` response over an async iterator of encoded events, ended by ``[DONE]``.
+    An ``APIError`` raised by the iterator becomes its error event (``EngineDeadError``: a 503) before
+    ``[DONE]``. When the client disconnects, the iterator is cancelled where it waits and closed,
+    aborting the requests behind it."""
 
     media_type = "text/event-stream"
 
@@ -56,7 +61,7 @@ class EventStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def pump() -> None:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for chunk in self.events:
+            async for chunk in _ended(self.events):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -74,6 +79,18 @@ class EventStream(Response):
                     await aclose()
         if pump_task.done() and not pump_task.cancelled() and pump_task.exception() is not None:
             raise pump_task.exception()  # type: ignore[misc]
+
+
+async def _ended(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """``events``, then the error event of what ended them early (if anything), then ``[DONE]``."""
+    try:
+        async for chunk in events:
+            yield chunk
+    except APIError as e:
+        yield sse(e.body())
+    except EngineDeadError as e:
+        yield sse(APIError(503, f"the engine is not running: {e}").body())
+    yield DONE
 
 
 async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
