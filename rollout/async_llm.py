@@ -246,10 +246,7 @@ class AsyncLLM:
                     continue
                 stream.acc.apply(delta)
                 stream.event.set()
-            t = msg.tokens
-            for rid, i, token, logprob, version in zip(
-                t.request_ids, t.indexes, t.token_ids, t.logprobs, t.weight_versions, strict=True
-            ):
+            for rid, i, token, logprob, version in msg.tokens.rows():
                 stream = self._streams.get(rid)
                 if stream is not None and not stream.orphaned:
                     stream.acc.add_token(i, token, logprob, version)

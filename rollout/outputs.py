@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -87,3 +88,9 @@ class NewTokens:
 
     def __len__(self) -> int:
         return len(self.request_ids)
+
+    def rows(self) -> Iterator[tuple[str, int, int, float, int]]:
+        """Entry by entry: (request id, sample index, token id, logprob, weight version)."""
+        return zip(
+            self.request_ids, self.indexes, self.token_ids, self.logprobs, self.weight_versions, strict=True
+        )

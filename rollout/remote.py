@@ -74,10 +74,7 @@ class RemoteEngine:
                             if acc.finished:
                                 results[delta.request_id] = out = acc.cumulative()
                                 on_finished(sum(len(c.token_ids) for c in out.outputs))
-                        t = msg.tokens
-                        for rid, i, token, logprob, version in zip(
-                            t.request_ids, t.indexes, t.token_ids, t.logprobs, t.weight_versions, strict=True
-                        ):
+                        for rid, i, token, logprob, version in msg.tokens.rows():
                             acc = accs.get(rid)
                             if acc is not None:  # tokens never finish a prompt: no result here
                                 acc.add_token(i, token, logprob, version)

@@ -79,7 +79,6 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
-        bs = self.blocks.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -90,7 +89,7 @@ class Scheduler:
             start = req.num_computed_tokens
             n = min(known - start, budget)
             # (A decode step mostly needs no new block: skip the allocator then.)
-            if -(-(start + n) // bs) > len(req.block_ids):
+            if self.blocks.blocks_needed(len(req.block_ids), start + n):
                 while not self._grow(req, start + n):
                     victim = self.running[-1]
                     self._preempt(victim)

@@ -121,16 +121,16 @@ class SamplingTensors:
         top_k = stat[:, 5].astype(np.int64)
         num_banned = len(banned_rows)
         pin = device.type == "cuda"
-        # Segments start at multiples of 16 rows, so every per-row tensor the kernels read is 16-byte
-        # aligned whatever the batch size: Triton specializes pointers on alignment, and a batch size
-        # that moved one would compile a new kernel mid-run.
+        # Segments start at multiples of 16 rows (the padding rows are never read), so every per-row
+        # tensor the kernels read is 16-byte aligned whatever the batch size: Triton specializes
+        # pointers on alignment, and a batch size that moved one would compile a new kernel mid-run.
         ns = -(-num // 16) * 16
-        floats = torch.zeros(3 * ns, dtype=torch.float32, pin_memory=pin)
+        floats = torch.empty(3 * ns, dtype=torch.float32, pin_memory=pin)
         fv = floats.numpy()
         for j in range(3):
             fv[j * ns : j * ns + num] = stat[:, j]
         nb = -(-num_banned // 16) * 16
-        ints = torch.zeros(5 * ns + nb + num_banned, dtype=torch.int64, pin_memory=pin)
+        ints = torch.empty(5 * ns + nb + num_banned, dtype=torch.int64, pin_memory=pin)
         iv = ints.numpy()
         iv[0:num] = top_k
         iv[ns : ns + num] = greedy

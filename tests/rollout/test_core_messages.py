@@ -95,13 +95,10 @@ def collect(plane: ControlPlane, accs: dict[str, OutputAccumulator], counts: dic
                 accs[d.request_id].apply(d)
                 if counts is not None:
                     counts["delta"] = counts.get("delta", 0) + sum(len(s.token_ids) for s in d.samples)
-            t = msg.tokens
-            for rid, i, token, lp, version in zip(
-                t.request_ids, t.indexes, t.token_ids, t.logprobs, t.weight_versions, strict=True
-            ):
+            for rid, i, token, lp, version in msg.tokens.rows():
                 accs[rid].add_token(i, token, lp, version)
             if counts is not None:
-                counts["column"] = counts.get("column", 0) + len(t)
+                counts["column"] = counts.get("column", 0) + len(msg.tokens)
         else:
             others.append(msg)
     plane.outbox.clear()
