@@ -69,9 +69,10 @@ def socket_dirs() -> set[str]:
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "rollout-engine-*")))
 
 
-def live_children() -> list[int]:
-    """Pids of this process's children that have not exited."""
-    pids = []
+def live_children() -> set[tuple[int, int]]:
+    """This process's children that have not exited, as (pid, start time) so that a recycled pid
+    reads as a different process."""
+    children = set()
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
             with open(stat) as f:
@@ -79,16 +80,19 @@ def live_children() -> list[int]:
         except OSError:
             continue
         if int(fields[1]) == os.getpid() and fields[0] not in ("Z", "X"):
-            pids.append(int(stat.split("/")[2]))
-    return pids
+            children.add((int(stat.split("/")[2]), int(fields[19])))
+    return children
 
 
 @pytest.fixture(autouse=True)
 def _no_leaks():
-    before = socket_dirs()
+    """Only what a test itself started counts: session-scoped fixtures of other test directories
+    (tests/server's servers) keep their own children alive across this module's tests."""
+    sockets, children = socket_dirs(), live_children()
     yield
-    assert socket_dirs() <= before, "socket directories left behind"
-    assert live_children() == [], "engine processes left behind"
+    assert socket_dirs() <= sockets, "socket directories left behind"
+    leaked = sorted(pid for pid, _ in live_children() - children)
+    assert leaked == [], "engine processes left behind"
 
 
 async def until_streaming(llm, count):
