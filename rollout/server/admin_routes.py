@@ -7,11 +7,10 @@ keyword arguments and answers ``{"method", "result"}``:
 - ``pause`` ``{"mode": "abort"|"wait"|"keep"}``, ``resume``, ``abort_all``, ``reset_prefix_cache``;
 - ``abort`` ``{"request_ids": [...]}`` (the ids given to /generate);
 - ``update_weights_from_disk`` ``{"path", "version"?, "pause"?}``, ``sleep`` ``{"level", "pause"?}``,
-  ``wake_up`` ``{"tags"}``; the weight-group calls (``init_weight_group``,
-  ``update_weights_from_group``, ``begin_weight_update``, ``receive_weight_buckets``,
-  ``weight_bucket``, ``finish_weight_update``, ``abort_weight_update``, ``destroy_weight_group``) with
-  their keyword arguments as given. A call the engine core does not have is answered 501. A field sent
-  as ``null`` counts as not sent (the engine's default applies).
+  ``wake_up`` ``{"tags"}``; the weight-group calls (``init_weight_group``, ``begin_weight_update``,
+  ``receive_weight_buckets``, ``weight_bucket``, ``finish_weight_update``, ``abort_weight_update``,
+  ``destroy_weight_group``) with their keyword arguments as given. A call the engine core does not
+  have is answered 501. A field sent as ``null`` counts as not sent (the engine's default applies).
 
 A trainer pushes weights over a process group through these (``WeightSender`` over an
 ``HTTPRolloutClient`` does it): it hosts the group, posts ``init_weight_group`` (answered once the
@@ -56,7 +55,6 @@ CALLS: dict[str, type[BaseModel]] = {
     "reset_prefix_cache": EmptyBody,
     "update_weights_from_disk": UpdateFromDiskBody,
     "init_weight_group": KwargsBody,
-    "update_weights_from_group": KwargsBody,
     "destroy_weight_group": KwargsBody,
     "begin_weight_update": KwargsBody,
     "receive_weight_buckets": KwargsBody,
