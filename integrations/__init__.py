@@ -3,8 +3,8 @@
 sets from local files (``rollout.integrations.data``) and a complete GRPO loop
 (``rollout.integrations.grpo``, run by ``rollout demo grpo``)."""
 
+from rollout.integrations.http_rollout_client import HTTPRolloutClient
 from rollout.integrations.rollout_client import (
-    HTTPRolloutClient,
     PaddedRollout,
     RolloutBatch,
     RolloutClient,

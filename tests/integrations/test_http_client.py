@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from rollout import SamplingParams
-from rollout.integrations.rollout_client import HTTPRolloutClient, sequence_logprobs
+from rollout.integrations.http_rollout_client import HTTPRolloutClient
+from rollout.integrations.rollout_client import sequence_logprobs
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
