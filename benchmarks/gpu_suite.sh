@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one call (the device machine has no internet: missing wheels,
-# pyzmq and msgpack, travel in .whl/). Usage: bash benchmarks/gpu_suite.sh [tests|kernels|bench|all]
+# pyzmq and msgpack, travel in .whl/). Usage: bash benchmarks/gpu_suite.sh [tests|kernels|bench|host|all]
 set -u
 what=${1:-all}
 out=${OUT:-bench-out}
@@ -17,6 +17,12 @@ fi
 if [ "$what" = kernels ]; then
   timeout 150 python3 -m rollout.benchmarks.sampling_kernel --out "$out" 2>&1 | tail -14
   timeout 200 python3 benchmarks/attention_kernels.py 2>&1 | tail -24
+fi
+if [ "$what" = host ]; then  # host-bound decode: per-phase host time, then what it costs end to end
+  timeout 200 python3 -m rollout.benchmarks.host_overhead --model qwen3-0.6b --load-format dummy \
+    --batches 1 8 32 64 256 --out "$out" 2>&1 | tee "$out/host_overhead.log" | grep "^batch"
+  timeout 200 python3 -m rollout.benchmarks.core_overhead --out "$out" 2>&1 | tail -5
+  timeout 200 python3 -m rollout.benchmarks.throughput --workloads w1 --out "$out" --timeout 150 2>&1 | tail -4
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 150 python3 -m rollout.benchmarks.decode --out "$out" --steps 10 2>&1 | tail -34

@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU benchmarks of BENCHMARKS.md: throughput (W1), rl (W2), decode (W3), prefill (W4)",
         add_help=False,
     )
-    workloads = ["throughput", "rl", "decode", "prefill", "weight_sync", "serve", "core_overhead"]
+    workloads = [
+        "throughput", "rl", "decode", "prefill", "weight_sync", "serve", "core_overhead", "host_overhead"
+    ]  # fmt: skip
     b.add_argument("workload", choices=workloads)
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the workload (--help for them)")
     b.set_defaults(func=_bench)

@@ -21,7 +21,7 @@ from rollout.model_runner import ModelRunner, RunnerOutput, StepHandle
 from rollout.models.config import ModelConfig
 from rollout.outputs import CompletionOutput, NewTokens, RequestDelta, RequestOutput, SampleDelta
 from rollout.presets import resolve_model
-from rollout.request import Request
+from rollout.request import Request, RequestStatus
 from rollout.samplers.params import SamplingParams
 from rollout.scheduler import ScheduledBatch, Scheduler
 from rollout.weight_sync.receiver import WeightReceiver
@@ -224,18 +224,19 @@ class EngineCore:
     def _new_token_only(self, group: _Group, tokens: NewTokens) -> bool:
         """If each sample of ``group`` with news gained exactly one token this step and has nothing
         else to report, append those tokens to ``tokens``, advance the cursors and return True."""
-        if not group.reported:
+        reported = group.reported
+        if not reported:
             return False  # a prompt's first delta is always a full one
-        first = group.children[0]
-        params = first.params
+        params = group.children[0].params
         if params.logprobs or (params.prompt_logprobs is not None and not group.prompt_logprobs_reported):
             return False
         news = []
         for i, req in enumerate(group.children):
-            new = req.num_output_tokens - group.reported[i]
-            if new == 0 and (not req.is_finished or group.finish_reported[i]):
+            new = len(req.token_ids) - len(req.prompt_token_ids) - reported[i]
+            finished = req.status is RequestStatus.FINISHED
+            if new == 0 and (not finished or group.finish_reported[i]):
                 continue
-            if new != 1 or req.is_finished:
+            if new != 1 or finished:
                 return False
             if group.reported_counts[i] != (req.num_cached_tokens, req.num_preemptions):
                 return False
@@ -247,7 +248,7 @@ class EngineCore:
             tokens.token_ids.append(req.token_ids[-1])
             tokens.logprobs.append(req.output_logprobs[-1])
             tokens.weight_versions.append(req.output_versions[-1])
-            group.reported[i] += 1
+            reported[i] += 1
         return True
 
     def _step(self) -> list[_Group]:
@@ -281,40 +282,44 @@ class EngineCore:
         return self._process(batch, self.runner.collect(handle), version)
 
     def _process(self, batch: ScheduledBatch, out: RunnerOutput, version: int) -> list[_Group]:
+        # Runs for every sampled token: kept to a few list operations per token on the common path.
         touched: dict[str, None] = {}
-        i = 0
+        prompt_lps = out.prompt_logprobs
+        token_ids, logprobs, tops = out.token_ids, out.logprobs, out.top_logprobs
+        i = appended = 0
         for s in batch.requests:
             req = s.request
-            if req.request_id in out.prompt_logprobs:
-                lps, tops = out.prompt_logprobs[req.request_id]
+            if prompt_lps and req.request_id in prompt_lps:
+                lps, top_lps = prompt_lps[req.request_id]
                 if not req.prompt_logprobs:
                     req.prompt_logprobs.append(None)
                     req.prompt_top_logprobs.append(None)
                 # entry j is prompt token start + 1 + j; a recompute after preemption repeats some
                 skip = max(len(req.prompt_logprobs) - 1 - s.start, 0)
                 req.prompt_logprobs.extend(lps[skip:])
-                req.prompt_top_logprobs.extend(tops[skip:])
+                req.prompt_top_logprobs.extend(top_lps[skip:])
             if not s.sample:
                 continue
-            token, logprob, top = out.token_ids[i], out.logprobs[i], out.top_logprobs[i]
-            i += 1
-            if req.is_finished:
+            token = token_ids[i]
+            if req.status is RequestStatus.FINISHED:
                 req.num_pending -= 1  # stopped or aborted while this step ran: drop its token
-                continue
-            self._append(req, token, logprob, top, version)
-            touched[req.group_id] = None
+            else:
+                req.token_ids.append(token)
+                self.scheduler.token_appended(req)
+                req.output_logprobs.append(logprobs[i])
+                top = tops[i]
+                if top is not None:
+                    req.output_top_logprobs.append(top)
+                req.output_versions.append(version)  # the weights of the step that computed it
+                self._check_stop(req, token)
+                touched[req.group_id] = None
+                appended += 1
+            i += 1
+        self._num_output_tokens += appended
         return [self._groups[gid] for gid in touched]
 
-    def _append(
-        self, req: Request, token: int, logprob: float, top: dict[int, float] | None, version: int
-    ) -> None:
-        req.token_ids.append(token)
-        self.scheduler.token_appended(req)
-        req.output_logprobs.append(logprob)
-        if top is not None:
-            req.output_top_logprobs.append(top)
-        req.output_versions.append(version)  # the weights of the step that computed it
-        self._num_output_tokens += 1
+    def _check_stop(self, req: Request, token: int) -> None:
+        """Finish ``req`` if the token it just appended ends it."""
         params = req.params
         if token in params.stop_token_ids:
             self.scheduler.finish(req, "stop", token)
@@ -322,7 +327,7 @@ class EngineCore:
             self.scheduler.finish(req, "stop", None)
         elif params.stop and (hit := self.detokenizer.check_stop(req)) is not None:
             self.scheduler.finish(req, "stop", hit)
-        elif req.num_tokens >= req.max_total_tokens:
+        elif len(req.token_ids) >= req.max_total_tokens:
             self.scheduler.finish(req, "length")
 
     def _output(self, group: _Group) -> RequestOutput:

@@ -14,7 +14,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"  # stopped, hit a length limit, or aborted; blocks returned
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     """One sequence: a prompt and the tokens sampled after it. An ``n``-sample prompt becomes ``n``
     requests that share the prompt (and its KV blocks through the prefix cache)."""
@@ -47,6 +47,7 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     text: str = ""  # detokenized output (only when a tokenizer is present and detokenize is on)
+    sampling_values: tuple | None = None  # the model runner's effective sampling values (cached)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -18,7 +18,7 @@ from rollout.config import SchedulerConfig
 from rollout.request import Request, RequestStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step."""
 
@@ -79,19 +79,24 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
+        capacity = self.blocks.block_size  # tokens per block
+        running = self.running
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            known = req.num_tokens + req.num_pending
-            if req.num_pending and known >= req.max_total_tokens:
+        while i < len(running) and budget > 0:
+            req = running[i]
+            pending = req.num_pending
+            known = len(req.token_ids) + pending
+            if pending and known >= req.max_total_tokens:
                 i += 1  # its in-flight token ends it ("length"): no speculative slot
                 continue
             start = req.num_computed_tokens
-            n = min(known - start, budget)
-            # (A decode step mostly needs no new block: skip the allocator then.)
-            if self.blocks.blocks_needed(len(req.block_ids), start + n):
+            n = known - start
+            if n > budget:
+                n = budget
+            # (A decode step mostly fits in the blocks it holds: skip the allocator then.)
+            if start + n > len(req.block_ids) * capacity:
                 while not self._grow(req, start + n):
-                    victim = self.running[-1]
+                    victim = running[-1]
                     self._preempt(victim)
                     preempted.append(victim)
                     if victim is req:
@@ -183,17 +188,17 @@ class Scheduler:
         bs = self.blocks.block_size
         for s in batch.requests:
             req = s.request
-            if req.is_finished:
+            if req.status is RequestStatus.FINISHED:
                 continue  # aborted while the step ran
             before = req.num_computed_tokens
-            req.num_computed_tokens = before + s.num_new_tokens
+            after = req.num_computed_tokens = before + s.num_new_tokens
             if s.sample:
                 req.num_pending += 1
-            if before < req.num_prompt_tokens:
-                self.num_prompt_tokens_computed += (
-                    min(req.num_computed_tokens, req.num_prompt_tokens) - before
-                )
-            full = min(req.num_computed_tokens, req.num_tokens) // bs
+            num_prompt = len(req.prompt_token_ids)
+            if before < num_prompt:
+                self.num_prompt_tokens_computed += min(after, num_prompt) - before
+            num_tokens = len(req.token_ids)
+            full = (after if after < num_tokens else num_tokens) // bs
             if full > before // bs:
                 self.blocks.compute_hashes(req.token_ids[: full * bs], req.block_hashes)
                 self.blocks.cache_blocks(req.block_ids, req.block_hashes, before // bs, full)
@@ -202,12 +207,14 @@ class Scheduler:
         """A pending token of ``req`` was appended: cache the block it completes, if any (the block
         was computed with the token as a placeholder, so its hash could not be known before)."""
         req.num_pending -= 1
+        num_tokens = len(req.token_ids)
+        bs = self.blocks.block_size
+        # The token completes a cached-to-be block only if it is a block's last token and that
+        # block is computed (runs per token: the common case exits here).
+        if num_tokens % bs or req.num_computed_tokens < num_tokens:
+            return
         if req.status is not RequestStatus.RUNNING:
             return  # finished or preempted: nothing to cache
-        bs = self.blocks.block_size
-        num_tokens = len(req.token_ids)
-        full = min(req.num_computed_tokens, num_tokens) // bs
-        first = (num_tokens - 1) // bs
-        if full > first:
-            self.blocks.compute_hashes(req.token_ids[: full * bs], req.block_hashes)
-            self.blocks.cache_blocks(req.block_ids, req.block_hashes, first, full)
+        full = num_tokens // bs
+        self.blocks.compute_hashes(req.token_ids[: full * bs], req.block_hashes)
+        self.blocks.cache_blocks(req.block_ids, req.block_hashes, full - 1, full)

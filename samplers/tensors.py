@@ -82,7 +82,6 @@ class SamplingTensors:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
         device = torch.device(device)
-        num = len(rows)
         statics = []
         seeds, offsets = [], []
         banned_rows: list[int] = []
@@ -93,7 +92,7 @@ class SamplingTensors:
             p = row.params
             entry = None if cache is None else cache.get(id(p))
             if entry is None or entry[0] is not p:
-                entry = (p, _effective(p, vocab_size))
+                entry = (p, effective_values(p, vocab_size))
                 if cache is not None:
                     if len(cache) > 8192:  # params die with their requests: forget old ones
                         cache.clear()
@@ -114,61 +113,93 @@ class SamplingTensors:
         if offsets and max(offsets) > 2**63 - 1:
             bad = next(o for o in offsets if o > 2**63 - 1)
             raise ValueError(f"offset must be in [0, {2**63 - 1}], got {bad!r}")
-        # columns: temperature, top_p, min_p | greedy, processed, top_k, num_logprobs
-        stat = np.array(statics, dtype=np.float64).reshape(num, 7)
-        top_p, min_p = stat[:, 1], stat[:, 2]
-        greedy, processed = stat[:, 3] != 0, stat[:, 4] != 0
-        top_k = stat[:, 5].astype(np.int64)
+        return cls.from_columns(statics, seeds, offsets, banned_rows, banned_tokens, vocab_size, device)
+
+    @classmethod
+    def from_columns(
+        cls,
+        statics: Sequence[tuple],
+        seeds: Sequence[int],
+        offsets: Sequence[int],
+        banned_rows: Sequence[int],
+        banned_tokens: Sequence[int],
+        vocab_size: int,
+        device: torch.device,
+    ) -> SamplingTensors:
+        """``build`` from values already checked: per row, its ``effective_values`` tuple, its
+        seed as int64 and its offset; the banned (row, token) pairs as two columns. The engine's
+        model runner calls this with columns it keeps per request, so a step does no per-row
+        object or validation work."""
+        num = len(statics)
         num_banned = len(banned_rows)
-        pin = device.type == "cuda"
-        # Segments start at multiples of 16 rows (the padding rows are never read), so every per-row
-        # tensor the kernels read is 16-byte aligned whatever the batch size: Triton specializes
-        # pointers on alignment, and a batch size that moved one would compile a new kernel mid-run.
+        # Host flags from the distinct value tuples (rows of one prompt share one): plain Python,
+        # no per-row work.
+        distinct = list({id(v): v for v in statics}.values())
+        active_k = [v[5] for v in distinct if v[5] < vocab_size]
+        # One buffer, one host-to-device copy; every segment starts at a multiple of 16 rows (the
+        # padding rows are never read), so each per-row tensor the kernels read is 16-byte aligned
+        # whatever the batch size: Triton specializes pointers on alignment, and a batch size that
+        # moved one would compile a new kernel mid-run.
         ns = -(-num // 16) * 16
-        floats = torch.empty(3 * ns, dtype=torch.float32, pin_memory=pin)
-        fv = floats.numpy()
-        for j in range(3):
-            fv[j * ns : j * ns + num] = stat[:, j]
         nb = -(-num_banned // 16) * 16
-        ints = torch.empty(5 * ns + nb + num_banned, dtype=torch.int64, pin_memory=pin)
-        iv = ints.numpy()
-        iv[0:num] = top_k
-        iv[ns : ns + num] = greedy
-        iv[2 * ns : 2 * ns + num] = processed
-        iv[3 * ns : 3 * ns + num] = seeds
-        iv[4 * ns : 4 * ns + num] = offsets
-        iv[5 * ns : 5 * ns + num_banned] = banned_rows
-        iv[5 * ns + nb :] = banned_tokens
-        # Pinned host memory makes the copies truly asynchronous; the caching host allocator keeps
-        # the buffers alive until the copies have run.
-        f_dev = floats.to(device, non_blocking=pin)
-        i_dev = ints.to(device, non_blocking=pin)
-        flags = i_dev[ns : 3 * ns].to(torch.bool)
-        active_k = top_k[top_k < vocab_size]
+        pin = device.type == "cuda"
+        buf = torch.empty(34 * ns + 16 * nb, dtype=torch.uint8, pin_memory=pin)
+        host = buf.numpy()
+        f32 = host[: 16 * ns].view(np.float32).reshape(4, ns)  # temperature, top_p, min_p, top_k (i32)
+        flags = host[16 * ns : 18 * ns].view(np.bool_).reshape(2, ns)  # greedy, processed
+        i64 = host[18 * ns :].view(np.int64)  # seeds, offsets, banned rows, banned tokens
+        if len(distinct) == 1:  # the common case: broadcast one row's values
+            v = distinct[0]
+            f32[:3, :num] = np.array(v[:3], dtype=np.float32)[:, None]
+            f32[3, :num].view(np.int32)[:] = v[5]
+            flags[:, :num] = np.array(v[3:5], dtype=np.bool_)[:, None]
+        elif num:
+            stat = np.array(statics, dtype=np.float64)
+            f32[:3, :num] = stat[:, :3].T
+            f32[3, :num].view(np.int32)[:] = stat[:, 5]
+            flags[:, :num] = stat[:, 3:5].T != 0
+        i64[:num] = seeds
+        i64[ns : ns + num] = offsets
+        i64[2 * ns : 2 * ns + num_banned] = banned_rows
+        i64[2 * ns + nb : 2 * ns + nb + num_banned] = banned_tokens
+        # Pinned host memory makes the copy truly asynchronous; the caching host allocator keeps
+        # the buffer alive until the copy has run.
+        dev = buf.to(device, non_blocking=pin)
+        # Few torch ops (each costs microseconds of host time): split the bytes by dtype, then each
+        # dtype's segment into its fields with one split.
+        f_dev, b_dev, i_dev = torch.split_with_sizes(dev, [16 * ns, 2 * ns, 16 * ns + 16 * nb])
+        pad, padb = ns - num, nb - num_banned
+        temperature, _, top_p, _, min_p, _, top_k, _ = torch.split_with_sizes(
+            f_dev.view(torch.float32), [num, pad] * 4
+        )
+        greedy, _, processed, _ = torch.split_with_sizes(b_dev.view(torch.bool), [num, pad] * 2)
+        seeds_d, _, offsets_d, _, ban_r, _, ban_t, _ = torch.split_with_sizes(
+            i_dev.view(torch.int64), [num, pad, num, pad, num_banned, padb, num_banned, padb]
+        )
         return cls(
-            temperature=f_dev[:num],
-            greedy=flags[:num],
-            top_k=i_dev[:num].to(torch.int32),
-            top_p=f_dev[ns : ns + num],
-            min_p=f_dev[2 * ns : 2 * ns + num],
-            seeds=i_dev[3 * ns : 3 * ns + num],
-            offsets=i_dev[4 * ns : 4 * ns + num],
-            processed_mode=flags[ns : ns + num],
-            banned_rows=i_dev[5 * ns : 5 * ns + num_banned],
-            banned_tokens=i_dev[5 * ns + nb :],
+            temperature=temperature,
+            greedy=greedy,
+            top_k=top_k.view(torch.int32),
+            top_p=top_p,
+            min_p=min_p,
+            seeds=seeds_d,
+            offsets=offsets_d,
+            processed_mode=processed,
+            banned_rows=ban_r,
+            banned_tokens=ban_t,
             vocab_size=vocab_size,
-            all_greedy=bool(greedy.all()),
-            any_greedy=bool(greedy.any()),
-            any_top_k=bool(active_k.size),
-            max_top_k=int(active_k.max()) if active_k.size else 0,
-            any_top_p=bool((top_p < 1.0).any()),
-            any_min_p=bool((min_p > 0.0).any()),
-            max_num_logprobs=int(stat[:, 6].max()) if num else 0,
-            any_processed=bool(processed.any()),
+            all_greedy=all(v[3] for v in distinct),
+            any_greedy=any(v[3] for v in distinct),
+            any_top_k=bool(active_k),
+            max_top_k=int(max(active_k, default=0)),
+            any_top_p=any(v[1] < 1.0 for v in distinct),
+            any_min_p=any(v[2] > 0.0 for v in distinct),
+            max_num_logprobs=int(max((v[6] for v in distinct), default=0)),
+            any_processed=any(v[4] for v in distinct),
         )
 
 
-def _effective(p: SamplingParams, vocab_size: int) -> tuple:
+def effective_values(p: SamplingParams, vocab_size: int) -> tuple:
     """One row's effective option values (see ``SamplingTensors``), as the 7 numeric columns
     temperature, top_p, min_p, greedy, processed, top_k, num_logprobs."""
     is_greedy = p.is_greedy

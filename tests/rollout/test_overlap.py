@@ -109,3 +109,17 @@ def test_overlap_streaming_aborts_and_weight_versions():
         assert streamed[rid] == out.outputs[0].token_ids
         # tokens computed before the update keep version 0, later ones 9, and versions never go back
         assert versions[rid] == sorted(versions[rid]) and versions[rid][0] == 0 and versions[rid][-1] == 9
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_blocks_completed_by_sampled_tokens_are_cached(overlap):
+    """A block filled by sampled tokens is cached once its last token is known (in the overlapped
+    loop that is a step after it was computed): a prompt that continues an output hits it."""
+    llm = _engine(overlap)
+    prompt = list(range(3, 9))  # 6 tokens: the first block is prompt, the next ones are outputs
+    first = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))[0]
+    # 16 tokens, the last one never computed: blocks 0-2 (12 tokens) are full and computed
+    follow = prompt + first.outputs[0].token_ids + [5, 6, 7]
+    out = llm.generate([follow], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))[0]
+    assert out.num_cached_tokens == 12
+    _check_idle(llm)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rollout.samplers import RowSampling, SamplingParams, SamplingTensors, sample
+from rollout.samplers.tensors import effective_values
 
 V = 50
 
@@ -88,3 +89,37 @@ def test_empty_batch() -> None:
     assert t.batch_size == 0 and t.all_greedy
     out = sample(torch.zeros(0, V), t)
     assert out.token_ids.shape == (0,) and out.logprobs.shape == (0,)
+
+
+_FIELDS = ("temperature", "greedy", "top_k", "top_p", "min_p", "seeds", "offsets", "processed_mode")
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16, 17, 40])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7, top_k=7, top_p=0.9, min_p=0.05, logprobs=3),
+        SamplingParams(temperature=0.0, logprobs_mode="processed", top_k=4),
+        SamplingParams(),
+    ],
+)
+def test_shared_row_values_broadcast_like_per_row_values(batch: int, params: SamplingParams) -> None:
+    # from_columns fills rows that share one values tuple by broadcast, and distinct tuples row by
+    # row: both must give the same tensors and flags, each per-row tensor 16-byte aligned.
+    shared = effective_values(params, V)
+    distinct = [tuple(list(shared)) for _ in range(batch)]  # equal values, one object per row
+    assert len({id(v) for v in distinct}) == batch
+    seeds, offsets = [3 * i + 1 for i in range(batch)], list(range(batch))
+    bans = ([0, batch - 1], [2, 4])
+    cpu = torch.device("cpu")
+    one = SamplingTensors.from_columns([shared] * batch, seeds, offsets, *bans, V, cpu)
+    many = SamplingTensors.from_columns(distinct, seeds, offsets, *bans, V, cpu)
+    for name in (*_FIELDS, "banned_rows", "banned_tokens"):
+        a, b = getattr(one, name), getattr(many, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert a.data_ptr() % 16 == 0, name
+    for flag in ("all_greedy", "any_greedy", "any_top_k", "max_top_k", "any_top_p", "any_min_p"):
+        assert getattr(one, flag) == getattr(many, flag), flag
+    assert one.max_num_logprobs == many.max_num_logprobs == (params.logprobs or 0)
+    assert one.top_k.tolist() == [shared[5]] * batch and one.seeds.tolist() == seeds
+    assert (one.banned_rows.tolist(), one.banned_tokens.tolist()) == bans

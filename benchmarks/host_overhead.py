@@ -1,0 +1,150 @@
+"""Issue 4: the engine's host work per decode step, phase by phase.
+
+Small decode batches on the GPU are host-bound: the step takes as long as the Python that
+schedules it, builds its inputs and sampling tensors, and applies its results. This bench times
+each phase of ``EngineCore.step_outputs`` on a steady decode batch (every request past its prompt,
+fresh prompts, no EOS) by wrapping the engine's own methods with a timer.
+
+On CUDA every phase is host time (the forward, logits and sampling only launch kernels; ``collect``
+includes the wait for the step). On the CPU the forward, logits and sampling run synchronously, so
+they are device compute: the ``host`` line leaves them out and sums the rest, which is the Python
+this bench exists to measure. It runs on the CPU in a few seconds:
+
+    python -m rollout.benchmarks.host_overhead --device cpu --model tiny --batches 1 32 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rollout.config import SchedulerConfig
+from rollout.engine import EngineCore
+from rollout.samplers.params import SamplingParams
+from rollout.samplers.tensors import SamplingTensors
+
+# Phases that are device compute when the engine runs on the CPU (launches on CUDA).
+_DEVICE_PHASES = ("forward", "logits", "sample")
+
+
+class _PhaseTimer:
+    """Wall time spent in wrapped callables, by phase name."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter[str] = collections.Counter()
+
+    def wrap(self, owner: Any, attr: str, phase: str) -> None:
+        fn = getattr(owner, attr)
+        seconds = self.seconds
+
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[phase] += time.perf_counter() - t
+
+        setattr(owner, attr, timed)
+
+
+def _instrument(engine: EngineCore, timer: _PhaseTimer) -> None:
+    import rollout.model_runner as model_runner
+
+    runner = engine.runner
+    timer.wrap(engine.scheduler, "schedule", "schedule")
+    timer.wrap(engine.scheduler, "update_computed", "update_computed")
+    timer.wrap(runner, "_sampling_rows", "sampling_rows")
+    timer.wrap(runner, "_prepare", "prepare")
+    timer.wrap(runner, "_to_device", "to_device")
+    timer.wrap(runner.model, "forward", "forward")
+    timer.wrap(runner.model, "compute_logits", "logits")
+    timer.wrap(model_runner, "sample", "sample")
+    timer.wrap(runner, "collect", "collect")
+    timer.wrap(engine, "_process", "process")
+    timer.wrap(engine, "_new_token_only", "new_token_only")
+    # a classmethod: its timed wrapper replaces it on the class for the rest of this process
+    timer.wrap(SamplingTensors, "from_columns", "sampling_tensors")
+
+
+def measure(engine: EngineCore, timer: _PhaseTimer, batch: int, steps: int, seed: int) -> dict:
+    """Per-step phase times of ``steps`` decode steps at ``batch`` sequences."""
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True, temperature=1.0)
+    ids = [f"b{batch}-{i}" for i in range(batch)]
+    for rid in ids:
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(16, 64))]
+        engine.add_request(rid, prompt, params)
+    while engine.scheduler.waiting or any(r.in_prefill for r in engine.scheduler.running):
+        engine.step_outputs()
+    for _ in range(5):  # warm: the batch's first decode steps, kernel caches
+        engine.step_outputs()
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    sync()
+    timer.seconds.clear()
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step_outputs()
+    sync()
+    total = time.perf_counter() - t
+    engine.abort(ids)
+    phases = {k: v / steps * 1e3 for k, v in sorted(timer.seconds.items(), key=lambda kv: -kv[1])}
+    host = sum(v for k, v in phases.items() if k not in _DEVICE_PHASES or engine.device.type == "cuda")
+    return dict(
+        batch=batch,
+        steps=steps,
+        device=str(engine.device),
+        step_ms=total / steps * 1e3,
+        host_ms=host,
+        host_us_per_seq=host / batch * 1e3,
+        phases_ms=phases,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="rollout bench host_overhead")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    engine = EngineCore(
+        args.model,
+        device=args.device,
+        load_format=args.load_format,
+        scheduler_config=SchedulerConfig(max_num_seqs=max(args.batches)),
+    )
+    timer = _PhaseTimer()
+    _instrument(engine, timer)
+    rows = []
+    for batch in args.batches:
+        rows.append(measure(engine, timer, batch, args.steps, seed=batch))
+        r = rows[-1]
+        print(
+            f"batch {batch:4}: step {r['step_ms']:7.3f} ms, host {r['host_ms']:6.3f} ms "
+            f"({r['host_us_per_seq']:6.2f} us/seq)",
+            flush=True,
+        )
+        for name, ms in r["phases_ms"].items():
+            mark = " (device)" if name in _DEVICE_PHASES and engine.device.type != "cuda" else ""
+            print(f"    {name:17} {ms:7.3f} ms  {ms / batch * 1e3:7.2f} us/seq{mark}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, "host_overhead.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
