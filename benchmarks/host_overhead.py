@@ -30,7 +30,6 @@ import torch
 from rollout.config import SchedulerConfig
 from rollout.engine import EngineCore
 from rollout.samplers.params import SamplingParams
-from rollout.samplers.tensors import SamplingTensors
 
 # Phases that are device compute when the engine runs on the CPU (launches on CUDA).
 _DEVICE_PHASES = ("forward", "logits", "sample")
@@ -72,8 +71,7 @@ def _instrument(engine: EngineCore, timer: _PhaseTimer) -> None:
     timer.wrap(runner, "collect", "collect")
     timer.wrap(engine, "_process", "process")
     timer.wrap(engine, "_new_token_only", "new_token_only")
-    # a classmethod: its timed wrapper replaces it on the class for the rest of this process
-    timer.wrap(SamplingTensors, "from_columns", "sampling_tensors")
+    timer.wrap(runner, "_sampling_tensors", "sampling_tensors")
 
 
 def measure(engine: EngineCore, timer: _PhaseTimer, batch: int, steps: int, seed: int) -> dict:

@@ -66,6 +66,7 @@ class ModelRunner:
                     module.fused = True
         self.vocab_size = model_config.vocab_size
         self._values_cache: dict[int, tuple[SamplingParams, tuple]] = {}  # see _effective_values
+        self._last_sampling: tuple[_SamplingRows, SamplingTensors] | None = None  # see _sampling_tensors
         self.num_blocks = self._decide_num_blocks()
         self.kv_cache = self._allocate_kv_cache(self.num_blocks)
         self._bind_kv_cache(self.kv_cache)
@@ -192,7 +193,7 @@ class ModelRunner:
         handle = StepHandle(batch=batch)
         if rows.seeds:
             logits = self.model.compute_logits(hidden.index_select(0, v["logits_rows"]))
-            out = sample(logits, rows.tensors(self.vocab_size, dev))
+            out = sample(logits, self._sampling_tensors(rows))
             handle.token_ids = out.token_ids
             # one device-to-host copy for ids and logprobs (ids < 2**24 are exact in float64)
             packed = torch.stack([out.token_ids.double(), out.logprobs.double()])
@@ -282,8 +283,8 @@ class ModelRunner:
         num_seqs = len(reqs)
         padded_seqs = num_seqs + (num_rows - batch.num_tokens)
         block_lists = [s.request.block_ids for s in reqs]
-        num_blocks = np.fromiter(map(len, block_lists), dtype=np.int64, count=num_seqs)
-        max_blocks = int(num_blocks.max())
+        num_blocks = [len(blocks) for blocks in block_lists]
+        max_blocks = max(num_blocks)
         samples = [s.sample for s in reqs]
         num_samples = samples.count(True)
         ph_dst: list[int] = []
@@ -299,21 +300,25 @@ class ModelRunner:
         )
         v = host.views_np()
         table = v["block_tables"]
-        # Every block id of the batch in one flat array, scattered into the rows' leading columns
-        # (C speed; a row-by-row fill costs ~2 us of Python per sequence).
-        flat = np.fromiter(chain.from_iterable(block_lists), dtype=np.int64, count=int(num_blocks.sum()))
-        table[: num_seqs][np.arange(max_blocks) < num_blocks[:, None]] = flat
-        if batch.num_tokens == num_seqs:  # decode only: one row per sequence, vectorized
-            starts = np.fromiter([s.start for s in reqs], dtype=np.int64, count=num_seqs)
+        if num_seqs <= 8:
+            for i, blocks in enumerate(block_lists):
+                table[i, : len(blocks)] = blocks
+        else:  # every block id in one flat array, scattered into the rows' leading columns
+            flat = np.fromiter(chain.from_iterable(block_lists), dtype=np.int64, count=sum(num_blocks))
+            table[:num_seqs][np.arange(max_blocks) < np.array(num_blocks)[:, None]] = flat
+        if batch.num_tokens == num_seqs:  # decode only: one row per sequence
+            starts = [s.start for s in reqs]
             # the token at each start (0 for a placeholder: its token is still on the device)
             v["input_ids"][:num_seqs] = [
                 t[st] if st < len(t) else 0
-                for t, st in zip([s.request.token_ids for s in reqs], starts.tolist(), strict=True)
+                for t, st in zip([s.request.token_ids for s in reqs], starts, strict=True)
             ]
             v["positions"][:num_seqs] = starts
-            v["slots"][:num_seqs] = table[np.arange(num_seqs), starts // bs] * bs + starts % bs
-            v["seq_lens"][:num_seqs] = starts + 1
-            v["query_start"][:] = np.arange(num_seqs + 1)
+            v["slots"][:num_seqs] = [
+                blocks[st // bs] * bs + st % bs for blocks, st in zip(block_lists, starts, strict=True)
+            ]
+            np.add(v["positions"][:num_seqs], 1, out=v["seq_lens"][:num_seqs])
+            v["query_start"][:] = range(num_seqs + 1)
             rows_of = np.arange(num_seqs, dtype=np.int64)
             if num_samples == num_seqs:
                 v["logits_rows"][:] = rows_of
@@ -363,6 +368,27 @@ class ModelRunner:
             max_query_len=host.max_query_len,
         )
         return v["input_ids"], v["positions"], meta
+
+    def _sampling_tensors(self, rows: _SamplingRows) -> SamplingTensors:
+        """The step's sampling tensors. A steady decode batch (the same rows as the previous step,
+        each one token further, nothing banned) reuses the previous step's tensors with the RNG
+        counters advanced on the device: one small kernel instead of a host build and a copy. The
+        tensors are a function of the columns alone, so equal columns give the same tensors."""
+        last = self._last_sampling
+        if (
+            last is not None
+            and not rows.banned_rows
+            and not last[0].banned_rows
+            and rows.seeds == last[0].seeds
+            and rows.values == last[0].values
+            and rows.offsets == [o + 1 for o in last[0].offsets]
+        ):
+            tensors = last[1]
+            tensors.offsets.add_(1)  # ordered after the previous step's reads on the stream
+        else:
+            tensors = rows.tensors(self.vocab_size, self.device)
+        self._last_sampling = (rows, tensors)
+        return tensors
 
     def _effective_values(self, params: SamplingParams) -> tuple:
         """``effective_values`` of ``params``, one tuple per params object: requests that share

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rollout import LLM, CacheConfig, EngineCore, SamplingParams, SchedulerConfig
+from rollout.samplers.tensors import SamplingTensors
 from tests.models.tiny_models import save_tiny_checkpoint
 
 
@@ -225,6 +226,28 @@ def test_seeds_reproduce_across_batches_and_n_differs(tiny):
     many = tiny.generate([[1, 2, 3]], p.replace(n=4), use_tqdm=False)[0].outputs
     assert len({tuple(c.token_ids) for c in many}) == 4
     assert [c.index for c in many] == [0, 1, 2, 3]
+
+
+def test_steady_decode_reuses_sampling_tensors(tiny, monkeypatch):
+    # A decode step over the same rows as the step before advances the previous sampling tensors'
+    # RNG counters on the device instead of building new ones; any change of rows rebuilds them.
+    builds: list[int] = []
+    build = SamplingTensors.from_columns
+
+    def counted(cls, values, *args):
+        builds.append(len(values))
+        return build(values, *args)
+
+    monkeypatch.setattr(SamplingTensors, "from_columns", classmethod(counted))
+    p = SamplingParams(seed=7, max_tokens=24, ignore_eos=True)
+    alone = tiny.generate([[1, 2, 3]], p, use_tqdm=False)[0].outputs[0].token_ids
+    assert builds == [1]  # 24 sampling steps, one build
+    builds.clear()
+    # the same seed inside a batch whose rows change as the others finish (and one bans EOS)
+    others = [p.replace(seed=8, max_tokens=5), p.replace(seed=9, max_tokens=11, min_tokens=3)]
+    crowd = tiny.generate([[4, 4], [1, 2, 3], [5]], [others[0], p, others[1]], use_tqdm=False)
+    assert crowd[1].outputs[0].token_ids == alone
+    assert len(builds) > 2 and builds[-1] == 1  # rebuilt when rows left, then reused again
 
 
 def test_generation_stops_at_context_length(qwen3_path):
