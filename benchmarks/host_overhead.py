@@ -7,8 +7,9 @@ fresh prompts, no EOS) by wrapping the engine's own methods with a timer.
 
 On CUDA every phase is host time (the forward, logits and sampling only launch kernels; ``collect``
 includes the wait for the step). On the CPU the forward, logits and sampling run synchronously, so
-they are device compute: the ``host`` line leaves them out and sums the rest, which is the Python
-this bench exists to measure. It runs on the CPU in a few seconds:
+they are device compute: the ``host`` line leaves them out and sums the rest (``other`` is the
+step's own code between the timed phases), which is the Python this bench exists to measure. It
+runs on the CPU in a few seconds:
 
     python -m rollout.benchmarks.host_overhead --device cpu --model tiny --batches 1 32 256
 """
@@ -74,8 +75,11 @@ def _instrument(engine: EngineCore, timer: _PhaseTimer) -> None:
     timer.wrap(runner, "_sampling_tensors", "sampling_tensors")
 
 
-def measure(engine: EngineCore, timer: _PhaseTimer, batch: int, steps: int, seed: int) -> dict:
-    """Per-step phase times of ``steps`` decode steps at ``batch`` sequences."""
+def measure(engine: EngineCore, timer: _PhaseTimer, batch: int, steps: int, seed: int, api: str) -> dict:
+    """Per-step phase times of ``steps`` decode steps at ``batch`` sequences, each one a call of
+    ``engine.<api>()``: ``step_outputs`` (what the engine core process runs) or ``step`` (the
+    in-process ``LLM``)."""
+    step = getattr(engine, api)
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=steps + 64, ignore_eos=True, temperature=1.0)
@@ -92,14 +96,17 @@ def measure(engine: EngineCore, timer: _PhaseTimer, batch: int, steps: int, seed
     timer.seconds.clear()
     t = time.perf_counter()
     for _ in range(steps):
-        engine.step_outputs()
+        step()
     sync()
     total = time.perf_counter() - t
     engine.abort(ids)
     phases = {k: v / steps * 1e3 for k, v in sorted(timer.seconds.items(), key=lambda kv: -kv[1])}
+    # the step's own code between the timed phases (the loop, launch's glue), host time too
+    phases["other"] = total / steps * 1e3 - sum(phases.values())
     host = sum(v for k, v in phases.items() if k not in _DEVICE_PHASES or engine.device.type == "cuda")
     return dict(
         batch=batch,
+        api=api,
         steps=steps,
         device=str(engine.device),
         step_ms=total / steps * 1e3,
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--load-format", default="auto")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--api", choices=["step_outputs", "step"], default="step_outputs")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = p.parse_args(argv)
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     _instrument(engine, timer)
     rows = []
     for batch in args.batches:
-        rows.append(measure(engine, timer, batch, args.steps, seed=batch))
+        rows.append(measure(engine, timer, batch, args.steps, seed=batch, api=args.api))
         r = rows[-1]
         print(
             f"batch {batch:4}: step {r['step_ms']:7.3f} ms, host {r['host_ms']:6.3f} ms "

@@ -189,7 +189,7 @@ class EngineCore:
         """Run one step; return the outputs of the prompts that finished in it."""
         finished = []
         for group in self._step():
-            if all(r.is_finished for r in group.children):
+            if all(r.status is RequestStatus.FINISHED for r in group.children):
                 del self._groups[group.request_id]
                 finished.append(self._output(group))
         return finished

@@ -151,7 +151,8 @@ class LLM:
                 for out in engine.step():
                     results[out.request_id] = out
                     bar.update(1)
-                bar.set_postfix(out_tokens=engine.stats().num_output_tokens, refresh=False)
+                if use_tqdm:
+                    bar.set_postfix(out_tokens=engine.stats().num_output_tokens, refresh=False)
                 if not engine.has_unfinished() and len(results) < len(ids):
                     raise RuntimeError("engine stopped with requests unfinished")  # internal invariant
         except BaseException:
