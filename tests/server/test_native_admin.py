@@ -8,7 +8,6 @@ import asyncio
 import json
 
 import httpx
-import pytest
 
 from rollout.messages import CONTROL_METHODS
 from rollout.server.admin_routes import CALLS
@@ -253,8 +252,6 @@ def test_weight_update_from_disk(secured, tmp_path):
         headers=admin,
         timeout=120.0,
     )
-    if r.status_code == 501:
-        pytest.skip("the engine core has no update_weights_from_disk yet")
     assert r.status_code == 200, r.text
     after = httpx.post(secured.url + "/generate", json=body, headers=secured.headers(), timeout=30).json()
     assert after["weight_version"] == version
