@@ -192,7 +192,11 @@ class ModelRunner:
             hidden = self.model(ids, positions, meta)
         handle = StepHandle(batch=batch)
         if rows.seeds:
-            logits = self.model.compute_logits(hidden.index_select(0, v["logits_rows"]))
+            # a decode batch samples from its first rows: a view, not a gather
+            rows_hidden = hidden[: host.num_samples] if host.samples_lead else None
+            if rows_hidden is None:
+                rows_hidden = hidden.index_select(0, v["logits_rows"])
+            logits = self.model.compute_logits(rows_hidden)
             out = sample(logits, self._sampling_tensors(rows))
             handle.token_ids = out.token_ids
             # one device-to-host copy for ids and logprobs (ids < 2**24 are exact in float64)
@@ -322,6 +326,7 @@ class ModelRunner:
             rows_of = np.arange(num_seqs, dtype=np.int64)
             if num_samples == num_seqs:
                 v["logits_rows"][:] = rows_of
+                host.samples_lead = True
             else:
                 v["logits_rows"][:] = [i for i, sample in enumerate(samples) if sample]
             max_query_len = 1
@@ -474,6 +479,8 @@ class _HostInputs:
     seq_lens_host: list[int] = field(default_factory=list)
     query_start_host: list[int] = field(default_factory=list)
     max_query_len: int = 1
+    num_samples: int = 0  # rows that sample
+    samples_lead: bool = False  # they are rows 0..num_samples-1 (a decode batch where every row samples)
 
     @classmethod
     def allocate(
@@ -504,7 +511,7 @@ class _HostInputs:
             layout[name] = (offset, size, shape)
             offset += size
         ints = torch.empty(offset, dtype=torch.int64, pin_memory=device.type == "cuda")
-        host = cls(ints, layout, num_placeholders)
+        host = cls(ints, layout, num_placeholders, num_samples=num_samples)
         a = ints.numpy()
         a[:] = 0
         # padding rows: no slot (nothing stored)
