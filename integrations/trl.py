@@ -25,7 +25,6 @@ TRL is not a dependency of rollout-engine; nothing here imports it.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,14 +39,12 @@ def sampling_params_from_trainer(trainer: Any) -> SamplingParams:
     """The engine sampling params matching a GRPOTrainer's generation settings."""
     args = trainer.args
     top_k = getattr(args, "top_k", None)
-    rep = getattr(args, "repetition_penalty", 1.0)
-    if rep not in (None, 1.0):
-        warnings.warn(f"repetition_penalty={rep} is not supported by rollout-engine; ignored", stacklevel=2)
     return SamplingParams(
         temperature=float(getattr(args, "temperature", 1.0)),
         top_p=float(getattr(args, "top_p", 1.0) or 1.0),
         top_k=-1 if not top_k else int(top_k),
         min_p=float(getattr(args, "min_p", None) or 0.0),
+        repetition_penalty=float(getattr(args, "repetition_penalty", None) or 1.0),
         max_tokens=int(getattr(args, "max_completion_length", 256) or 256),
         detokenize=False,
     )

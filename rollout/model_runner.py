@@ -15,9 +15,10 @@ from rollout.cuda_graphs import DecodeGraphs
 from rollout.models.config import ModelConfig
 from rollout.models.layers.attention import AttentionMetadata
 from rollout.models.loader import load_model
+from rollout.request import Request
 from rollout.samplers.params import SamplingParams
 from rollout.samplers.sampler import prompt_logprobs, sample
-from rollout.samplers.tensors import SamplingTensors, effective_values
+from rollout.samplers.tensors import PenaltyHistory, SamplingTensors, effective_values
 from rollout.scheduler import ScheduledBatch
 
 
@@ -162,7 +163,7 @@ class ModelRunner:
         still running: the request's ``num_pending`` placeholder) take it from ``prev``'s device
         output, so the step can be queued before ``prev``'s results reach the host.
         """
-        rows, prompt_rows = self._sampling_rows(batch)
+        rows, prompt_rows = self._sampling_rows(batch, prev)
         graph_size = None
         if self.graphs is not None and batch.num_tokens == len(batch.requests):  # decode only
             graph_size = self.graphs.padded_size(len(batch.requests))
@@ -197,7 +198,7 @@ class ModelRunner:
             if rows_hidden is None:
                 rows_hidden = hidden.index_select(0, v["logits_rows"])
             logits = self.model.compute_logits(rows_hidden)
-            out = sample(logits, self._sampling_tensors(rows))
+            out = sample(logits, self._sampling_tensors(rows, prev))
             handle.token_ids = out.token_ids
             # one device-to-host copy for ids and logprobs (ids < 2**24 are exact in float64)
             packed = torch.stack([out.token_ids.double(), out.logprobs.double()])
@@ -243,7 +244,9 @@ class ModelRunner:
             result.append((request_id, lp, top_ids, top_lp, k))
         return result
 
-    def _sampling_rows(self, batch: ScheduledBatch) -> tuple[_SamplingRows, list[_PromptRows]]:
+    def _sampling_rows(
+        self, batch: ScheduledBatch, prev: StepHandle | None = None
+    ) -> tuple[_SamplingRows, list[_PromptRows]]:
         """The rows that sample, as columns, and (request_id, first hidden row, count, next ids, k) of
         the prompt positions whose logprobs were asked for."""
         rows = _SamplingRows()
@@ -266,6 +269,8 @@ class ModelRunner:
                     banned = self._banned_tokens(req)
                     rows.banned_rows.extend([len(seeds) - 1] * len(banned))
                     rows.banned_tokens.extend(banned)
+                if v[10]:  # penalties: the row's token history
+                    rows.add_history(req, v[9] != 1.0, prev)
             k = req.params.prompt_logprobs
             if k is not None:
                 start, n = s.start, s.num_new_tokens
@@ -374,9 +379,9 @@ class ModelRunner:
         )
         return v["input_ids"], v["positions"], meta
 
-    def _sampling_tensors(self, rows: _SamplingRows) -> SamplingTensors:
+    def _sampling_tensors(self, rows: _SamplingRows, prev: StepHandle | None) -> SamplingTensors:
         """The step's sampling tensors. A steady decode batch (the same rows as the previous step,
-        each one token further, nothing banned) reuses the previous step's tensors with the RNG
+        each one token further, nothing banned, no penalties) reuses the previous step's tensors with the RNG
         counters advanced on the device: one small kernel instead of a host build and a copy. The
         tensors are a function of the columns alone, so equal columns give the same tensors."""
         last = self._last_sampling
@@ -384,6 +389,7 @@ class ModelRunner:
             last is not None
             and not rows.banned_rows
             and not last[0].banned_rows
+            and rows.history is None
             and rows.seeds == last[0].seeds
             and rows.values == last[0].values
             and rows.offsets == [o + 1 for o in last[0].offsets]
@@ -391,7 +397,7 @@ class ModelRunner:
             tensors = last[1]
             tensors.offsets.add_(1)  # ordered after the previous step's reads on the stream
         else:
-            tensors = rows.tensors(self.vocab_size, self.device)
+            tensors = rows.tensors(self.vocab_size, self.device, prev)
         self._last_sampling = (rows, tensors)
         return tensors
 
@@ -424,10 +430,45 @@ class _SamplingRows:
     banned_rows: list[int] = field(default_factory=list)
     banned_tokens: list[int] = field(default_factory=list)
 
-    def tensors(self, vocab_size: int, device: torch.device) -> SamplingTensors:
-        return SamplingTensors.from_columns(
-            self.values, self.seeds, self.offsets, self.banned_rows, self.banned_tokens, vocab_size, device
+    history: PenaltyHistory | None = None  # of the rows with penalties
+    # (row, index in the previous step's sampled tokens) of penalty rows whose last output token
+    # is still on the device (overlapped loop)
+    pending_rows: list[int] = field(default_factory=list)
+    pending_src: list[int] = field(default_factory=list)
+
+    def add_history(self, req: Request, with_prompt: bool, prev: StepHandle | None) -> None:
+        """Record the token history of ``req``, the last row added (it has penalties)."""
+        history = self.history = self.history or PenaltyHistory()
+        row = len(self.seeds) - 1
+        outputs = req.token_ids[len(req.prompt_token_ids) :]
+        history.output_rows.extend([row] * len(outputs))
+        history.output_tokens.extend(outputs)
+        if with_prompt:
+            history.prompt_rows.extend([row] * len(req.prompt_token_ids))
+            history.prompt_tokens.extend(req.prompt_token_ids)
+        if req.num_pending > 1:  # besides this step's: the previous step's token, not on the host yet
+            assert prev is not None
+            self.pending_rows.append(row)
+            self.pending_src.append(prev.row_of(req))
+
+    def tensors(
+        self, vocab_size: int, device: torch.device, prev: StepHandle | None = None
+    ) -> SamplingTensors:
+        t = SamplingTensors.from_columns(
+            self.values,
+            self.seeds,
+            self.offsets,
+            self.banned_rows,
+            self.banned_tokens,
+            vocab_size,
+            device,
+            self.history,
         )
+        if self.pending_rows:
+            assert t.penalties is not None and prev is not None and prev.token_ids is not None
+            idx = torch.tensor([self.pending_rows, self.pending_src], dtype=torch.int64).to(device)
+            t.penalties.add_output_tokens(idx[0], prev.token_ids.index_select(0, idx[1]))
+        return t
 
 
 @dataclass(eq=False)

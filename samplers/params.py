@@ -28,14 +28,18 @@ class SamplingParams:
     (``SamplingParams.from_dict(body)``), or from another instance (``params.replace(n=4)``). A bad
     value or an unknown field raises ``ValueError`` naming the field and the value.
 
-    Sampling order: logits -> temperature -> top-k -> top-p -> min-p -> draw. ``top_p`` applies to the
-    top-k-renormalized distribution. A request is greedy when ``temperature`` is 0 (below
-    ``GREEDY_TEMPERATURE``) or ``top_k`` is 1; greedy rows take the argmax and ignore the seed.
+    Sampling order: logits -> penalties -> temperature -> top-k -> top-p -> min-p -> draw. ``top_p``
+    applies to the top-k-renormalized distribution. Penalties follow vLLM (and HF for repetition):
+    ``repetition_penalty`` divides the positive logits and multiplies the negative ones of every token
+    in the prompt or the output so far; ``frequency_penalty`` subtracts itself times the token's count
+    in the output so far, ``presence_penalty`` subtracts itself once for any token in the output. A
+    request is greedy when ``temperature`` is 0 (below ``GREEDY_TEMPERATURE``) or ``top_k`` is 1;
+    greedy rows take the argmax of the penalized logits and ignore the seed.
 
     Logprobs: the sampled token's logprob is always returned. ``logprobs_mode`` picks its distribution:
     ``"raw"`` is ``log_softmax`` of the model's logits, untouched (what a trainer recomputes);
-    ``"processed"`` is ``log_softmax`` of the distribution actually sampled from (after temperature,
-    top-k, top-p, min-p and min_tokens bans; greedy rows use temperature 1). See
+    ``"processed"`` is ``log_softmax`` of the distribution actually sampled from (after penalties,
+    temperature, top-k, top-p, min-p and min_tokens bans; greedy rows use temperature 1). See
     ``rollout.samplers.sampler``.
     """
 
@@ -46,6 +50,9 @@ class SamplingParams:
     top_k: int  # keep the k most likely tokens; -1 or 0 = off
     top_p: float  # keep the smallest set of most likely tokens with mass >= top_p; 1 = off
     min_p: float  # drop tokens with probability < min_p * max probability; 0 = off
+    presence_penalty: float  # in [-2, 2]: subtracted from the logit of every token already output
+    frequency_penalty: float  # in [-2, 2]: times a token's count in the output, subtracted from its logit
+    repetition_penalty: float  # > 0: logits of prompt and output tokens are divided by it (x it if < 0)
     seed: int | None  # None: the engine picks a random seed; else draws are reproducible
     max_tokens: int  # most output tokens to generate
     min_tokens: int  # EOS and stop_token_ids are banned until this many tokens are out
@@ -67,6 +74,9 @@ class SamplingParams:
         top_k: int = -1,
         top_p: float = 1.0,
         min_p: float = 0.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
         seed: int | None = None,
         max_tokens: int = 16,
         min_tokens: int = 0,
@@ -90,6 +100,9 @@ class SamplingParams:
             "top_k": _int("top_k", top_k, lo=-1),
             "top_p": _float("top_p", top_p, lo=0.0, hi=1.0, lo_open=True),
             "min_p": _float("min_p", min_p, lo=0.0, hi=1.0),
+            "presence_penalty": _float("presence_penalty", presence_penalty, lo=-2.0, hi=2.0),
+            "frequency_penalty": _float("frequency_penalty", frequency_penalty, lo=-2.0, hi=2.0),
+            "repetition_penalty": _float("repetition_penalty", repetition_penalty, lo=0.0, lo_open=True),
             "seed": None if seed is None else _int("seed", seed, lo=_SEED_MIN, hi=_SEED_MAX),
             "max_tokens": max_tokens,
             "min_tokens": _int("min_tokens", min_tokens, lo=0),
@@ -130,6 +143,11 @@ class SamplingParams:
     def replace(self, **changes: Any) -> SamplingParams:
         """A validated copy with ``changes`` applied (unknown names raise ``ValueError``)."""
         return SamplingParams(**{**self.to_dict(), **changes})
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any penalty is on (the sampler then needs the row's token history)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def is_greedy(self) -> bool:

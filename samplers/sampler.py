@@ -2,19 +2,20 @@
 
 Pipeline for each row, all in float32:
 
-1. ``processed`` logits: ``logits / temperature`` (greedy rows: temperature 1), banned tokens
-   (min_tokens) set to -inf, then top-k, top-p and min-p masks (-inf outside the kept set).
+1. ``processed`` logits: penalties (see ``SamplingParams``), then ``logits / temperature`` (greedy
+   rows: temperature 1), banned tokens (min_tokens) set to -inf, then top-k, top-p and min-p masks
+   (-inf outside the kept set).
    top-p applies to the top-k-renormalized distribution; min-p compares against the most likely
    token, which no mask ever removes. Tokens tied with the last kept value are kept as well, so
    the result does not depend on how a sort orders equal values.
-2. The token: greedy rows take ``argmax(processed)`` (= argmax of the banned logits: the masks
-   never drop the maximum; ties go to the lowest id). Other rows run the exponential race
+2. The token: greedy rows take ``argmax(processed)`` (= argmax of the penalized, banned logits: the
+   masks never drop the maximum; ties go to the lowest id). Other rows run the exponential race
    ``argmax(p / E)`` = ``argmax(processed - log E)``, ``E ~ Exp(1)`` from the counter-based hash
    of ``rollout.samplers.rng``: the same (seed, offset) gives the same token in any batch.
 3. Logprobs, per row in the row's ``logprobs_mode``:
 
    * ``"raw"``: ``log_softmax(logits)``, the model's own distribution with nothing applied (no
-     temperature, no bans): what a trainer recomputes for the same tokens. Masked or banned
+     penalties, no temperature, no bans): what a trainer recomputes for the same tokens. Masked or banned
      tokens keep their model logprob here.
    * ``"processed"``: ``log_softmax(processed)``, the distribution the token was drawn from;
      tokens outside the kept set are -inf. For greedy rows this is the filtered distribution at
@@ -24,7 +25,7 @@ Pipeline for each row, all in float32:
    are the K largest of the same distribution, sorted descending, K = min(max_num_logprobs, V);
    ``ranks`` is 1 + the number of tokens strictly more likely than the sampled one.
 
-On CUDA, batches without top-k / top-p / min-p go through the fused Triton kernel of
+On CUDA, batches without top-k / top-p / min-p / penalties go through the fused Triton kernel of
 ``rollout.kernels.sampling`` (one pass over the logits instead of ~20): same tokens (the same hash
 bits and float32 formulas), same logprobs up to float32 summation order. ``sample(...,
 use_kernel=...)`` forces either path.
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from rollout.samplers.params import MAX_LOGPROBS
 from rollout.samplers.rng import log_exponential
-from rollout.samplers.tensors import SamplingTensors
+from rollout.samplers.tensors import PenaltyTensors, SamplingTensors
 
 _NEG_INF = float("-inf")
 
@@ -129,6 +130,7 @@ def _kernel_applies(logits: torch.Tensor, t: SamplingTensors) -> bool:
         logits.is_cuda
         and logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and not (t.any_top_k or t.any_top_p or t.any_min_p)
+        and t.penalties is None
     )
 
 
@@ -151,9 +153,10 @@ def _sample_with_kernel(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutp
     kernels = _kernel_module()
     if kernels is None:
         raise ValueError("use_kernel=True but rollout.kernels.sampling cannot be imported (no Triton?)")
-    if t.any_top_k or t.any_top_p or t.any_min_p:
+    if t.any_top_k or t.any_top_p or t.any_min_p or t.penalties is not None:
         raise ValueError(
-            "use_kernel=True but the batch has top-k / top-p / min-p rows: the kernel has no filters"
+            "use_kernel=True but the batch has top-k / top-p / min-p or penalty rows: the kernel has "
+            "no filters and no penalties"
         )
     k = min(t.max_num_logprobs, t.vocab_size)
     write_source = k > 0 and t.any_processed
@@ -194,8 +197,9 @@ def _check_inputs(logits: torch.Tensor, t: SamplingTensors) -> None:
 
 def _processed_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Temperature, bans and filters applied; unnormalized. Never writes to ``logits``."""
+    x = logits if t.penalties is None else _apply_penalties(logits, t.penalties)
     # Greedy rows carry temperature 1, so an all-greedy batch needs no division at all.
-    x = logits if t.all_greedy else logits / t.temperature[:, None]
+    x = x if t.all_greedy else x / t.temperature[:, None]
     if t.banned_rows.shape[0] > 0:
         if x is logits:
             x = x.clone()
@@ -210,6 +214,17 @@ def _processed_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         cutoff = x.amax(dim=-1, keepdim=True) + torch.log(t.min_p)[:, None]
         x = x.masked_fill(x < cutoff, _NEG_INF)
     return x
+
+
+def _apply_penalties(x: torch.Tensor, p: PenaltyTensors) -> torch.Tensor:
+    """Repetition (prompt and output tokens), then frequency and presence (output tokens) penalties,
+    on float32 logits, out of place. Rows without penalties come out unchanged (0, 0 and 1 are exact
+    no-ops)."""
+    if p.seen is not None:
+        rep = p.repetition[:, None]
+        x = torch.where(p.seen, torch.where(x > 0, x / rep, x * rep), x)
+    counts = p.output_counts
+    return x - p.frequency[:, None] * counts - p.presence[:, None] * (counts > 0)
 
 
 def _mask_top_k(x: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:

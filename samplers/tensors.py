@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,39 @@ class RowSampling:
     seed: int  # the row's seed: params.seed (per-sample derived) or one the engine drew at random
     offset: int  # index of the output token being sampled: the RNG counter, stable across preemption
     banned_token_ids: Sequence[int] = ()  # tokens it may not sample now (EOS/stop ids before min_tokens)
+    # the row's token history, read only when its params have penalties
+    output_token_ids: Sequence[int] = ()  # tokens it output so far
+    prompt_token_ids: Sequence[int] = ()  # its prompt (repetition_penalty counts prompt tokens too)
+
+
+@dataclass(eq=False)
+class PenaltyHistory:
+    """The token history of the rows with penalties, as (row, token) pairs; a token output k times
+    appears k times. Prompt pairs are only needed for rows with a repetition penalty."""
+
+    output_rows: list[int] = field(default_factory=list)
+    output_tokens: list[int] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, eq=False)
+class PenaltyTensors:
+    """Per-row penalties and token history, for B rows (rows without penalties hold neutral values:
+    0, 0, 1, and their history is not recorded)."""
+
+    presence: torch.Tensor  # [B] f32, 0 = off
+    frequency: torch.Tensor  # [B] f32, 0 = off
+    repetition: torch.Tensor  # [B] f32, 1 = off
+    output_counts: torch.Tensor  # [B, V] f32: how many times each token was output so far
+    seen: torch.Tensor | None  # [B, V] bool: in the prompt or output (None: no repetition penalty)
+
+    def add_output_tokens(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Count one more output of ``tokens[i]`` in row ``rows[i]`` (device index tensors: tokens
+        sampled by a step whose results have not reached the host yet)."""
+        self.output_counts.index_put_((rows, tokens), self.output_counts.new_ones(()), accumulate=True)
+        if self.seen is not None:
+            self.seen.index_put_((rows, tokens), self.seen.new_ones(()))
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +88,7 @@ class SamplingTensors:
     any_min_p: bool  # some row has min_p > 0
     max_num_logprobs: int  # K: most top logprobs any row asked for (0: no top-k outputs)
     any_processed: bool  # some row wants processed logprobs
+    penalties: PenaltyTensors | None = None  # None: no row has a penalty
 
     @property
     def batch_size(self) -> int:
@@ -86,6 +120,7 @@ class SamplingTensors:
         seeds, offsets = [], []
         banned_rows: list[int] = []
         banned_tokens: list[int] = []
+        history = PenaltyHistory()
         for i, row in enumerate(rows):
             if type(row) is not RowSampling and not isinstance(row, RowSampling):
                 raise TypeError(f"rows[{i}] must be a RowSampling, got {type(row).__name__}")
@@ -110,10 +145,24 @@ class SamplingTensors:
                 for tok in row.banned_token_ids:
                     banned_rows.append(i)
                     banned_tokens.append(_check_int(f"rows[{i}].banned_token_ids", tok, 0, vocab_size - 1))
+            if entry[1][10]:  # penalties: record the history
+                for tok in row.output_token_ids:
+                    history.output_rows.append(i)
+                    history.output_tokens.append(
+                        _check_int(f"rows[{i}].output_token_ids", tok, 0, vocab_size - 1)
+                    )
+                if entry[1][9] != 1.0:
+                    for tok in row.prompt_token_ids:
+                        history.prompt_rows.append(i)
+                        history.prompt_tokens.append(
+                            _check_int(f"rows[{i}].prompt_token_ids", tok, 0, vocab_size - 1)
+                        )
         if offsets and max(offsets) > 2**63 - 1:
             bad = next(o for o in offsets if o > 2**63 - 1)
             raise ValueError(f"offset must be in [0, {2**63 - 1}], got {bad!r}")
-        return cls.from_columns(statics, seeds, offsets, banned_rows, banned_tokens, vocab_size, device)
+        return cls.from_columns(
+            statics, seeds, offsets, banned_rows, banned_tokens, vocab_size, device, history
+        )
 
     @classmethod
     def from_columns(
@@ -125,9 +174,11 @@ class SamplingTensors:
         banned_tokens: Sequence[int],
         vocab_size: int,
         device: torch.device,
+        history: PenaltyHistory | None = None,
     ) -> SamplingTensors:
         """``build`` from values already checked: per row, its ``effective_values`` tuple, its
-        seed as int64 and its offset; the banned (row, token) pairs as two columns. The engine's
+        seed as int64 and its offset; the banned (row, token) pairs as two columns; the token
+        history of the rows with penalties (None: no row has any). The engine's
         model runner calls this with columns it keeps per request, so a step does no per-row
         object or validation work."""
         num = len(statics)
@@ -196,12 +247,40 @@ class SamplingTensors:
             any_min_p=any(v[2] > 0.0 for v in distinct),
             max_num_logprobs=int(max((v[6] for v in distinct), default=0)),
             any_processed=any(v[4] for v in distinct),
+            penalties=_penalties(statics, history, vocab_size, device)
+            if any(v[10] for v in distinct)
+            else None,
         )
 
 
+def _penalties(
+    statics: Sequence[tuple], history: PenaltyHistory | None, vocab_size: int, device: torch.device
+) -> PenaltyTensors:
+    """The penalty tensors of a batch where some row has a penalty (rare in RL: built plainly)."""
+    history = history or PenaltyHistory()
+    num = len(statics)
+    values = torch.tensor([v[7:10] for v in statics], dtype=torch.float32).reshape(num, 3)
+    values = values.T.contiguous().to(device)
+    counts = torch.zeros((num, vocab_size), dtype=torch.float32, device=device)
+    out = _pairs(history.output_rows, history.output_tokens, device)
+    counts.index_put_(out, counts.new_ones(()), accumulate=True)
+    seen = None
+    if any(v[9] != 1.0 for v in statics):
+        seen = torch.zeros((num, vocab_size), dtype=torch.bool, device=device)
+        seen.index_put_(out, seen.new_ones(()))
+        seen.index_put_(_pairs(history.prompt_rows, history.prompt_tokens, device), seen.new_ones(()))
+    return PenaltyTensors(values[0], values[1], values[2], counts, seen)
+
+
+def _pairs(rows: list[int], tokens: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    both = torch.tensor([rows, tokens], dtype=torch.int64).reshape(2, len(rows)).to(device)
+    return both[0], both[1]
+
+
 def effective_values(p: SamplingParams, vocab_size: int) -> tuple:
-    """One row's effective option values (see ``SamplingTensors``), as the 7 numeric columns
-    temperature, top_p, min_p, greedy, processed, top_k, num_logprobs."""
+    """One row's effective option values (see ``SamplingTensors``), as the 11 columns temperature,
+    top_p, min_p, greedy, processed, top_k, num_logprobs, presence, frequency, repetition penalty
+    and whether any penalty is on. Penalties stay on for greedy rows: they move the argmax."""
     is_greedy = p.is_greedy
     is_processed = p.logprobs_mode == "processed"
     uses_filters = is_processed or not is_greedy  # else nothing reads the processed distribution
@@ -213,6 +292,10 @@ def effective_values(p: SamplingParams, vocab_size: int) -> tuple:
         is_processed,
         min(p.top_k, vocab_size) if uses_filters and p.top_k > 0 else vocab_size,
         p.logprobs or 0,
+        p.presence_penalty,
+        p.frequency_penalty,
+        p.repetition_penalty,
+        p.has_penalties,
     )
 
 

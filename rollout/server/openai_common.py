@@ -21,15 +21,13 @@ has no infinity."""
 # Request fields copied into SamplingParams when set (same names on both sides).
 _PASSTHROUGH = (
     "temperature", "top_p", "seed", "top_k", "min_p", "min_tokens", "ignore_eos", "stop_token_ids",
-    "include_stop_str_in_output", "skip_special_tokens", "logprobs_mode",
+    "include_stop_str_in_output", "skip_special_tokens", "logprobs_mode", "presence_penalty",
+    "frequency_penalty", "repetition_penalty",
 )  # fmt: skip
 
 
 def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
     """400 for OpenAI features this server does not implement, unless left at their neutral value."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported (only 0)", name)
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", "logit_bias")
     if isinstance(req, CompletionRequest):

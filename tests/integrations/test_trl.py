@@ -10,7 +10,13 @@ import torch
 
 from rollout import SamplingParams
 from rollout.integrations.rollout_client import RolloutBatch, sequence_logprobs
-from rollout.integrations.trl import REQUIRED_KEYS, check_trl_outputs, make_rollout_func, to_trl_outputs
+from rollout.integrations.trl import (
+    REQUIRED_KEYS,
+    check_trl_outputs,
+    make_rollout_func,
+    sampling_params_from_trainer,
+    to_trl_outputs,
+)
 
 
 def fake_trainer(model, tokenizer, G: int, max_len: int = 6) -> SimpleNamespace:
@@ -84,6 +90,17 @@ def test_unrepeated_prompts_get_one_completion_each(client, hf_model):
     check_trl_outputs(out, num_prompts=3)
     assert [p for p in out["prompt_ids"]] == [[97], [98], [97]]
     assert all(len(c) <= 3 for c in out["completion_ids"])
+
+
+def test_trainer_generation_settings_become_sampling_params():
+    args = SimpleNamespace(
+        temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, max_completion_length=32, repetition_penalty=1.2
+    )
+    p = sampling_params_from_trainer(SimpleNamespace(args=args))
+    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.max_tokens) == (0.7, 0.9, 20, 0.05, 32)
+    assert p.repetition_penalty == 1.2 and not p.detokenize
+    bare = sampling_params_from_trainer(SimpleNamespace(args=SimpleNamespace()))  # TRL defaults
+    assert (bare.top_k, bare.repetition_penalty, bare.max_tokens) == (-1, 1.0, 256)
 
 
 def test_env_mask_marks_aborted_samples():

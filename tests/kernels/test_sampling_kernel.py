@@ -207,6 +207,9 @@ def test_launcher_rejects_bad_inputs() -> None:
     filtered = SamplingTensors.build(_rows([SamplingParams(top_k=5)] * B), V, DEVICE)
     with pytest.raises(ValueError, match="top-k"):
         sample(logits, filtered, use_kernel=True)
+    penalized = SamplingTensors.build(_rows([SamplingParams(presence_penalty=0.5)] * B), V, DEVICE)
+    with pytest.raises(ValueError, match="penalt"):
+        sample(logits, penalized, use_kernel=True)
 
 
 def test_dispatch_is_host_only() -> None:
@@ -216,6 +219,8 @@ def test_dispatch_is_host_only() -> None:
     if torch.cuda.is_available():
         assert sampler_module._kernel_applies(torch.zeros(B, V, device="cuda"), plain)
         assert not sampler_module._kernel_applies(torch.zeros(B, V, device="cuda"), filtered)
+        penalized = SamplingTensors.build(_rows([SamplingParams(repetition_penalty=1.1)] * B), V, "cuda")
+        assert not sampler_module._kernel_applies(torch.zeros(B, V, device="cuda"), penalized)
 
 
 def test_kernel_module_has_no_host_syncs() -> None:

@@ -123,3 +123,52 @@ def test_shared_row_values_broadcast_like_per_row_values(batch: int, params: Sam
     assert one.max_num_logprobs == many.max_num_logprobs == (params.logprobs or 0)
     assert one.top_k.tolist() == [shared[5]] * batch and one.seeds.tolist() == seeds
     assert (one.banned_rows.tolist(), one.banned_tokens.tolist()) == bans
+
+
+def test_penalty_history_columns_and_validation() -> None:
+    rows = [
+        RowSampling(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), 1, 0, (), (3, 3, 7), (1,)),
+        RowSampling(SamplingParams(), 2, 0, (), (5, 5), (6,)),  # no penalties: its history is not read
+        RowSampling(SamplingParams(repetition_penalty=1.5), 3, 0, (), (4,), (9, 9, 2)),
+    ]
+    p = SamplingTensors.build(rows, V, "cpu").penalties
+    assert p is not None
+    assert p.presence.tolist() == [0.5, 0.0, 0.0] and p.frequency.tolist() == [0.25, 0.0, 0.0]
+    assert p.repetition.tolist() == [1.0, 1.0, 1.5]
+    counts = {(r, c): int(p.output_counts[r, c]) for r, c in p.output_counts.nonzero().tolist()}
+    assert counts == {(0, 3): 2, (0, 7): 1, (2, 4): 1}
+    assert p.seen is not None and p.seen[2].nonzero().flatten().tolist() == [2, 4, 9]
+    assert not p.seen[1].any()
+    p.add_output_tokens(torch.tensor([1, 2]), torch.tensor([8, 4]))  # tokens still on the device
+    assert int(p.output_counts[1, 8]) == 1 and int(p.output_counts[2, 4]) == 2 and bool(p.seen[1, 8])
+    # no penalties: no history tensors at all; an id outside the vocabulary is refused by name
+    assert SamplingTensors.build([rows[1]], V, "cpu").penalties is None
+    bad = RowSampling(SamplingParams(frequency_penalty=1.0), 1, 0, (), (V,))
+    with pytest.raises(ValueError, match=r"output_token_ids.*50"):
+        SamplingTensors.build([bad], V, "cpu")
+
+
+def test_penalties_move_the_processed_distribution_not_the_raw_one() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, V, generator=gen) * 3
+    history = (int(logits[0].argmax()),) * 2  # the top token, output twice
+    params = [
+        SamplingParams(
+            temperature=0.0, frequency_penalty=2.0, presence_penalty=1.0, logprobs_mode="processed"
+        ),
+        SamplingParams(temperature=0.0, repetition_penalty=4.0, logprobs_mode="processed"),
+        SamplingParams(temperature=0.0, frequency_penalty=2.0),  # raw logprobs
+    ]
+    rows = [RowSampling(p, 0, 2, (), history, history) for p in params]
+    out = sample(logits, SamplingTensors.build(rows, V, "cpu"))
+    expected = logits.clone()
+    top = history[0]
+    expected[0, top] -= 2.0 * 2 + 1.0
+    expected[1, top] = expected[1, top] / 4.0 if expected[1, top] > 0 else expected[1, top] * 4.0
+    expected[2, top] -= 2.0 * 2
+    assert out.token_ids.tolist() == expected.argmax(dim=-1).tolist()
+    assert out.token_ids[0] != top  # a penalty large enough to move the argmax
+    processed = torch.log_softmax(expected, dim=-1)
+    raw = torch.log_softmax(logits, dim=-1)
+    for i, source in enumerate((processed, processed, raw)):
+        assert out.logprobs[i].item() == pytest.approx(source[i, out.token_ids[i]].item(), abs=1e-5)

@@ -177,3 +177,21 @@ def test_client_errors(client):
     bad = openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+def test_penalties(client, secured):
+    """presence/frequency penalties (OpenAI's fields) and repetition_penalty (vLLM's extension) reach
+    the sampler: the same tokens as the native route given the same sampling params, and a greedy
+    run that repeats itself does so less under a frequency penalty."""
+    import httpx
+
+    kw = dict(model="tiny", prompt=[5, 6, 7], max_tokens=12, temperature=0.0)
+    plain = extra(client.completions.create(**kw).choices[0], "token_ids")
+    penalties = dict(presence_penalty=0.5, frequency_penalty=2.0)
+    r = client.completions.create(**kw, **penalties, extra_body={"repetition_penalty": 1.3})
+    ids = extra(r.choices[0], "token_ids")
+    params = dict(max_tokens=12, temperature=0.0, repetition_penalty=1.3, **penalties)
+    body = {"prompt_token_ids": [5, 6, 7], "sampling_params": params}
+    native = httpx.post(secured.url + "/generate", json=body, headers=secured.headers(), timeout=30).json()
+    assert native["outputs"][0]["token_ids"] == ids
+    assert max(ids.count(t) for t in ids) < max(plain.count(t) for t in plain)
