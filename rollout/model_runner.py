@@ -18,7 +18,7 @@ from rollout.models.loader import load_model
 from rollout.request import Request
 from rollout.samplers.params import SamplingParams
 from rollout.samplers.sampler import prompt_logprobs, sample
-from rollout.samplers.tensors import PenaltyHistory, SamplingTensors, effective_values
+from rollout.samplers.tensors import PenaltyHistory, SamplingTensors, effective_values, to_device_async
 from rollout.scheduler import ScheduledBatch
 
 
@@ -239,7 +239,7 @@ class ModelRunner:
         result = []
         for request_id, first, count, next_ids, k in prompt_rows:
             logits = self.model.compute_logits(hidden[first : first + count])
-            targets = torch.tensor(next_ids, dtype=torch.long).to(self.device)
+            targets = to_device_async(torch.tensor(next_ids, dtype=torch.long), self.device)
             lp, top_ids, top_lp = prompt_logprobs(logits, targets, k)
             result.append((request_id, lp, top_ids, top_lp, k))
         return result
@@ -466,7 +466,7 @@ class _SamplingRows:
         )
         if self.pending_rows:
             assert t.penalties is not None and prev is not None and prev.token_ids is not None
-            idx = torch.tensor([self.pending_rows, self.pending_src], dtype=torch.int64).to(device)
+            idx = to_device_async(torch.tensor([self.pending_rows, self.pending_src]), device)
             t.penalties.add_output_tokens(idx[0], prev.token_ids.index_select(0, idx[1]))
         return t
 

@@ -259,8 +259,9 @@ def _penalties(
     """The penalty tensors of a batch where some row has a penalty (rare in RL: built plainly)."""
     history = history or PenaltyHistory()
     num = len(statics)
-    values = torch.tensor([v[7:10] for v in statics], dtype=torch.float32).reshape(num, 3)
-    values = values.T.contiguous().to(device)
+    values = to_device_async(
+        torch.tensor([v[7:10] for v in statics], dtype=torch.float32).reshape(num, 3).T, device
+    )
     counts = torch.zeros((num, vocab_size), dtype=torch.float32, device=device)
     out = _pairs(history.output_rows, history.output_tokens, device)
     counts.index_put_(out, counts.new_ones(()), accumulate=True)
@@ -273,8 +274,17 @@ def _penalties(
 
 
 def _pairs(rows: list[int], tokens: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    both = torch.tensor([rows, tokens], dtype=torch.int64).reshape(2, len(rows)).to(device)
+    both = to_device_async(torch.tensor([rows, tokens], dtype=torch.int64).reshape(2, len(rows)), device)
     return both[0], both[1]
+
+
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` without making the host wait for the device: from pinned memory on CUDA
+    (a copy from pageable memory waits for the stream's queued work)."""
+    host = host.contiguous()
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def effective_values(p: SamplingParams, vocab_size: int) -> tuple:

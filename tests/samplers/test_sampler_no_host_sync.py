@@ -126,3 +126,32 @@ def test_no_sync_on_cuda_and_same_tokens_as_cpu() -> None:
     gpu_fp32 = sample(logits.cuda(), t)
     assert torch.equal(gpu_fp32.token_ids.cpu(), cpu_out.token_ids)
     assert torch.allclose(gpu_fp32.logprobs.cpu(), cpu_out.logprobs, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_penalty_batches_build_and_sample_without_sync() -> None:
+    # The engine builds penalty tensors every step of a penalized batch: the token history must
+    # travel without making the host wait for the device.
+    vocab = 32_000
+    params = [SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5), SamplingParams(temperature=0.0)]
+    rows = [
+        RowSampling(params[i % 2], seed=i, offset=4, output_token_ids=(7, 7, i), prompt_token_ids=(1, 2, 3))
+        for i in range(8)
+    ]
+    logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(1)) * 3
+    logits_gpu = logits.to("cuda")
+    pending = (torch.tensor([0], device="cuda"), torch.tensor([5], device="cuda"))  # a token still on the GPU
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t = SamplingTensors.build(rows, vocab, "cuda")
+        assert t.penalties is not None
+        t.penalties.add_output_tokens(*pending)
+        out = sample(logits_gpu, t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu_t = SamplingTensors.build(rows, vocab, "cpu")
+    assert cpu_t.penalties is not None
+    cpu_t.penalties.add_output_tokens(torch.tensor([0]), torch.tensor([5]))
+    assert out.token_ids.tolist() == sample(logits, cpu_t).token_ids.tolist()
