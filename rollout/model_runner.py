@@ -18,7 +18,13 @@ from rollout.models.loader import load_model
 from rollout.request import Request
 from rollout.samplers.params import SamplingParams
 from rollout.samplers.sampler import prompt_logprobs, sample
-from rollout.samplers.tensors import PenaltyHistory, SamplingTensors, effective_values, to_device_async
+from rollout.samplers.tensors import (
+    LogitBiasColumns,
+    PenaltyHistory,
+    SamplingTensors,
+    effective_values,
+    to_device_async,
+)
 from rollout.scheduler import ScheduledBatch
 
 
@@ -271,6 +277,9 @@ class ModelRunner:
                     rows.banned_tokens.extend(banned)
                 if v[10]:  # penalties: the row's token history
                     rows.add_history(req, v[9] != 1.0, prev)
+                if v[11]:  # (tokens checked against the vocabulary at admission)
+                    rows.bias = rows.bias or LogitBiasColumns()
+                    rows.bias.add(len(seeds) - 1, req.params.logit_bias)
             k = req.params.prompt_logprobs
             if k is not None:
                 start, n = s.start, s.num_new_tokens
@@ -381,15 +390,17 @@ class ModelRunner:
 
     def _sampling_tensors(self, rows: _SamplingRows, prev: StepHandle | None) -> SamplingTensors:
         """The step's sampling tensors. A steady decode batch (the same rows as the previous step,
-        each one token further, nothing banned, no penalties) reuses the previous step's tensors with the RNG
-        counters advanced on the device: one small kernel instead of a host build and a copy. The
-        tensors are a function of the columns alone, so equal columns give the same tensors."""
+        each one token further, nothing banned, no penalties or biases) reuses the previous step's
+        tensors with the RNG counters advanced on the device: one small kernel instead of a host
+        build and a copy. The tensors are a function of the columns alone, so equal columns give
+        the same tensors."""
         last = self._last_sampling
         if (
             last is not None
             and not rows.banned_rows
             and not last[0].banned_rows
             and rows.history is None
+            and rows.bias is None
             and rows.seeds == last[0].seeds
             and rows.values == last[0].values
             and rows.offsets == [o + 1 for o in last[0].offsets]
@@ -429,7 +440,7 @@ class _SamplingRows:
     offsets: list[int] = field(default_factory=list)
     banned_rows: list[int] = field(default_factory=list)
     banned_tokens: list[int] = field(default_factory=list)
-
+    bias: LogitBiasColumns | None = None  # of the rows with a logit bias
     history: PenaltyHistory | None = None  # of the rows with penalties
     # (row, index in the previous step's sampled tokens) of penalty rows whose last output token
     # is still on the device (overlapped loop)
@@ -463,6 +474,7 @@ class _SamplingRows:
             vocab_size,
             device,
             self.history,
+            self.bias,
         )
         if self.pending_rows:
             assert t.penalties is not None and prev is not None and prev.token_ids is not None

@@ -51,3 +51,6 @@ def check_params(params: object, vocab_size: int, has_tokenizer: bool) -> None:
     for t in params.stop_token_ids:
         if t >= vocab_size:
             raise ValueError(f"stop_token_ids has {t}, outside the vocabulary [0, {vocab_size})")
+    for t, _ in params.logit_bias:
+        if t >= vocab_size:
+            raise ValueError(f"logit_bias has token {t}, outside the vocabulary [0, {vocab_size})")

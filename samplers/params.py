@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -28,7 +28,8 @@ class SamplingParams:
     (``SamplingParams.from_dict(body)``), or from another instance (``params.replace(n=4)``). A bad
     value or an unknown field raises ``ValueError`` naming the field and the value.
 
-    Sampling order: logits -> penalties -> temperature -> top-k -> top-p -> min-p -> draw. ``top_p``
+    Sampling order: logits -> logit bias -> penalties -> temperature -> top-k -> top-p -> min-p ->
+    draw. ``top_p``
     applies to the top-k-renormalized distribution. Penalties follow vLLM (and HF for repetition):
     ``repetition_penalty`` divides the positive logits and multiplies the negative ones of every token
     in the prompt or the output so far; ``frequency_penalty`` subtracts itself times the token's count
@@ -53,6 +54,7 @@ class SamplingParams:
     presence_penalty: float  # in [-2, 2]: subtracted from the logit of every token already output
     frequency_penalty: float  # in [-2, 2]: times a token's count in the output, subtracted from its logit
     repetition_penalty: float  # > 0: logits of prompt and output tokens are divided by it (x it if < 0)
+    logit_bias: tuple[tuple[int, float], ...]  # (token, bias in [-100, 100]) added to that token's logit
     seed: int | None  # None: the engine picks a random seed; else draws are reproducible
     max_tokens: int  # most output tokens to generate
     min_tokens: int  # EOS and stop_token_ids are banned until this many tokens are out
@@ -77,6 +79,7 @@ class SamplingParams:
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
+        logit_bias: Mapping[int, float] | Sequence[tuple[int, float]] | None = None,
         seed: int | None = None,
         max_tokens: int = 16,
         min_tokens: int = 0,
@@ -103,6 +106,7 @@ class SamplingParams:
             "presence_penalty": _float("presence_penalty", presence_penalty, lo=-2.0, hi=2.0),
             "frequency_penalty": _float("frequency_penalty", frequency_penalty, lo=-2.0, hi=2.0),
             "repetition_penalty": _float("repetition_penalty", repetition_penalty, lo=0.0, lo_open=True),
+            "logit_bias": _logit_bias(logit_bias),
             "seed": None if seed is None else _int("seed", seed, lo=_SEED_MIN, hi=_SEED_MAX),
             "max_tokens": max_tokens,
             "min_tokens": _int("min_tokens", min_tokens, lo=0),
@@ -138,6 +142,7 @@ class SamplingParams:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["stop"] = list(self.stop)
         out["stop_token_ids"] = list(self.stop_token_ids)
+        out["logit_bias"] = [list(pair) for pair in self.logit_bias]  # pairs: msgpack keys stay strings
         return out
 
     def replace(self, **changes: Any) -> SamplingParams:
@@ -192,6 +197,25 @@ def _stop_strings(value: Any) -> tuple[str, ...]:
     if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) and s for s in items):
         raise ValueError(f"stop must be a non-empty str or a list of non-empty str, got {value!r}")
     return tuple(items)
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """{token: bias} or [(token, bias), ...] -> pairs sorted by token (one bias per token)."""
+    if value is None:
+        return ()
+    pairs_given = isinstance(value, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 for p in value
+    )
+    if not (isinstance(value, Mapping) or pairs_given):
+        raise ValueError(f"logit_bias must be a {{token: bias}} mapping or (token, bias) pairs: {value!r}")
+    items = list(value.items()) if isinstance(value, Mapping) else [tuple(p) for p in value]
+    pairs = {}
+    for token, bias in items:
+        token = _int("logit_bias token", token, lo=0)
+        if token in pairs:
+            raise ValueError(f"logit_bias has token {token} twice")
+        pairs[token] = _float(f"logit_bias[{token}]", bias, lo=-100.0, hi=100.0)
+    return tuple(sorted(pairs.items()))
 
 
 def _token_ids(name: str, value: Any) -> tuple[int, ...]:

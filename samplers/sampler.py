@@ -2,21 +2,21 @@
 
 Pipeline for each row, all in float32:
 
-1. ``processed`` logits: penalties (see ``SamplingParams``), then ``logits / temperature`` (greedy
-   rows: temperature 1), banned tokens (min_tokens) set to -inf, then top-k, top-p and min-p masks
-   (-inf outside the kept set).
-   top-p applies to the top-k-renormalized distribution; min-p compares against the most likely
-   token, which no mask ever removes. Tokens tied with the last kept value are kept as well, so
-   the result does not depend on how a sort orders equal values.
-2. The token: greedy rows take ``argmax(processed)`` (= argmax of the penalized, banned logits: the
-   masks never drop the maximum; ties go to the lowest id). Other rows run the exponential race
-   ``argmax(p / E)`` = ``argmax(processed - log E)``, ``E ~ Exp(1)`` from the counter-based hash
-   of ``rollout.samplers.rng``: the same (seed, offset) gives the same token in any batch.
+1. ``processed`` logits: logit bias and penalties (see ``SamplingParams``), then ``/ temperature``
+   (greedy rows: temperature 1), banned tokens (min_tokens) set to -inf, then top-k, top-p and min-p
+   masks (-inf outside the kept set). top-p applies to the top-k-renormalized distribution; min-p
+   compares against the most likely token, which no mask ever removes. Tokens tied with the last
+   kept value are kept as well, so the result does not depend on how a sort orders equal values.
+2. The token: greedy rows take ``argmax(processed)`` (= argmax of the biased, penalized, banned
+   logits: the masks never drop the maximum; ties go to the lowest id). Other rows run the
+   exponential race ``argmax(p / E)`` = ``argmax(processed - log E)``, ``E ~ Exp(1)`` from the
+   counter-based hash of ``rollout.samplers.rng``: the same (seed, offset) gives the same token in
+   any batch.
 3. Logprobs, per row in the row's ``logprobs_mode``:
 
    * ``"raw"``: ``log_softmax(logits)``, the model's own distribution with nothing applied (no
-     penalties, no temperature, no bans): what a trainer recomputes for the same tokens. Masked or banned
-     tokens keep their model logprob here.
+     bias, no penalties, no temperature, no bans): what a trainer recomputes for the same tokens.
+     Masked or banned tokens keep their model logprob here.
    * ``"processed"``: ``log_softmax(processed)``, the distribution the token was drawn from;
      tokens outside the kept set are -inf. For greedy rows this is the filtered distribution at
      temperature 1 (the argmax is a point mass, whose log would be 0 everywhere it is defined).
@@ -25,7 +25,7 @@ Pipeline for each row, all in float32:
    are the K largest of the same distribution, sorted descending, K = min(max_num_logprobs, V);
    ``ranks`` is 1 + the number of tokens strictly more likely than the sampled one.
 
-On CUDA, batches without top-k / top-p / min-p / penalties go through the fused Triton kernel of
+On CUDA, batches without top-k / top-p / min-p / penalties / logit bias go through the fused Triton kernel of
 ``rollout.kernels.sampling`` (one pass over the logits instead of ~20): same tokens (the same hash
 bits and float32 formulas), same logprobs up to float32 summation order. ``sample(...,
 use_kernel=...)`` forces either path.
@@ -131,6 +131,7 @@ def _kernel_applies(logits: torch.Tensor, t: SamplingTensors) -> bool:
         and logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
         and not (t.any_top_k or t.any_top_p or t.any_min_p)
         and t.penalties is None
+        and t.logit_bias is None
     )
 
 
@@ -153,10 +154,10 @@ def _sample_with_kernel(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutp
     kernels = _kernel_module()
     if kernels is None:
         raise ValueError("use_kernel=True but rollout.kernels.sampling cannot be imported (no Triton?)")
-    if t.any_top_k or t.any_top_p or t.any_min_p or t.penalties is not None:
+    if t.any_top_k or t.any_top_p or t.any_min_p or t.penalties is not None or t.logit_bias is not None:
         raise ValueError(
-            "use_kernel=True but the batch has top-k / top-p / min-p or penalty rows: the kernel has "
-            "no filters and no penalties"
+            "use_kernel=True but the batch has top-k / top-p / min-p, penalty or logit-bias rows: the "
+            "kernel has no filters, penalties or biases"
         )
     k = min(t.max_num_logprobs, t.vocab_size)
     write_source = k > 0 and t.any_processed
@@ -197,7 +198,12 @@ def _check_inputs(logits: torch.Tensor, t: SamplingTensors) -> None:
 
 def _processed_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Temperature, bans and filters applied; unnormalized. Never writes to ``logits``."""
-    x = logits if t.penalties is None else _apply_penalties(logits, t.penalties)
+    x = logits
+    if t.logit_bias is not None:
+        rows, tokens, biases = t.logit_bias
+        x = x.index_put((rows, tokens), biases, accumulate=True)  # out of place
+    if t.penalties is not None:
+        x = _apply_penalties(x, t.penalties)
     # Greedy rows carry temperature 1, so an all-greedy batch needs no division at all.
     x = x if t.all_greedy else x / t.temperature[:, None]
     if t.banned_rows.shape[0] > 0:

@@ -39,6 +39,28 @@ class PenaltyHistory:
     prompt_tokens: list[int] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class LogitBiasColumns:
+    """(row, token, bias) triples of the rows with a logit bias."""
+
+    rows: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    biases: list[float] = field(default_factory=list)
+
+    def add(self, row: int, pairs: Sequence[tuple[int, float]], vocab_size: int | None = None) -> None:
+        """Add row ``row``'s (token, bias) pairs; with ``vocab_size``, check the tokens against it."""
+        for token, value in pairs:
+            if vocab_size is not None:
+                _check_int(f"rows[{row}].params.logit_bias token", token, 0, vocab_size - 1)
+            self.rows.append(row)
+            self.tokens.append(token)
+            self.biases.append(value)
+
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = to_device_async(torch.tensor([self.rows, self.tokens], dtype=torch.int64), device)
+        return index[0], index[1], to_device_async(torch.tensor(self.biases, dtype=torch.float32), device)
+
+
 @dataclass(frozen=True, eq=False)
 class PenaltyTensors:
     """Per-row penalties and token history, for B rows (rows without penalties hold neutral values:
@@ -89,6 +111,8 @@ class SamplingTensors:
     max_num_logprobs: int  # K: most top logprobs any row asked for (0: no top-k outputs)
     any_processed: bool  # some row wants processed logprobs
     penalties: PenaltyTensors | None = None  # None: no row has a penalty
+    # (rows [N] i64, tokens [N] i64, biases [N] f32) added to the logits; None: no row has a logit bias
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -121,6 +145,7 @@ class SamplingTensors:
         banned_rows: list[int] = []
         banned_tokens: list[int] = []
         history = PenaltyHistory()
+        bias = LogitBiasColumns()
         for i, row in enumerate(rows):
             if type(row) is not RowSampling and not isinstance(row, RowSampling):
                 raise TypeError(f"rows[{i}] must be a RowSampling, got {type(row).__name__}")
@@ -145,6 +170,8 @@ class SamplingTensors:
                 for tok in row.banned_token_ids:
                     banned_rows.append(i)
                     banned_tokens.append(_check_int(f"rows[{i}].banned_token_ids", tok, 0, vocab_size - 1))
+            if entry[1][11]:
+                bias.add(i, p.logit_bias, vocab_size)
             if entry[1][10]:  # penalties: record the history
                 for tok in row.output_token_ids:
                     history.output_rows.append(i)
@@ -161,7 +188,7 @@ class SamplingTensors:
             bad = next(o for o in offsets if o > 2**63 - 1)
             raise ValueError(f"offset must be in [0, {2**63 - 1}], got {bad!r}")
         return cls.from_columns(
-            statics, seeds, offsets, banned_rows, banned_tokens, vocab_size, device, history
+            statics, seeds, offsets, banned_rows, banned_tokens, vocab_size, device, history, bias
         )
 
     @classmethod
@@ -175,10 +202,12 @@ class SamplingTensors:
         vocab_size: int,
         device: torch.device,
         history: PenaltyHistory | None = None,
+        bias: LogitBiasColumns | None = None,
     ) -> SamplingTensors:
         """``build`` from values already checked: per row, its ``effective_values`` tuple, its
         seed as int64 and its offset; the banned (row, token) pairs as two columns; the token
-        history of the rows with penalties (None: no row has any). The engine's
+        history of the rows with penalties (None: no row has any); the logit biases of the rows that
+        have them. The engine's
         model runner calls this with columns it keeps per request, so a step does no per-row
         object or validation work."""
         num = len(statics)
@@ -250,6 +279,7 @@ class SamplingTensors:
             penalties=_penalties(statics, history, vocab_size, device)
             if any(v[10] for v in distinct)
             else None,
+            logit_bias=bias.tensors(device) if bias is not None and bias.rows else None,
         )
 
 
@@ -288,9 +318,10 @@ def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def effective_values(p: SamplingParams, vocab_size: int) -> tuple:
-    """One row's effective option values (see ``SamplingTensors``), as the 11 columns temperature,
-    top_p, min_p, greedy, processed, top_k, num_logprobs, presence, frequency, repetition penalty
-    and whether any penalty is on. Penalties stay on for greedy rows: they move the argmax."""
+    """One row's effective option values (see ``SamplingTensors``), as the 12 columns temperature,
+    top_p, min_p, greedy, processed, top_k, num_logprobs, presence, frequency, repetition penalty,
+    whether any penalty is on and whether the params have a logit bias. Penalties and biases stay
+    on for greedy rows: they move the argmax."""
     is_greedy = p.is_greedy
     is_processed = p.logprobs_mode == "processed"
     uses_filters = is_processed or not is_greedy  # else nothing reads the processed distribution
@@ -306,6 +337,7 @@ def effective_values(p: SamplingParams, vocab_size: int) -> tuple:
         p.frequency_penalty,
         p.repetition_penalty,
         p.has_penalties,
+        bool(p.logit_bias),
     )
 
 

@@ -28,8 +28,6 @@ _PASSTHROUGH = (
 
 def check_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
     """400 for OpenAI features this server does not implement, unless left at their neutral value."""
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", "logit_bias")
     if isinstance(req, CompletionRequest):
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise APIError(400, "best_of is not supported (only best_of == n)", "best_of")
@@ -90,11 +88,23 @@ def sampling_params(
             kw[name] = value
     if req.stop is not None:
         kw["stop"] = [req.stop] if isinstance(req.stop, str) else req.stop
+    if req.logit_bias:
+        kw["logit_bias"] = _logit_bias(req.logit_bias)
     logprobs_field = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
     try:
         return SamplingParams(**kw)
     except (ValueError, TypeError) as e:
         raise bad_value(e, {"max_tokens": max_tokens_field, "logprobs": logprobs_field}) from None
+
+
+def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's {"token id": bias} (JSON keys are strings) as {token id: bias}."""
+    out = {}
+    for key, value in bias.items():
+        if not key.isdigit():
+            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        out[int(key)] = value
+    return out
 
 
 def finite(lp: float) -> float:

@@ -3,8 +3,8 @@
 Bodies are validated with ``model_validate_json(..., strict=True)``: no string-to-number coercion,
 no bools as ints. Unknown fields are ignored on the OpenAI routes (clients and eval harnesses send
 fields this server has no use for) and refused on the native and admin routes. OpenAI fields that
-would change results but are not supported (logit bias, tools, ...) are accepted only at their
-neutral values; ``openai_common.check_unsupported`` refuses anything else with a 400.
+would change results but are not supported (tools, response formats, ...) are accepted only at
+their neutral values; ``openai_common.check_unsupported`` refuses anything else with a 400.
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ class _SamplingFields(_OpenAIBody):
     user: str | None = None
     presence_penalty: float | None = None  # in [-2, 2]
     frequency_penalty: float | None = None  # in [-2, 2]
-    # accepted at its neutral value only (see module doc)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # {"token id": bias in [-100, 100]}
     # extensions (vLLM's names where vLLM has them)
     top_k: StrictInt | None = None
     min_p: float | None = None

@@ -210,6 +210,9 @@ def test_launcher_rejects_bad_inputs() -> None:
     penalized = SamplingTensors.build(_rows([SamplingParams(presence_penalty=0.5)] * B), V, DEVICE)
     with pytest.raises(ValueError, match="penalt"):
         sample(logits, penalized, use_kernel=True)
+    biased = SamplingTensors.build(_rows([SamplingParams(logit_bias={1: 2.0})] * B), V, DEVICE)
+    with pytest.raises(ValueError, match="bias"):
+        sample(logits, biased, use_kernel=True)
 
 
 def test_dispatch_is_host_only() -> None:

@@ -109,3 +109,28 @@ def test_the_penalties_change_what_is_sampled(checkpoint):
     a = _engine(path, False).generate(PROMPTS, seeded, use_tqdm=False)
     b = _engine(path, True).generate(PROMPTS, seeded, use_tqdm=False)
     assert [[c.token_ids for c in o.outputs] for o in a] == [[c.token_ids for c in o.outputs] for o in b]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_logit_bias(checkpoint, overlap):
+    """A +100 bias makes its token the only choice, greedy or sampled; a -100 bias on the greedy
+    token moves the argmax to the runner-up; plain rows in the same batch are untouched; a token
+    outside the vocabulary is refused at admission and queues nothing."""
+    path, model = checkpoint
+    llm = _engine(path, overlap)
+    plain = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    forced = [
+        plain.replace(logit_bias={42: 100.0}),
+        plain.replace(temperature=1.0, seed=3, logit_bias={42: 100.0}),
+    ]
+    outs = llm.generate(PROMPTS[:2] + PROMPTS[:1], forced + [plain], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids == [42] * 6
+    assert outs[2].outputs[0].token_ids == _reference(model, PROMPTS[0], 6, 0.0, 0.0, 1.0)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([PROMPTS[0]])).logits[0, -1]
+    first, second = logits.topk(2).indices.tolist()
+    out = llm.generate([PROMPTS[0]], plain.replace(max_tokens=1, logit_bias={first: -100.0}), use_tqdm=False)
+    assert out[0].outputs[0].token_ids == [second]
+    with pytest.raises(ValueError, match="logit_bias has token 300"):
+        llm.generate([PROMPTS[0]], plain.replace(logit_bias={300: 1.0}), use_tqdm=False)
+    assert not llm.engine.has_unfinished() and llm.stats().num_free_blocks == llm.stats().num_blocks

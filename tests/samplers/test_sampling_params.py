@@ -56,6 +56,13 @@ BAD_VALUES = [
     ("detokenize", "yes"),
     ("skip_special_tokens", None),
     ("include_stop_str_in_output", 0),
+    ("presence_penalty", 2.5),
+    ("presence_penalty", "1"),
+    ("frequency_penalty", -2.01),
+    ("frequency_penalty", math.inf),
+    ("repetition_penalty", 0.0),
+    ("repetition_penalty", -1.0),
+    ("repetition_penalty", math.nan),
 ]
 
 
@@ -172,3 +179,37 @@ def test_from_dict_round_trip_and_errors() -> None:
 )
 def test_is_greedy(kwargs: dict, greedy: bool) -> None:
     assert SamplingParams(**kwargs).is_greedy is greedy
+
+
+def test_penalties_and_logit_bias() -> None:
+    p = SamplingParams()
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.logit_bias) == (
+        0.0,
+        0.0,
+        1.0,
+        (),
+    )
+    assert not p.has_penalties
+    assert SamplingParams(repetition_penalty=1.1).has_penalties
+    assert SamplingParams(presence_penalty=-2, frequency_penalty=2).has_penalties
+    # a mapping or pairs, kept as pairs sorted by token; they survive the dict round trip (as pairs,
+    # since msgpack map keys must be strings)
+    q = SamplingParams(logit_bias={9: -100, 2: 0.5})
+    assert (
+        q.logit_bias == ((2, 0.5), (9, -100.0)) == SamplingParams(logit_bias=[(9, -100), [2, 0.5]]).logit_bias
+    )
+    assert q.to_dict()["logit_bias"] == [[2, 0.5], [9, -100.0]]
+    assert SamplingParams.from_dict(q.to_dict()) == q and hash(q) == hash(
+        SamplingParams.from_dict(q.to_dict())
+    )
+    bad = [
+        ({3: 100.5}, r"logit_bias\[3\].*100\.5"),
+        ({-1: 1.0}, r"logit_bias token.*-1"),
+        ({"7": 1.0}, r"logit_bias token.*'7'"),
+        ([(1, 2.0), (1, 3.0)], "twice"),
+        ([(1, 2.0, 3.0)], "pairs"),
+        ("x", "pairs"),
+    ]
+    for value, match in bad:
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(logit_bias=value)

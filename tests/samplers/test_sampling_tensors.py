@@ -172,3 +172,26 @@ def test_penalties_move_the_processed_distribution_not_the_raw_one() -> None:
     raw = torch.log_softmax(logits, dim=-1)
     for i, source in enumerate((processed, processed, raw)):
         assert out.logprobs[i].item() == pytest.approx(source[i, out.token_ids[i]].item(), abs=1e-5)
+
+
+def test_logit_bias_moves_the_processed_distribution_not_the_raw_one() -> None:
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, V, generator=gen)
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={7: 100.0}, logprobs_mode="processed"),
+        SamplingParams(temperature=0.0),  # no bias: untouched by the other rows'
+        SamplingParams(temperature=0.5, seed=1, logit_bias={3: 5.0, 9: -100.0}),  # raw logprobs
+    ]
+    rows = [RowSampling(p, i, 0) for i, p in enumerate(params)]
+    t = SamplingTensors.build(rows, V, "cpu")
+    assert t.logit_bias is not None
+    assert [x.tolist() for x in t.logit_bias] == [[0, 2, 2], [7, 3, 9], [100.0, 5.0, -100.0]]
+    out = sample(logits, t)
+    assert out.token_ids[0] == 7 and out.token_ids[1] == logits[1].argmax()
+    biased = logits[0].clone()
+    biased[7] += 100.0
+    assert out.logprobs[0].item() == pytest.approx(torch.log_softmax(biased, -1)[7].item(), abs=1e-5)
+    assert out.logprobs[2].item() == pytest.approx(torch.log_softmax(logits[2], -1)[out.token_ids[2]].item())
+    assert SamplingTensors.build([rows[1]], V, "cpu").logit_bias is None
+    with pytest.raises(ValueError, match=r"logit_bias token.*50"):
+        SamplingTensors.build([RowSampling(SamplingParams(logit_bias={V: 1.0}), 0, 0)], V, "cpu")

@@ -195,3 +195,15 @@ def test_penalties(client, secured):
     native = httpx.post(secured.url + "/generate", json=body, headers=secured.headers(), timeout=30).json()
     assert native["outputs"][0]["token_ids"] == ids
     assert max(ids.count(t) for t in ids) < max(plain.count(t) for t in plain)
+
+
+def test_logit_bias(client):
+    """OpenAI's logit_bias ({"token id": bias}): +100 makes the token the only choice."""
+    r = client.completions.create(
+        model="tiny", prompt=[5, 6, 7], max_tokens=5, temperature=1.0, seed=1, logit_bias={"42": 100}
+    )
+    assert extra(r.choices[0], "token_ids") == [42] * 5
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, logit_bias={"43": 100}
+    )
+    assert extra(chat.choices[0], "token_ids") == [43] * 3
