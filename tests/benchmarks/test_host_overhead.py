@@ -1,0 +1,23 @@
+"""The host-overhead bench runs on the CPU and times every phase it names: it wraps the engine's own
+methods by name, so a renamed method must fail here rather than silently drop out of the numbers."""
+
+from __future__ import annotations
+
+import json
+
+from rollout.benchmarks import host_overhead
+
+PHASES = {
+    "schedule", "update_computed", "sampling_rows", "prepare", "to_device", "forward", "logits",
+    "sample", "sampling_tensors", "collect", "process", "other",
+}  # fmt: skip
+
+
+def test_host_overhead_bench_times_every_phase(tmp_path):
+    host_overhead.main(["--device", "cpu", "--batches", "1", "3", "--steps", "4", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "host_overhead.json").read_text())
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert set(r["phases_ms"]) >= PHASES
+        assert all(v >= 0 for k, v in r["phases_ms"].items() if k != "other")
+        assert 0 < r["host_ms"] < r["step_ms"] and r["api"] == "step_outputs"
