@@ -409,7 +409,8 @@ class ModelRunner:
             tensors.offsets.add_(1)  # ordered after the previous step's reads on the stream
         else:
             tensors = rows.tensors(self.vocab_size, self.device, prev)
-        self._last_sampling = (rows, tensors)
+        # (penalty tensors are [B, V] and never reused: do not keep them alive past their step)
+        self._last_sampling = (rows, tensors) if tensors.penalties is None else None
         return tensors
 
     def _effective_values(self, params: SamplingParams) -> tuple:

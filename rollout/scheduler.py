@@ -79,7 +79,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
-        capacity = self.blocks.block_size  # tokens per block
+        bs = self.blocks.block_size
         running = self.running
         i = 0
         while i < len(running) and budget > 0:
@@ -94,7 +94,7 @@ class Scheduler:
             if n > budget:
                 n = budget
             # (A decode step mostly fits in the blocks it holds: skip the allocator then.)
-            if start + n > len(req.block_ids) * capacity:
+            if start + n > len(req.block_ids) * bs:
                 while not self._grow(req, start + n):
                     victim = running[-1]
                     self._preempt(victim)

@@ -84,7 +84,8 @@ class PenaltyTensors:
 class SamplingTensors:
     """Everything ``sample`` reads, for B rows and a vocabulary of V.
 
-    Built on the host by ``build`` (one non-blocking copy per field, from pinned memory on CUDA).
+    Built on the host by ``build`` / ``from_columns`` (one non-blocking copy from pinned memory on
+    CUDA; penalty history and logit biases, when any row has them, travel separately).
     Per-row values are *effective* values: a disabled option holds its neutral value (top_k = V,
     top_p = 1, min_p = 0) so the sampler can apply it to every row unconditionally, and the host
     flags say which steps any row needs at all. Greedy rows in "raw" mode never use their
@@ -134,8 +135,8 @@ class SamplingTensors:
 
         ``cache`` (optional, owned by the caller, e.g. the model runner) memoizes each params
         object's effective values by identity, so a step over the same requests does no per-row
-        option work: only seeds and offsets are read per row. All values travel to the device in
-        two host-to-device copies (one float32, one int64 buffer, pinned on CUDA).
+        option work: only seeds and offsets are read per row. The per-row values travel to the
+        device in one host-to-device copy (one buffer, pinned on CUDA).
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
             raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
@@ -207,9 +208,8 @@ class SamplingTensors:
         """``build`` from values already checked: per row, its ``effective_values`` tuple, its
         seed as int64 and its offset; the banned (row, token) pairs as two columns; the token
         history of the rows with penalties (None: no row has any); the logit biases of the rows that
-        have them. The engine's
-        model runner calls this with columns it keeps per request, so a step does no per-row
-        object or validation work."""
+        have them. The engine's model runner calls this with columns it keeps per request, so a step
+        does no per-row object or validation work."""
         num = len(statics)
         num_banned = len(banned_rows)
         # Host flags from the distinct value tuples (rows of one prompt share one): plain Python,
@@ -245,6 +245,8 @@ class SamplingTensors:
         # Pinned host memory makes the copy truly asynchronous; the caching host allocator keeps
         # the buffer alive until the copy has run.
         dev = buf.to(device, non_blocking=pin)
+        has_penalties = any(v[10] for v in distinct)
+        penalties = _penalties(statics, history, vocab_size, device) if has_penalties else None
         # Few torch ops (each costs microseconds of host time): split the bytes by dtype, then each
         # dtype's segment into its fields with one split.
         f_dev, b_dev, i_dev = torch.split_with_sizes(dev, [16 * ns, 2 * ns, 16 * ns + 16 * nb])
@@ -276,9 +278,7 @@ class SamplingTensors:
             any_min_p=any(v[2] > 0.0 for v in distinct),
             max_num_logprobs=int(max((v[6] for v in distinct), default=0)),
             any_processed=any(v[4] for v in distinct),
-            penalties=_penalties(statics, history, vocab_size, device)
-            if any(v[10] for v in distinct)
-            else None,
+            penalties=penalties,
             logit_bias=bias.tensors(device) if bias is not None and bias.rows else None,
         )
 
