@@ -75,17 +75,26 @@ def _instrument(engine: EngineCore, timer: _PhaseTimer) -> None:
     timer.wrap(runner, "_sampling_tensors", "sampling_tensors")
 
 
-def measure(engine: EngineCore, timer: _PhaseTimer, batch: int, steps: int, seed: int, api: str) -> dict:
+def measure(
+    engine: EngineCore,
+    timer: _PhaseTimer,
+    batch: int,
+    steps: int,
+    seed: int,
+    api: str,
+    sampling: dict,
+    prompt_len: tuple[int, int] = (16, 64),
+) -> dict:
     """Per-step phase times of ``steps`` decode steps at ``batch`` sequences, each one a call of
     ``engine.<api>()``: ``step_outputs`` (what the engine core process runs) or ``step`` (the
     in-process ``LLM``)."""
     step = getattr(engine, api)
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True, temperature=1.0)
+    params = SamplingParams(**{"max_tokens": steps + 64, "ignore_eos": True, "temperature": 1.0, **sampling})
     ids = [f"b{batch}-{i}" for i in range(batch)]
     for rid in ids:
-        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(16, 64))]
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(*prompt_len))]
         engine.add_request(rid, prompt, params)
     while engine.scheduler.waiting or any(r.in_prefill for r in engine.scheduler.running):
         engine.step_outputs()
@@ -107,6 +116,7 @@ def measure(engine: EngineCore, timer: _PhaseTimer, batch: int, steps: int, seed
     return dict(
         batch=batch,
         api=api,
+        sampling=sampling,
         steps=steps,
         device=str(engine.device),
         step_ms=total / steps * 1e3,
@@ -124,6 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--api", choices=["step_outputs", "step"], default="step_outputs")
+    p.add_argument(
+        "--sampling", type=json.loads, default={}, help="SamplingParams fields, e.g. '{\"top_k\": 50}'"
+    )
+    p.add_argument("--prompt-len", type=int, nargs=2, default=[16, 64], help="range of prompt lengths")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = p.parse_args(argv)
@@ -138,7 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     _instrument(engine, timer)
     rows = []
     for batch in args.batches:
-        rows.append(measure(engine, timer, batch, args.steps, seed=batch, api=args.api))
+        rows.append(
+            measure(engine, timer, batch, args.steps, batch, args.api, args.sampling, args.prompt_len)
+        )
         r = rows[-1]
         print(
             f"batch {batch:4}: step {r['step_ms']:7.3f} ms, host {r['host_ms']:6.3f} ms "

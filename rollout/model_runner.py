@@ -73,7 +73,8 @@ class ModelRunner:
                     module.fused = True
         self.vocab_size = model_config.vocab_size
         self._values_cache: dict[int, tuple[SamplingParams, tuple]] = {}  # see _effective_values
-        self._last_sampling: tuple[_SamplingRows, SamplingTensors] | None = None  # see _sampling_tensors
+        # the last sampling step's rows, tensors and sampled tokens (see _sampling_tensors)
+        self._last_sampling: tuple[_SamplingRows, SamplingTensors, torch.Tensor | None] | None = None
         self.num_blocks = self._decide_num_blocks()
         self.kv_cache = self._allocate_kv_cache(self.num_blocks)
         self._bind_kv_cache(self.kv_cache)
@@ -205,6 +206,8 @@ class ModelRunner:
                 rows_hidden = hidden.index_select(0, v["logits_rows"])
             logits = self.model.compute_logits(rows_hidden)
             out = sample(logits, self._sampling_tensors(rows, prev))
+            assert self._last_sampling is not None
+            self._last_sampling = (*self._last_sampling[:2], out.token_ids)
             handle.token_ids = out.token_ids
             # one device-to-host copy for ids and logprobs (ids < 2**24 are exact in float64)
             packed = torch.stack([out.token_ids.double(), out.logprobs.double()])
@@ -266,6 +269,7 @@ class ModelRunner:
                 if v is None:
                     v = req.sampling_values = self._effective_values(req.params)
                 values.append(v)
+                rows.requests.append(req)
                 seeds.append(req.seed)  # in [0, 2**63): drawn or derived by the engine
                 # The RNG counter: the index of the output token sampled now. update_computed already
                 # counted it as pending, together with any token still in flight before it.
@@ -275,8 +279,8 @@ class ModelRunner:
                     banned = self._banned_tokens(req)
                     rows.banned_rows.extend([len(seeds) - 1] * len(banned))
                     rows.banned_tokens.extend(banned)
-                if v[10]:  # penalties: the row's token history
-                    rows.add_history(req, v[9] != 1.0, prev)
+                if v[10]:  # penalties: the row needs its token history (read only if tensors are built)
+                    rows.penalized.append(len(seeds) - 1)
                 if v[11]:  # (tokens checked against the vocabulary at admission)
                     rows.bias = rows.bias or LogitBiasColumns()
                     rows.bias.add(len(seeds) - 1, req.params.logit_bias)
@@ -389,29 +393,34 @@ class ModelRunner:
         return v["input_ids"], v["positions"], meta
 
     def _sampling_tensors(self, rows: _SamplingRows, prev: StepHandle | None) -> SamplingTensors:
-        """The step's sampling tensors. A steady decode batch (the same rows as the previous step,
-        each one token further, nothing banned, no penalties or biases) reuses the previous step's
-        tensors with the RNG counters advanced on the device: one small kernel instead of a host
-        build and a copy. The tensors are a function of the columns alone, so equal columns give
-        the same tensors."""
+        """The step's sampling tensors. A steady decode batch (the same requests as the previous
+        sampling step, in the same order, each one token further, nothing banned) reuses that step's
+        tensors: the RNG counters advance on the device, and penalty rows count the tokens that step
+        sampled (still on the device) instead of sending their whole history again. One or two small
+        kernels instead of a host build and copies."""
         last = self._last_sampling
         if (
             last is not None
+            and last[2] is not None
             and not rows.banned_rows
             and not last[0].banned_rows
-            and rows.history is None
-            and rows.bias is None
-            and rows.seeds == last[0].seeds
-            and rows.values == last[0].values
+            and rows.requests == last[0].requests  # by identity: Request has no __eq__
             and rows.offsets == [o + 1 for o in last[0].offsets]
         ):
-            tensors = last[1]
+            tensors, sampled = last[1], last[2]
             tensors.offsets.add_(1)  # ordered after the previous step's reads on the stream
+            if tensors.penalties is not None:
+                every_row = torch.arange(len(rows.seeds), device=sampled.device)
+                tensors.penalties.add_output_tokens(every_row, sampled)
         else:
             tensors = rows.tensors(self.vocab_size, self.device, prev)
-        # (penalty tensors are [B, V] and never reused: do not keep them alive past their step)
-        self._last_sampling = (rows, tensors) if tensors.penalties is None else None
+        self._last_sampling = (rows, tensors, None)
         return tensors
+
+    def drop_step_state(self) -> None:
+        """Forget what steady steps reuse (the last sampling tensors, [B, V] with penalties): before
+        ``sleep`` hands the memory to a trainer."""
+        self._last_sampling = None
 
     def _effective_values(self, params: SamplingParams) -> tuple:
         """``effective_values`` of ``params``, one tuple per params object: requests that share
@@ -442,30 +451,34 @@ class _SamplingRows:
     banned_rows: list[int] = field(default_factory=list)
     banned_tokens: list[int] = field(default_factory=list)
     bias: LogitBiasColumns | None = None  # of the rows with a logit bias
-    history: PenaltyHistory | None = None  # of the rows with penalties
-    # (row, index in the previous step's sampled tokens) of penalty rows whose last output token
-    # is still on the device (overlapped loop)
-    pending_rows: list[int] = field(default_factory=list)
-    pending_src: list[int] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)  # the request of each row
+    penalized: list[int] = field(default_factory=list)  # rows with penalties
 
-    def add_history(self, req: Request, with_prompt: bool, prev: StepHandle | None) -> None:
-        """Record the token history of ``req``, the last row added (it has penalties)."""
-        history = self.history = self.history or PenaltyHistory()
-        row = len(self.seeds) - 1
-        outputs = req.token_ids[len(req.prompt_token_ids) :]
-        history.output_rows.extend([row] * len(outputs))
-        history.output_tokens.extend(outputs)
-        if with_prompt:
-            history.prompt_rows.extend([row] * len(req.prompt_token_ids))
-            history.prompt_tokens.extend(req.prompt_token_ids)
-        if req.num_pending > 1:  # besides this step's: the previous step's token, not on the host yet
-            assert prev is not None
-            self.pending_rows.append(row)
-            self.pending_src.append(prev.row_of(req))
+    def history(self, prev: StepHandle | None) -> tuple[PenaltyHistory, list[int], list[int]]:
+        """The token history of the penalized rows: what the host knows, as (row, token) pairs, and
+        (rows, indexes in ``prev``'s sampled tokens) of the last output tokens still on the device
+        (overlapped loop). O(tokens so far): built only when the tensors are."""
+        history = PenaltyHistory()
+        pending_rows: list[int] = []
+        pending_src: list[int] = []
+        for row in self.penalized:
+            req = self.requests[row]
+            outputs = req.token_ids[len(req.prompt_token_ids) :]
+            history.output_rows.extend([row] * len(outputs))
+            history.output_tokens.extend(outputs)
+            if self.values[row][9] != 1.0:  # repetition penalty: the prompt counts too
+                history.prompt_rows.extend([row] * len(req.prompt_token_ids))
+                history.prompt_tokens.extend(req.prompt_token_ids)
+            if req.num_pending > 1:  # besides this step's: the previous step's token
+                assert prev is not None
+                pending_rows.append(row)
+                pending_src.append(prev.row_of(req))
+        return history, pending_rows, pending_src
 
     def tensors(
         self, vocab_size: int, device: torch.device, prev: StepHandle | None = None
     ) -> SamplingTensors:
+        history, pending_rows, pending_src = self.history(prev) if self.penalized else (None, [], [])
         t = SamplingTensors.from_columns(
             self.values,
             self.seeds,
@@ -474,12 +487,12 @@ class _SamplingRows:
             self.banned_tokens,
             vocab_size,
             device,
-            self.history,
+            history,
             self.bias,
         )
-        if self.pending_rows:
+        if pending_rows:
             assert t.penalties is not None and prev is not None and prev.token_ids is not None
-            idx = to_device_async(torch.tensor([self.pending_rows, self.pending_src]), device)
+            idx = to_device_async(torch.tensor([pending_rows, pending_src]), device)
             t.penalties.add_output_tokens(idx[0], prev.token_ids.index_select(0, idx[1]))
         return t
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rollout import LLM, CacheConfig, SamplingParams, SchedulerConfig
+from rollout.samplers.tensors import SamplingTensors
 from tests.models.tiny_models import random_seqs, save_tiny_checkpoint
 
 PROMPTS = random_seqs([7, 12, 3], vocab=300, seed=5)
@@ -134,3 +135,25 @@ def test_logit_bias(checkpoint, overlap):
     with pytest.raises(ValueError, match="logit_bias has token 300"):
         llm.generate([PROMPTS[0]], plain.replace(logit_bias={300: 1.0}), use_tqdm=False)
     assert not llm.engine.has_unfinished() and llm.stats().num_free_blocks == llm.stats().num_blocks
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_steady_penalized_decode_sends_no_history(checkpoint, overlap, monkeypatch):
+    """After its first sampling step, a steady penalized batch reuses its tensors and counts each
+    step's sampled tokens on the device: one build for the whole generation, same tokens."""
+    path, model = checkpoint
+    builds: list[int] = []
+    build = SamplingTensors.from_columns
+
+    def counted(cls, values, *args):
+        builds.append(len(values))
+        return build(values, *args)
+
+    monkeypatch.setattr(SamplingTensors, "from_columns", classmethod(counted))
+    llm = _engine(path, overlap)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=16, ignore_eos=True, frequency_penalty=0.7, repetition_penalty=1.2
+    )
+    out = llm.generate([PROMPTS[1]], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert out == _reference(model, PROMPTS[1], 16, 0.0, 0.7, 1.2)
+    assert builds == [1]
