@@ -250,6 +250,23 @@ def test_steady_decode_reuses_sampling_tensors(tiny, monkeypatch):
     assert len(builds) > 2 and builds[-1] == 1  # rebuilt when rows left, then reused again
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_wide_batches_match_single_sequences(qwen3_path, overlap):
+    # Batches of more than 8 sequences build their block tables from one flat array, single
+    # sequences row by row: both must feed the model the same blocks and slots.
+    llm = LLM(
+        qwen3_path,
+        device="cpu",
+        cache_config=CacheConfig(block_size=4, num_blocks=512),
+        scheduler_config=SchedulerConfig(overlap=overlap),
+    )
+    prompts = shared_prefix_workload(3) + shared_prefix_workload(4)[:4]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    together = llm.generate(prompts, params, use_tqdm=False)
+    alone = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    assert [o.outputs[0].token_ids for o in together] == [o.outputs[0].token_ids for o in alone]
+
+
 def test_generation_stops_at_context_length(qwen3_path):
     llm = LLM(
         qwen3_path, device="cpu", max_model_len=20, cache_config=CacheConfig(block_size=4, num_blocks=64)
