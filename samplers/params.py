@@ -200,7 +200,8 @@ def _stop_strings(value: Any) -> tuple[str, ...]:
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
-    """{token: bias} or [(token, bias), ...] -> pairs sorted by token (one bias per token)."""
+    """{token: bias} or [(token, bias), ...] -> pairs sorted by token (one bias per token). A mapping
+    may key tokens by their decimal string, as JSON objects do."""
     if value is None:
         return ()
     pairs_given = isinstance(value, (list, tuple)) and all(
@@ -211,6 +212,8 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
     items = list(value.items()) if isinstance(value, Mapping) else [tuple(p) for p in value]
     pairs = {}
     for token, bias in items:
+        if isinstance(value, Mapping) and isinstance(token, str) and token.isdecimal() and token.isascii():
+            token = int(token)
         token = _int("logit_bias token", token, lo=0)
         if token in pairs:
             raise ValueError(f"logit_bias has token {token} twice")

@@ -22,7 +22,7 @@ has no infinity."""
 _PASSTHROUGH = (
     "temperature", "top_p", "seed", "top_k", "min_p", "min_tokens", "ignore_eos", "stop_token_ids",
     "include_stop_str_in_output", "skip_special_tokens", "logprobs_mode", "presence_penalty",
-    "frequency_penalty", "repetition_penalty",
+    "frequency_penalty", "repetition_penalty", "logit_bias",
 )  # fmt: skip
 
 
@@ -88,23 +88,11 @@ def sampling_params(
             kw[name] = value
     if req.stop is not None:
         kw["stop"] = [req.stop] if isinstance(req.stop, str) else req.stop
-    if req.logit_bias:
-        kw["logit_bias"] = _logit_bias(req.logit_bias)
     logprobs_field = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
     try:
         return SamplingParams(**kw)
     except (ValueError, TypeError) as e:
         raise bad_value(e, {"max_tokens": max_tokens_field, "logprobs": logprobs_field}) from None
-
-
-def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
-    """OpenAI's {"token id": bias} (JSON keys are strings) as {token id: bias}."""
-    out = {}
-    for key, value in bias.items():
-        if not key.isdigit():
-            raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
-        out[int(key)] = value
-    return out
 
 
 def finite(lp: float) -> float:

@@ -199,13 +199,15 @@ def test_penalties_and_logit_bias() -> None:
         q.logit_bias == ((2, 0.5), (9, -100.0)) == SamplingParams(logit_bias=[(9, -100), [2, 0.5]]).logit_bias
     )
     assert q.to_dict()["logit_bias"] == [[2, 0.5], [9, -100.0]]
+    assert SamplingParams.from_dict({"logit_bias": {"9": -100, "2": 0.5}}) == q  # a JSON object
     assert SamplingParams.from_dict(q.to_dict()) == q and hash(q) == hash(
         SamplingParams.from_dict(q.to_dict())
     )
     bad = [
         ({3: 100.5}, r"logit_bias\[3\].*100\.5"),
         ({-1: 1.0}, r"logit_bias token.*-1"),
-        ({"7": 1.0}, r"logit_bias token.*'7'"),
+        ({"x7": 1.0}, r"logit_bias token.*'x7'"),
+        ([("7", 1.0)], r"logit_bias token.*'7'"),  # decimal strings only as mapping keys (JSON)
         ([(1, 2.0), (1, 3.0)], "twice"),
         ([(1, 2.0, 3.0)], "pairs"),
         ("x", "pairs"),

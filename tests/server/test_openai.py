@@ -197,8 +197,11 @@ def test_penalties(client, secured):
     assert max(ids.count(t) for t in ids) < max(plain.count(t) for t in plain)
 
 
-def test_logit_bias(client):
-    """OpenAI's logit_bias ({"token id": bias}): +100 makes the token the only choice."""
+def test_logit_bias(client, secured):
+    """OpenAI's logit_bias ({"token id": bias}): +100 makes the token the only choice; the native
+    route takes the same JSON object."""
+    import httpx
+
     r = client.completions.create(
         model="tiny", prompt=[5, 6, 7], max_tokens=5, temperature=1.0, seed=1, logit_bias={"42": 100}
     )
@@ -207,3 +210,6 @@ def test_logit_bias(client):
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, logit_bias={"43": 100}
     )
     assert extra(chat.choices[0], "token_ids") == [43] * 3
+    body = {"prompt_token_ids": [5, 6], "sampling_params": {"max_tokens": 4, "logit_bias": {"44": 100}}}
+    native = httpx.post(secured.url + "/generate", json=body, headers=secured.headers(), timeout=30).json()
+    assert native["outputs"][0]["token_ids"] == [44] * 4
