@@ -21,6 +21,9 @@ fi
 if [ "$what" = host ]; then  # host-bound decode: per-phase host time, then what it costs end to end
   timeout 200 python3 -m rollout.benchmarks.host_overhead --model qwen3-0.6b --load-format dummy \
     --batches 1 8 32 64 256 --out "$out" 2>&1 | tee "$out/host_overhead.log" | grep "^batch"
+  timeout 200 python3 -m rollout.benchmarks.host_overhead --model qwen3-0.6b --load-format dummy \
+    --batches 32 256 --prompt-len 400 500 --sampling '{"repetition_penalty": 1.1}' \
+    --out "$out/penalties" 2>&1 | tee "$out/host_overhead_penalties.log" | grep "^batch"
   timeout 200 python3 -m rollout.benchmarks.core_overhead --out "$out" 2>&1 | tail -5
   timeout 200 python3 -m rollout.benchmarks.throughput --workloads w1 --out "$out" --timeout 150 2>&1 | tail -4
 fi
