@@ -33,7 +33,7 @@ def _engine(overlap: bool, num_blocks: int = 256, budget: int = 64, max_seqs: in
 
 
 def _params(rng: random.Random, i: int) -> SamplingParams:
-    kind = i % 4
+    kind = i % 6
     if kind == 0:
         return SamplingParams(temperature=0.0, max_tokens=rng.randint(1, 20), ignore_eos=True, logprobs=2)
     if kind == 1:
@@ -42,7 +42,28 @@ def _params(rng: random.Random, i: int) -> SamplingParams:
         return SamplingParams(
             temperature=0.8, seed=100 + i, max_tokens=30, stop_token_ids=list(range(3, 60)), min_tokens=3
         )
-    return SamplingParams(temperature=1.0, seed=7 * i, max_tokens=12, top_k=20, prompt_logprobs=1)
+    if kind == 3:
+        return SamplingParams(temperature=1.0, seed=7 * i, max_tokens=12, top_k=20, prompt_logprobs=1)
+    if kind == 4:  # penalties: the token history, part of it still on the device in the overlapped loop
+        return SamplingParams(
+            temperature=0.9,
+            seed=40 + i,
+            n=2,
+            max_tokens=rng.randint(8, 24),
+            ignore_eos=True,
+            presence_penalty=0.8,
+            frequency_penalty=0.5,
+            repetition_penalty=1.3,
+        )
+    return SamplingParams(  # biases and a penalty on a greedy row, processed logprobs
+        temperature=0.0,
+        max_tokens=14,
+        min_tokens=2,
+        logit_bias={7: 3.0, 11: -2.0},
+        repetition_penalty=0.9,
+        logprobs=1,
+        logprobs_mode="processed",
+    )
 
 
 def _check_idle(llm: LLM) -> None:
