@@ -21,6 +21,7 @@ from rollout.samplers.sampler import prompt_logprobs, sample
 from rollout.samplers.tensors import (
     LogitBiasColumns,
     PenaltyHistory,
+    RowValues,
     SamplingTensors,
     effective_values,
     to_device_async,
@@ -72,7 +73,7 @@ class ModelRunner:
                 if hasattr(module, "fused"):
                     module.fused = True
         self.vocab_size = model_config.vocab_size
-        self._values_cache: dict[int, tuple[SamplingParams, tuple]] = {}  # see _effective_values
+        self._values_cache: dict[int, tuple[SamplingParams, RowValues]] = {}  # see _effective_values
         # the last sampling step's rows, tensors and sampled tokens (see _sampling_tensors)
         self._last_sampling: tuple[_SamplingRows, SamplingTensors, torch.Tensor | None] | None = None
         self.num_blocks = self._decide_num_blocks()
@@ -214,7 +215,7 @@ class ModelRunner:
             handle.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=dev.type == "cuda")
             handle.host.copy_(packed, non_blocking=True)
             if out.topk_ids is not None:
-                handle.topk = (out.topk_ids, out.topk_logprobs, [v[6] for v in rows.values])
+                handle.topk = (out.topk_ids, out.topk_logprobs, [v.num_logprobs for v in rows.values])
             handle.num_rows = len(rows.seeds)
         handle.prompt = self._prompt_logprobs(hidden, prompt_rows)
         if dev.type == "cuda":
@@ -279,9 +280,9 @@ class ModelRunner:
                     banned = self._banned_tokens(req)
                     rows.banned_rows.extend([len(seeds) - 1] * len(banned))
                     rows.banned_tokens.extend(banned)
-                if v[10]:  # penalties: the row needs its token history (read only if tensors are built)
+                if v.has_penalties:  # the row needs its token history (read only if tensors are built)
                     rows.penalized.append(len(seeds) - 1)
-                if v[11]:  # (tokens checked against the vocabulary at admission)
+                if v.has_bias:  # (tokens checked against the vocabulary at admission)
                     rows.bias = rows.bias or LogitBiasColumns()
                     rows.bias.add(len(seeds) - 1, req.params.logit_bias)
             k = req.params.prompt_logprobs
@@ -422,7 +423,7 @@ class ModelRunner:
         ``sleep`` hands the memory to a trainer."""
         self._last_sampling = None
 
-    def _effective_values(self, params: SamplingParams) -> tuple:
+    def _effective_values(self, params: SamplingParams) -> RowValues:
         """``effective_values`` of ``params``, one tuple per params object: requests that share
         params share the tuple, which lets ``SamplingTensors.from_columns`` broadcast it."""
         entry = self._values_cache.get(id(params))
@@ -445,7 +446,7 @@ _PromptRows = tuple[str, int, int, list[int], int]
 class _SamplingRows:
     """One step's sampling rows as columns (see ``SamplingTensors.from_columns``)."""
 
-    values: list[tuple] = field(default_factory=list)  # effective_values of each row's params
+    values: list[RowValues] = field(default_factory=list)  # effective_values of each row's params
     seeds: list[int] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     banned_rows: list[int] = field(default_factory=list)
@@ -466,7 +467,7 @@ class _SamplingRows:
             outputs = req.token_ids[len(req.prompt_token_ids) :]
             history.output_rows.extend([row] * len(outputs))
             history.output_tokens.extend(outputs)
-            if self.values[row][9] != 1.0:  # repetition penalty: the prompt counts too
+            if self.values[row].repetition != 1.0:  # the prompt counts too
                 history.prompt_rows.extend([row] * len(req.prompt_token_ids))
                 history.prompt_tokens.extend(req.prompt_token_ids)
             if req.num_pending > 1:  # besides this step's: the previous step's token

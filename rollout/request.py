@@ -47,7 +47,7 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     text: str = ""  # detokenized output (only when a tokenizer is present and detokenize is on)
-    sampling_values: tuple | None = None  # the model runner's effective sampling values (cached)
+    sampling_values: tuple | None = None  # the model runner's RowValues (cached; see samplers.tensors)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

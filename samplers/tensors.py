@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ class SamplingTensors:
         rows: Sequence[RowSampling],
         vocab_size: int,
         device: torch.device | str,
-        cache: dict[int, tuple[SamplingParams, tuple]] | None = None,
+        cache: dict[int, tuple[SamplingParams, RowValues]] | None = None,
     ) -> SamplingTensors:
         """Validate ``rows`` against ``vocab_size`` and copy their values to ``device``.
 
@@ -171,15 +171,15 @@ class SamplingTensors:
                 for tok in row.banned_token_ids:
                     banned_rows.append(i)
                     banned_tokens.append(_check_int(f"rows[{i}].banned_token_ids", tok, 0, vocab_size - 1))
-            if entry[1][11]:
+            if entry[1].has_bias:
                 bias.add(i, p.logit_bias, vocab_size)
-            if entry[1][10]:  # penalties: record the history
+            if entry[1].has_penalties:  # record the history
                 for tok in row.output_token_ids:
                     history.output_rows.append(i)
                     history.output_tokens.append(
                         _check_int(f"rows[{i}].output_token_ids", tok, 0, vocab_size - 1)
                     )
-                if entry[1][9] != 1.0:
+                if entry[1].repetition != 1.0:
                     for tok in row.prompt_token_ids:
                         history.prompt_rows.append(i)
                         history.prompt_tokens.append(
@@ -195,7 +195,7 @@ class SamplingTensors:
     @classmethod
     def from_columns(
         cls,
-        statics: Sequence[tuple],
+        statics: Sequence[RowValues],
         seeds: Sequence[int],
         offsets: Sequence[int],
         banned_rows: Sequence[int],
@@ -215,7 +215,7 @@ class SamplingTensors:
         # Host flags from the distinct value tuples (rows of one prompt share one): plain Python,
         # no per-row work.
         distinct = list({id(v): v for v in statics}.values())
-        active_k = [v[5] for v in distinct if v[5] < vocab_size]
+        active_k = [v.top_k for v in distinct if v.top_k < vocab_size]
         # One buffer, one host-to-device copy; every segment starts at a multiple of 16 rows (the
         # padding rows are never read), so each per-row tensor the kernels read is 16-byte aligned
         # whatever the batch size: Triton specializes pointers on alignment, and a batch size that
@@ -231,7 +231,7 @@ class SamplingTensors:
         if len(distinct) == 1:  # the common case: broadcast one row's values
             v = distinct[0]
             f32[:3, :num] = np.array(v[:3], dtype=np.float32)[:, None]
-            f32[3, :num].view(np.int32)[:] = v[5]
+            f32[3, :num].view(np.int32)[:] = v.top_k
             flags[:, :num] = np.array(v[3:5], dtype=np.bool_)[:, None]
         elif num:
             stat = np.array(statics, dtype=np.float64)
@@ -245,7 +245,7 @@ class SamplingTensors:
         # Pinned host memory makes the copy truly asynchronous; the caching host allocator keeps
         # the buffer alive until the copy has run.
         dev = buf.to(device, non_blocking=pin)
-        has_penalties = any(v[10] for v in distinct)
+        has_penalties = any(v.has_penalties for v in distinct)
         penalties = _penalties(statics, history, vocab_size, device) if has_penalties else None
         # Few torch ops (each costs microseconds of host time): split the bytes by dtype, then each
         # dtype's segment into its fields with one split.
@@ -270,33 +270,36 @@ class SamplingTensors:
             banned_rows=ban_r,
             banned_tokens=ban_t,
             vocab_size=vocab_size,
-            all_greedy=all(v[3] for v in distinct),
-            any_greedy=any(v[3] for v in distinct),
+            all_greedy=all(v.greedy for v in distinct),
+            any_greedy=any(v.greedy for v in distinct),
             any_top_k=bool(active_k),
             max_top_k=int(max(active_k, default=0)),
-            any_top_p=any(v[1] < 1.0 for v in distinct),
-            any_min_p=any(v[2] > 0.0 for v in distinct),
-            max_num_logprobs=int(max((v[6] for v in distinct), default=0)),
-            any_processed=any(v[4] for v in distinct),
+            any_top_p=any(v.top_p < 1.0 for v in distinct),
+            any_min_p=any(v.min_p > 0.0 for v in distinct),
+            max_num_logprobs=int(max((v.num_logprobs for v in distinct), default=0)),
+            any_processed=any(v.processed for v in distinct),
             penalties=penalties,
             logit_bias=bias.tensors(device) if bias is not None and bias.rows else None,
         )
 
 
 def _penalties(
-    statics: Sequence[tuple], history: PenaltyHistory | None, vocab_size: int, device: torch.device
+    statics: Sequence[RowValues], history: PenaltyHistory | None, vocab_size: int, device: torch.device
 ) -> PenaltyTensors:
     """The penalty tensors of a batch where some row has a penalty (rare in RL: built plainly)."""
     history = history or PenaltyHistory()
     num = len(statics)
     values = to_device_async(
-        torch.tensor([v[7:10] for v in statics], dtype=torch.float32).reshape(num, 3).T, device
+        torch.tensor([(v.presence, v.frequency, v.repetition) for v in statics], dtype=torch.float32)
+        .reshape(num, 3)
+        .T,
+        device,
     )
     counts = torch.zeros((num, vocab_size), dtype=torch.float32, device=device)
     out = _pairs(history.output_rows, history.output_tokens, device)
     counts.index_put_(out, counts.new_ones(()), accumulate=True)
     seen = None
-    if any(v[9] != 1.0 for v in statics):
+    if any(v.repetition != 1.0 for v in statics):
         seen = torch.zeros((num, vocab_size), dtype=torch.bool, device=device)
         seen.index_put_(out, seen.new_ones(()))
         seen.index_put_(_pairs(history.prompt_rows, history.prompt_tokens, device), seen.new_ones(()))
@@ -317,15 +320,31 @@ def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def effective_values(p: SamplingParams, vocab_size: int) -> tuple:
-    """One row's effective option values (see ``SamplingTensors``), as the 12 columns temperature,
-    top_p, min_p, greedy, processed, top_k, num_logprobs, presence, frequency, repetition penalty,
-    whether any penalty is on and whether the params have a logit bias. Penalties and biases stay
-    on for greedy rows: they move the argmax."""
+class RowValues(NamedTuple):
+    """One row's effective option values (see ``SamplingTensors``): the numeric columns first (the
+    order ``from_columns`` reads them in), then two flags."""
+
+    temperature: float
+    top_p: float
+    min_p: float
+    greedy: bool
+    processed: bool
+    top_k: int
+    num_logprobs: int
+    presence: float
+    frequency: float
+    repetition: float
+    has_penalties: bool
+    has_bias: bool
+
+
+def effective_values(p: SamplingParams, vocab_size: int) -> RowValues:
+    """The effective values of a row sampled under ``p``. Penalties and biases stay on for greedy
+    rows: they move the argmax."""
     is_greedy = p.is_greedy
     is_processed = p.logprobs_mode == "processed"
     uses_filters = is_processed or not is_greedy  # else nothing reads the processed distribution
-    return (
+    return RowValues(
         1.0 if is_greedy else p.temperature,
         p.top_p if uses_filters else 1.0,
         p.min_p if uses_filters else 0.0,

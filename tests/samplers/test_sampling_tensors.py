@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rollout.samplers import RowSampling, SamplingParams, SamplingTensors, sample
-from rollout.samplers.tensors import effective_values
+from rollout.samplers.tensors import RowValues, effective_values
 
 V = 50
 
@@ -107,7 +107,7 @@ def test_shared_row_values_broadcast_like_per_row_values(batch: int, params: Sam
     # from_columns fills rows that share one values tuple by broadcast, and distinct tuples row by
     # row: both must give the same tensors and flags, each per-row tensor 16-byte aligned.
     shared = effective_values(params, V)
-    distinct = [tuple(list(shared)) for _ in range(batch)]  # equal values, one object per row
+    distinct = [RowValues(*shared) for _ in range(batch)]  # equal values, one object per row
     assert len({id(v) for v in distinct}) == batch
     seeds, offsets = [3 * i + 1 for i in range(batch)], list(range(batch))
     bans = ([0, batch - 1], [2, 4])
@@ -121,7 +121,7 @@ def test_shared_row_values_broadcast_like_per_row_values(batch: int, params: Sam
     for flag in ("all_greedy", "any_greedy", "any_top_k", "max_top_k", "any_top_p", "any_min_p"):
         assert getattr(one, flag) == getattr(many, flag), flag
     assert one.max_num_logprobs == many.max_num_logprobs == (params.logprobs or 0)
-    assert one.top_k.tolist() == [shared[5]] * batch and one.seeds.tolist() == seeds
+    assert one.top_k.tolist() == [shared.top_k] * batch and one.seeds.tolist() == seeds
     assert (one.banned_rows.tolist(), one.banned_tokens.tolist()) == bans
 
 
