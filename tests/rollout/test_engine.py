@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from rollout import LLM, CacheConfig, EngineCore, SamplingParams, SchedulerConfig
-from rollout.samplers.tensors import SamplingTensors
 from tests.models.tiny_models import save_tiny_checkpoint
 
 
@@ -228,17 +227,10 @@ def test_seeds_reproduce_across_batches_and_n_differs(tiny):
     assert [c.index for c in many] == [0, 1, 2, 3]
 
 
-def test_steady_decode_reuses_sampling_tensors(tiny, monkeypatch):
+def test_steady_decode_reuses_sampling_tensors(tiny, sampling_builds):
     # A decode step over the same rows as the step before advances the previous sampling tensors'
     # RNG counters on the device instead of building new ones; any change of rows rebuilds them.
-    builds: list[int] = []
-    build = SamplingTensors.from_columns
-
-    def counted(cls, values, *args):
-        builds.append(len(values))
-        return build(values, *args)
-
-    monkeypatch.setattr(SamplingTensors, "from_columns", classmethod(counted))
+    builds = sampling_builds
     p = SamplingParams(seed=7, max_tokens=24, ignore_eos=True)
     alone = tiny.generate([[1, 2, 3]], p, use_tqdm=False)[0].outputs[0].token_ids
     assert builds == [1]  # 24 sampling steps, one build

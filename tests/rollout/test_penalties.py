@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from rollout import LLM, CacheConfig, SamplingParams, SchedulerConfig
-from rollout.samplers.tensors import SamplingTensors
 from tests.models.tiny_models import random_seqs, save_tiny_checkpoint
 
 PROMPTS = random_seqs([7, 12, 3], vocab=300, seed=5)
@@ -138,18 +137,11 @@ def test_logit_bias(checkpoint, overlap):
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_steady_penalized_decode_sends_no_history(checkpoint, overlap, monkeypatch):
+def test_steady_penalized_decode_sends_no_history(checkpoint, overlap, sampling_builds):
     """After its first sampling step, a steady penalized batch reuses its tensors and counts each
     step's sampled tokens on the device: one build for the whole generation, same tokens."""
     path, model = checkpoint
-    builds: list[int] = []
-    build = SamplingTensors.from_columns
-
-    def counted(cls, values, *args):
-        builds.append(len(values))
-        return build(values, *args)
-
-    monkeypatch.setattr(SamplingTensors, "from_columns", classmethod(counted))
+    builds = sampling_builds
     llm = _engine(path, overlap)
     params = SamplingParams(
         temperature=0.0, max_tokens=16, ignore_eos=True, frequency_penalty=0.7, repetition_penalty=1.2
