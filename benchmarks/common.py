@@ -116,3 +116,63 @@ class KernelCompiles:
             "ms": round(sum(e[2] for e in self.events), 1),
             "events": [[name, round(ms, 1), key] for name, key, ms in self.events],
         }
+
+
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (the time a stream had work)."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def gpu_trace_summary(trace: dict, per: float = 1.0, top: int = 15) -> dict:
+    """From a torch profiler Chrome trace: GPU busy time (union of kernel/copy intervals), span, op
+    count, CUDA runtime calls and the ``top`` kernels by time, each divided by ``per`` (steps)."""
+    from collections import defaultdict
+
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    gpu = [e for e in events if e.get("cat") in GPU_CATS]
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    by_kernel: dict[str, list[float]] = defaultdict(list)
+    for e in gpu:
+        by_kernel[e["name"][:90]].append(e["dur"])
+    calls: dict[str, int] = defaultdict(int)
+    for e in runtime:
+        calls[e["name"]] += 1
+    span = (max(e["ts"] + e["dur"] for e in gpu) - min(e["ts"] for e in gpu)) if gpu else 0.0
+    ranked = sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return dict(
+        gpu_busy_us=busy_us([(e["ts"], e["ts"] + e["dur"]) for e in gpu]) / per,
+        gpu_span_us=span / per,
+        gpu_ops=len(gpu) / per,
+        runtime_calls={k: v / per for k, v in sorted(calls.items(), key=lambda kv: -kv[1])[:8]},
+        runtime_us=sum(e["dur"] for e in runtime) / per,
+        top_kernels=[dict(name=k, count=len(v) / per, us=sum(v) / per) for k, v in ranked],
+    )
+
+
+def export_trace(prof) -> bytes:
+    """A finished ``torch.profiler.profile``'s Chrome trace, as JSON bytes."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "trace.json")
+        prof.export_chrome_trace(str(path))
+        return path.read_bytes()
+
+
+def print_gpu_summary(s: dict, unit: str) -> None:
+    for name, n in s["runtime_calls"].items():
+        print(f"    {n:9.1f}{unit}  {name}")
+    for k in s["top_kernels"]:
+        print(f"    {k['us']:9.1f} us{unit}  {k['count']:7.1f}x  {k['name']}")

@@ -14,7 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-from rollout.benchmarks.common import GcStats, KernelCompiles, measure_ceilings, model_bytes
+from rollout.benchmarks.common import (
+    GcStats,
+    KernelCompiles,
+    export_trace,
+    gpu_trace_summary,
+    measure_ceilings,
+    model_bytes,
+    print_gpu_summary,
+)
 from rollout.benchmarks.workloads import WORKLOADS, Workload, decode_roofline_tok_s
 
 
@@ -56,6 +64,12 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         import cProfile
 
         prof = cProfile.Profile()
+    gpu_prof = None
+    if args.gpu_profile:  # kernels only: CPU ops of a whole run would swamp the trace
+        from torch.profiler import ProfilerActivity, profile
+
+        gpu_prof = profile(activities=[ProfilerActivity.CUDA])
+        gpu_prof.start()
     with GcStats() as gc_stats, KernelCompiles() as compiles:
         if prof is not None:
             prof.enable()
@@ -64,6 +78,12 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         if prof is not None:
             prof.disable()
     seconds = time.perf_counter() - t
+    gpu_summary = None
+    if gpu_prof is not None:
+        gpu_prof.stop()
+        gpu_summary = gpu_trace_summary(json.loads(export_trace(gpu_prof)), top=25)
+        print(f"GPU busy {gpu_summary['gpu_busy_us'] / 1e6:.3f} s of {seconds:.3f} s (profiled run)")
+        print_gpu_summary(gpu_summary, "")
     step_ms_by_batch = {}
     if trace:
         prev = t
@@ -95,6 +115,7 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         gc=gc_stats.summary(),  # cyclic GC passes during the timed run: count and ms per generation
         kernel_compiles=compiles.summary(),  # Triton specializations first met during the timed run
         step_ms_by_batch=step_ms_by_batch,  # running // 32 * 32 -> (steps, mean ms); -1: admission phase
+        gpu_profile=gpu_summary,  # --gpu-profile: kernel time over the run (the profiler slows the host)
     )
 
 
@@ -176,6 +197,7 @@ def parent(args: argparse.Namespace) -> None:
                 *(["--trace"] if args.trace else []),
                 *(["--gc-freeze"] if args.gc_freeze else []),
                 *(["--profile"] if args.profile else []),
+                *(["--gpu-profile"] if args.gpu_profile else []),
             ]
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -185,7 +207,9 @@ def parent(args: argparse.Namespace) -> None:
                 res = json.loads(result_file.read_text())
             res["wall_s"] = time.perf_counter() - t
             results["runs"][f"{engine}/{wl}"] = res
-            print(engine, wl, json.dumps(res)[:600], flush=True)
+            print(proc.stdout, end="")
+            res_line = {k: v for k, v in res.items() if k != "gpu_profile"}
+            print(engine, wl, json.dumps(res_line)[:600], flush=True)
     rows = []
     for wl in args.workloads:
         ours = results["runs"].get(f"ours/{wl}", {})
@@ -222,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trace", action="store_true", help="record per-step times by batch size (ours)")
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before the timed generate (ours)")
     p.add_argument("--profile", action="store_true", help="cProfile the timed generate (ours): *.profile.txt")
+    p.add_argument("--gpu-profile", action="store_true", help="profile GPU kernels (ours)")
     p.add_argument("--child", action="store_true")
     p.add_argument("--engine", choices=["ours", "hf"])
     p.add_argument("--workload")

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rollout.kernels._checks import check_kv_cache
+
 
 # ---- residual add + RMSNorm -----------------------------------------------------------------
 @triton.jit
@@ -110,6 +112,8 @@ def _rope_heads(
     sin,
     src_row,
     dst_row,
+    dst_stride_h,
+    store_heads,
     eps,
     NUM_HEADS: tl.constexpr,
     HEADS_PAD: tl.constexpr,
@@ -135,8 +139,10 @@ def _rope_heads(
     # each product and sum rounded to the input dtype, as torch does op by op
     o1 = (f1 * cos).to(dt).to(tl.float32) - (f2 * sin).to(dt).to(tl.float32)
     o2 = (f2 * cos).to(dt).to(tl.float32) + (f1 * sin).to(dt).to(tl.float32)
-    tl.store(dst_ptr + dst_row + offs, o1.to(dt), mask=mask)
-    tl.store(dst_ptr + dst_row + offs + HALF, o2.to(dt), mask=mask)
+    dst = dst_ptr + dst_row + heads * dst_stride_h + d
+    stored = heads < store_heads  # NUM_HEADS, or 0 to store nothing (a padding row)
+    tl.store(dst, o1.to(dst_ptr.dtype.element_ty), mask=stored)
+    tl.store(dst + HALF, o2.to(dst_ptr.dtype.element_ty), mask=stored)
 
 
 @triton.jit
@@ -148,16 +154,26 @@ def _qk_norm_rope_kernel(
     kw_ptr,
     q_out_ptr,
     k_out_ptr,
+    v_out_ptr,
+    slot_ptr,
     stride_t,
     stride_table,
     k_offset,
     eps,
+    stride_kc_block,
+    stride_kc_slot,
+    stride_kc_head,
+    stride_vc_block,
+    stride_vc_slot,
+    stride_vc_head,
     NUM_Q: tl.constexpr,
     NUM_KV: tl.constexpr,
     Q_PAD: tl.constexpr,
     KV_PAD: tl.constexpr,
     HALF: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    STORE_KV: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -167,22 +183,67 @@ def _qk_norm_rope_kernel(
     sin = tl.load(table_ptr + pos * stride_table + HALF + d).to(q_out_ptr.dtype.element_ty).to(tl.float32)
     src = t * stride_t
     _rope_heads(
-        qkv_ptr, q_out_ptr, qw_ptr, cos, sin, src, t * NUM_Q * 2 * HALF, eps, NUM_Q, Q_PAD, HALF, HAS_NORM
-    )
-    _rope_heads(
         qkv_ptr,
-        k_out_ptr,
-        kw_ptr,
+        q_out_ptr,
+        qw_ptr,
         cos,
         sin,
-        src + k_offset,
-        t * NUM_KV * 2 * HALF,
+        src,
+        t * NUM_Q * 2 * HALF,
+        2 * HALF,
+        NUM_Q,
         eps,
-        NUM_KV,
-        KV_PAD,
+        NUM_Q,
+        Q_PAD,
         HALF,
         HAS_NORM,
     )
+    if STORE_KV:  # rotated k and raw v go straight to their cache slot (-1: a padding row, skipped)
+        slot = tl.load(slot_ptr + t)
+        store_heads = tl.where(slot >= 0, NUM_KV, 0)
+        block = tl.maximum(slot, 0) // BLOCK_SIZE
+        offset = tl.maximum(slot, 0) % BLOCK_SIZE
+        k_row = block * stride_kc_block + offset * stride_kc_slot
+        _rope_heads(
+            qkv_ptr,
+            k_out_ptr,
+            kw_ptr,
+            cos,
+            sin,
+            src + k_offset,
+            k_row,
+            stride_kc_head,
+            store_heads,
+            eps,
+            NUM_KV,
+            KV_PAD,
+            HALF,
+            HAS_NORM,
+        )
+        heads = tl.arange(0, KV_PAD)[:, None]
+        dd = tl.arange(0, 2 * HALF)[None, :]
+        v = tl.load(
+            qkv_ptr + src + k_offset + NUM_KV * 2 * HALF + heads * (2 * HALF) + dd, mask=heads < NUM_KV
+        )
+        v_dst = v_out_ptr + block * stride_vc_block + offset * stride_vc_slot + heads * stride_vc_head + dd
+        tl.store(v_dst, v.to(v_out_ptr.dtype.element_ty), mask=heads < store_heads)
+    else:
+        _rope_heads(
+            qkv_ptr,
+            k_out_ptr,
+            kw_ptr,
+            cos,
+            sin,
+            src + k_offset,
+            t * NUM_KV * 2 * HALF,
+            2 * HALF,
+            NUM_KV,
+            eps,
+            NUM_KV,
+            KV_PAD,
+            HALF,
+            HAS_NORM,
+        )
 
 
 def qk_norm_rope(
@@ -199,6 +260,79 @@ def qk_norm_rope(
     """From the packed projection ``qkv`` [T, (Hq + 2 Hkv) * D], return rotated ``q`` [T, Hq, D] and
     ``k`` [T, Hkv, D] (new contiguous tensors), each head first RMS-normalized with ``q_weight`` /
     ``k_weight`` when given (Qwen3). ``cos_sin_cache`` [max_pos, D] holds cos then sin per row."""
+    _check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight)
+    tokens = qkv.shape[0]
+    q = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((tokens, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    _launch_qk(qkv, positions, cos_sin_cache, q, k, None, None, num_kv_heads, q_weight, k_weight, eps)
+    return q, k
+
+
+def qk_norm_rope_store(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_weight: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``qk_norm_rope`` that also stores this step's K/V: rotated ``k`` and the raw ``v`` (the last
+    ``Hkv * D`` columns of ``qkv``) go to their paged cache slots (``slot_mapping`` [T], -1 skips a
+    padding row), as ``store_kv`` would; returns ``q`` only. One launch instead of two, and ``k``
+    is never written to memory outside the cache."""
+    _check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight)
+    tokens = qkv.shape[0]
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"qkv {tuple(qkv.shape)} is not q, k, v of {num_heads}/{num_kv_heads} heads")
+    _, _, cache_heads, cache_dim = check_kv_cache(k_cache, v_cache)
+    if (cache_heads, cache_dim) != (num_kv_heads, head_dim) or k_cache.dtype != qkv.dtype:
+        raise ValueError(
+            f"cache {tuple(k_cache.shape)} {k_cache.dtype} does not hold {num_kv_heads} heads of "
+            f"{head_dim} in {qkv.dtype}"
+        )
+    if k_cache.device != qkv.device:
+        raise ValueError(f"cache on {k_cache.device}, qkv on {qkv.device}")
+    if (
+        slot_mapping.shape != (tokens,)
+        or slot_mapping.device != qkv.device
+        or slot_mapping.is_floating_point()
+    ):
+        raise ValueError(
+            f"slot_mapping must be integer [{tokens}] on {qkv.device}, got {tuple(slot_mapping.shape)}"
+        )
+    q = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    _launch_qk(
+        qkv,
+        positions,
+        cos_sin_cache,
+        q,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        num_kv_heads,
+        q_weight,
+        k_weight,
+        eps,
+    )
+    return q
+
+
+def _check_qk(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+) -> None:
     if qkv.dim() != 2 or qkv.stride(-1) != 1:
         raise ValueError(f"qkv must be 2-D with unit inner stride, got {tuple(qkv.shape)} {qkv.stride()}")
     tokens = qkv.shape[0]
@@ -212,35 +346,57 @@ def qk_norm_rope(
         raise ValueError(f"positions must be [{tokens}] on {qkv.device}, got {tuple(positions.shape)}")
     if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim or cos_sin_cache.stride(1) != 1:
         raise ValueError(f"cos_sin_cache must be [max_pos, {head_dim}], got {tuple(cos_sin_cache.shape)}")
-    has_norm = q_weight is not None
-    if has_norm != (k_weight is not None):
+    if (q_weight is None) != (k_weight is None):
         raise ValueError("give both q_weight and k_weight or neither")
-    if has_norm and (q_weight.shape != (head_dim,) or k_weight.shape != (head_dim,)):
+    if q_weight is not None and (q_weight.shape != (head_dim,) or k_weight.shape != (head_dim,)):
         raise ValueError(f"q/k norm weights must be ({head_dim},)")
-    q = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty((tokens, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
-    if tokens:
-        _qk_norm_rope_kernel[(tokens,)](
-            qkv,
-            positions,
-            cos_sin_cache,
-            q_weight if has_norm else qkv,
-            k_weight if has_norm else qkv,
-            q,
-            k,
-            qkv.stride(0),
-            cos_sin_cache.stride(0),
-            num_heads * head_dim,
-            eps,
-            NUM_Q=num_heads,
-            NUM_KV=num_kv_heads,
-            Q_PAD=triton.next_power_of_2(num_heads),
-            KV_PAD=triton.next_power_of_2(num_kv_heads),
-            HALF=head_dim // 2,
-            HAS_NORM=has_norm,
-            num_warps=4,
-        )
-    return q, k
+
+
+def _launch_qk(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    q: torch.Tensor,
+    k_out: torch.Tensor,
+    v_cache: torch.Tensor | None,
+    slots: torch.Tensor | None,
+    num_kv_heads: int,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+) -> None:
+    """One program per token. ``v_cache`` given: ``k_out`` is the K cache and ``slots`` its slots."""
+    tokens, num_heads, head_dim = q.shape
+    if not tokens:
+        return
+    store = v_cache is not None
+    has_norm = q_weight is not None
+    cache_strides = (*k_out.stride()[:3], *v_cache.stride()[:3]) if store else (0,) * 6
+    _qk_norm_rope_kernel[(tokens,)](
+        qkv,
+        positions,
+        cos_sin_cache,
+        q_weight if has_norm else qkv,
+        k_weight if has_norm else qkv,
+        q,
+        k_out,
+        v_cache if store else k_out,
+        slots if store else positions,
+        qkv.stride(0),
+        cos_sin_cache.stride(0),
+        num_heads * head_dim,
+        eps,
+        *cache_strides,
+        NUM_Q=num_heads,
+        NUM_KV=num_kv_heads,
+        Q_PAD=triton.next_power_of_2(num_heads),
+        KV_PAD=triton.next_power_of_2(num_kv_heads),
+        HALF=head_dim // 2,
+        HAS_NORM=has_norm,
+        STORE_KV=store,
+        BLOCK_SIZE=k_out.shape[1] if store else 1,
+        num_warps=4,
+    )
 
 
 def qk_norm_rope_ref(

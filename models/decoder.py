@@ -110,10 +110,28 @@ class DecoderAttention(nn.Module):
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         if self.fused:
-            from rollout.kernels.fused_ops import qk_norm_rope
+            from rollout.kernels.fused_ops import qk_norm_rope, qk_norm_rope_store
 
             positions, table = rope
             qw, kw = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+            attn = self.attn
+            if attn.backend == "triton":  # K/V stored by the same kernel: no store_kv launch
+                assert attn.k_cache is not None and attn.v_cache is not None, "KV cache not bound"
+                q = qk_norm_rope_store(
+                    qkv,
+                    positions,
+                    table,
+                    self.num_heads,
+                    self.num_kv_heads,
+                    self.head_dim,
+                    attn.k_cache,
+                    attn.v_cache,
+                    meta.slot_mapping,
+                    qw,
+                    kw,
+                    self.eps,
+                )
+                return self.o_proj(attn.attend(q.view(num_tokens, -1), meta))
             q, k = qk_norm_rope(
                 qkv, positions, table, self.num_heads, self.num_kv_heads, self.head_dim, qw, kw, self.eps
             )
@@ -201,7 +219,7 @@ class DecoderForCausalLM(nn.Module):
     - ``Cls(hf_config)`` then ``.to(device, dtype)``;
     - ``forward(input_ids [T], positions [T], meta) -> hidden [T, hidden_size]`` over the flattened
       tokens of a step (no batch dim); the KV caches must be bound to ``attention_layers()`` first;
-    - ``compute_logits(hidden [R, H]) -> [R, vocab]`` float32;
+    - ``compute_logits(hidden [R, H]) -> [R, vocab]`` in the model dtype (the sampler upcasts);
     - ``load_weights`` / ``check_weights`` over HF checkpoint names (see ``rollout.models.weights``).
     """
 

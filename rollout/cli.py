@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     workloads = [
-        "throughput", "rl", "decode", "prefill", "weight_sync", "serve", "core_overhead", "host_overhead"
+        "throughput", "rl", "decode", "prefill", "weight_sync", "serve", "core_overhead", "host_overhead",
+        "step_profile",
     ]  # fmt: skip
     b.add_argument("workload", choices=workloads)
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the workload (--help for them)")

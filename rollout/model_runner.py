@@ -148,7 +148,7 @@ class ModelRunner:
         meta = _single_sequence_meta(num_tokens, self.block_size, self.device)
         hidden = self.model(ids, torch.arange(num_tokens, device=self.device), meta)
         rows = torch.arange(min(sc.max_num_seqs, num_tokens), device=self.device)
-        self.model.compute_logits(hidden[rows])
+        self.model.compute_logits(hidden[rows]).float()  # the torch sampler's fp32 copy counts too
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         self._bind_kv_cache(None)

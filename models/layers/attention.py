@@ -91,12 +91,26 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         # Imported here so that CPU-only users of the torch path never import Triton.
-        from rollout.kernels.decode_attention import decode_attention
-        from rollout.kernels.prefill_attention import extend_attention
         from rollout.kernels.store_kv import store_kv
 
         assert self.k_cache is not None and self.v_cache is not None
         store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self._attend_triton(q, meta)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention for this step when its K/V are already in the cache (a fused kernel stored them,
+        e.g. ``qk_norm_rope_store``): q [T, Hq*D] -> [T, Hq*D]. Triton backend only."""
+        if self.backend != "triton":
+            raise ValueError(f"attend() needs the triton backend, this layer uses {self.backend!r}")
+        num_tokens = q.shape[0]
+        out = self._attend_triton(q.view(num_tokens, self.num_heads, self.head_dim), meta)
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _attend_triton(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        from rollout.kernels.decode_attention import decode_attention
+        from rollout.kernels.prefill_attention import extend_attention
+
+        assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
         if meta.max_query_len == 1:  # one query row per sequence, rows in batch order
             return decode_attention(
                 q,

@@ -23,7 +23,7 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """``hidden [R, H] -> logits [R, vocab]`` in float32.
+    """``hidden [R, H] -> logits [R, vocab]`` in the model dtype.
 
     With ``tied_to``, the head registers the embedding's own Parameter object, so there is one
     storage: ``named_parameters()`` lists it once (under the embedding's name, registered first),
@@ -47,6 +47,7 @@ class LMHead(nn.Module):
         self.tied = tied_to is not None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # The GEMM runs in the model dtype (as HF's lm_head does); only the result is upcast so the
-        # sampler's softmax / logprobs see fp32.
-        return F.linear(hidden, self.weight).float()
+        # The GEMM runs in the model dtype, as HF's lm_head does. The result stays in it: the sampling
+        # kernel reads bf16 logits and computes in fp32, and the torch sampler upcasts (exactly);
+        # an upcast copy here cost ~120 us per step at batch 256 on the H100.
+        return F.linear(hidden, self.weight)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rollout.kernels.attention_ref import store_kv_ref
 from rollout.kernels.fused_ops import (
     qk_norm_rope,
     qk_norm_rope_ref,
+    qk_norm_rope_store,
     rms_norm,
     rms_norm_ref,
     silu_and_mul,
@@ -69,6 +71,45 @@ def test_qk_norm_rope(dtype, heads, kv_heads, head_dim, norm):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "norm"), [(4, 2, 16, True), (6, 3, 32, False)])
+def test_qk_norm_rope_store(dtype, heads, kv_heads, head_dim, norm):
+    """The storing variant: same q, and the cache gets what store_kv would put there from the
+    unfused k and v; padding rows (slot -1) and every other slot stay untouched."""
+    gen = torch.Generator().manual_seed(7 * heads + head_dim)
+    tokens, block_size, num_blocks = 7, 4, 6
+    rope = RopeParameters(rope_type="default", theta=10000.0)
+    table = RotaryEmbedding(head_dim, 64, rope).cos_sin_cache.to(dtype).to(DEVICE)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(DEVICE)
+    positions = torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    slots[[2, 5]] = -1
+    slots = slots.to(DEVICE)
+    qw = kw = None
+    if norm:
+        qw = (1 + 0.1 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE)
+        kw = (1 + 0.1 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+    v_cache = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    q_ref, k_ref = qk_norm_rope(qkv, positions, table, heads, kv_heads, head_dim, qw, kw, 1e-6)
+    v_ref = qkv[:, (heads + kv_heads) * head_dim :].reshape(tokens, kv_heads, head_dim)
+    live = slots >= 0
+    store_kv_ref(k_ref[live], v_ref[live], k_want, v_want, slots[live])
+    q = qk_norm_rope_store(
+        qkv, positions, table, heads, kv_heads, head_dim, k_cache, v_cache, slots, qw, kw, 1e-6
+    )
+    assert torch.equal(q, q_ref)  # the same kernel code computes q either way
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        qk_norm_rope_store(qkv, positions, table, heads, kv_heads, head_dim, k_cache, v_cache, slots[:3])
+    with pytest.raises(ValueError, match="cache"):
+        qk_norm_rope_store(
+            qkv, positions, table, heads, kv_heads, head_dim, k_cache[:, :, :1], v_cache[:, :, :1], slots
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "d"), [(1, 48), (6, 300), (3, 3072)])
 def test_silu_and_mul(dtype, rows, d):
     gen = torch.Generator().manual_seed(rows + d)
@@ -110,6 +151,33 @@ def test_fused_model_generates_the_same_tokens():
         m.fused = True
     got = llm.generate(prompts, params, use_tqdm=False)
     for a, b in zip(want, got, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        torch.testing.assert_close(
+            torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs), atol=1e-4, rtol=0
+        )
+
+
+def test_triton_backend_with_fused_kv_store_generates_the_same_tokens():
+    """The tiny model on the triton attention backend with the fused ops on (q/k norm + RoPE also
+    stores K/V: no store_kv launch) gives the torch path's greedy tokens and logprobs."""
+    from rollout import LLM, CacheConfig, RunnerConfig, SamplingParams
+
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [42, 43, 44]]
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=2)
+    outs = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(
+            "tiny",
+            device=DEVICE,
+            dtype="float32",
+            cache_config=CacheConfig(block_size=4, num_blocks=32),
+            runner_config=RunnerConfig(attention_backend=backend, cuda_graphs=False),
+        )
+        fused = [m.fused for m in llm.engine.runner.model.modules() if hasattr(m, "fused")]
+        assert all(fused) == (backend == "triton")
+        outs[backend] = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.stats().num_free_blocks == 32
+    for a, b in zip(outs["torch"], outs["triton"], strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         torch.testing.assert_close(
             torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs), atol=1e-4, rtol=0

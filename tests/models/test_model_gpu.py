@@ -26,7 +26,7 @@ def cuda_prefill_logits(model, seqs, block_size=4, num_blocks=64):
     )
     for field in ("slot_mapping", "block_tables", "seq_lens", "query_start_loc"):
         setattr(meta, field, getattr(meta, field).cuda())
-    return model.compute_logits(model(input_ids.cuda(), positions.cuda(), meta)).cpu()
+    return model.compute_logits(model(input_ids.cuda(), positions.cuda(), meta)).float().cpu()
 
 
 @pytest.mark.parametrize("family, overrides", [("llama", {}), ("qwen3", {"tie_word_embeddings": True})])

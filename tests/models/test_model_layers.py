@@ -119,7 +119,7 @@ def test_tied_lm_head_shares_the_embedding():
     hidden = torch.randn(3, 4, dtype=torch.float64).to(torch.bfloat16)
     head, embed = head.to(torch.bfloat16), embed.to(torch.bfloat16)
     assert head.weight is embed.weight
-    assert head(hidden).dtype == torch.float32
+    assert head(hidden).dtype == torch.bfloat16  # model dtype: the sampler upcasts
     with pytest.raises(ValueError, match="cannot tie"):
         LMHead(11, 4, tied_to=embed)
 

@@ -1,0 +1,91 @@
+"""Where a steady decode step's time goes on the GPU: wall time per step against the time the GPU is
+busy (union of kernel and copy intervals from the torch profiler), kernels and runtime calls per
+step, and the kernels that take the most time.
+
+    rollout bench step_profile --batches 1 256 --context 1024 --out $OUT
+
+Busy well under wall means the GPU waits on the host (launch gaps, Python); busy near wall means the
+kernels themselves are the cost. One Chrome trace per batch lands in ``--out`` (gzip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from rollout import LLM, SamplingParams
+from rollout.benchmarks.common import export_trace, gpu_trace_summary, print_gpu_summary
+
+
+def start_decode(llm: LLM, batch: int, context: int, steps: int, rng: random.Random) -> list[str]:
+    """Admit ``batch`` requests of ``context`` prompt tokens and step until all decode."""
+    engine = llm.engine
+    ids = [f"p{batch}-{context}-{i}-{rng.random()}" for i in range(batch)]
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=4 * steps + 64, ignore_eos=True, temperature=1.0, seed=0)
+    for rid in ids:
+        engine.add_request(rid, [rng.randrange(3, min(10000, vocab)) for _ in range(context)], params)
+    while engine.scheduler.waiting or any(r.in_prefill for r in engine.scheduler.running):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    return ids
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="rollout bench step_profile")
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--no-overlap", action="store_true", help="the plain loop instead of the overlapped")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    llm = LLM(args.model, load_format="dummy", device=args.device)
+    engine = llm.engine
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    engine.overlap = engine.overlap and not args.no_overlap
+    rng = random.Random(0)
+    rows = []
+    for batch in args.batches:
+        ids = start_decode(llm, batch, args.context, args.steps, rng)
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        sync()
+        wall_ms = (time.perf_counter() - t) / args.steps * 1e3
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                engine.step()
+            sync()
+        engine.abort(ids)
+        raw = export_trace(prof)
+        (out / f"trace_b{batch}.json.gz").write_bytes(gzip.compress(raw))
+        row = dict(batch=batch, context=args.context, overlap=engine.overlap, wall_ms_per_step=wall_ms)
+        row.update(gpu_trace_summary(json.loads(raw), per=args.steps))
+        rows.append(row)
+        print(
+            f"batch {batch:4}: wall {wall_ms:6.3f} ms/step, GPU busy {row['gpu_busy_us'] / 1e3:6.3f} ms,"
+            f" span {row['gpu_span_us'] / 1e3:6.3f} ms, {row['gpu_ops']:.0f} GPU ops/step,"
+            f" runtime {row['runtime_us'] / 1e3:.3f} ms",
+            flush=True,
+        )
+        print_gpu_summary(row, "/step")
+    (out / "step_profile.json").write_text(json.dumps(rows, indent=1))
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
