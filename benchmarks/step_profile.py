@@ -40,6 +40,17 @@ def start_decode(llm: LLM, batch: int, context: int, steps: int, rng: random.Ran
     return ids
 
 
+def _timed(fn, total: list[float]):
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - t
+
+    return timed
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="rollout bench step_profile")
     p.add_argument("--model", default="qwen3-0.6b")
@@ -60,11 +71,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for batch in args.batches:
         ids = start_decode(llm, batch, args.context, args.steps, rng)
+        graphs = engine.runner.graphs
+        replay_s = [0.0]
+        if graphs is not None:  # host time of the graph replay call (input copies + cudaGraphLaunch)
+            graphs.replay = _timed(graphs.replay, replay_s)
         sync()
         t = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
         sync()
+        if graphs is not None:
+            del graphs.replay
         wall_ms = (time.perf_counter() - t) / args.steps * 1e3
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
@@ -73,13 +90,19 @@ def main(argv: list[str] | None = None) -> None:
         engine.abort(ids)
         raw = export_trace(prof)
         (out / f"trace_b{batch}.json.gz").write_bytes(gzip.compress(raw))
-        row = dict(batch=batch, context=args.context, overlap=engine.overlap, wall_ms_per_step=wall_ms)
+        row = dict(
+            batch=batch,
+            context=args.context,
+            overlap=engine.overlap,
+            wall_ms_per_step=wall_ms,
+            graph_replay_host_ms=replay_s[0] / args.steps * 1e3,
+        )
         row.update(gpu_trace_summary(json.loads(raw), per=args.steps))
         rows.append(row)
         print(
             f"batch {batch:4}: wall {wall_ms:6.3f} ms/step, GPU busy {row['gpu_busy_us'] / 1e3:6.3f} ms,"
             f" span {row['gpu_span_us'] / 1e3:6.3f} ms, {row['gpu_ops']:.0f} GPU ops/step,"
-            f" runtime {row['runtime_us'] / 1e3:.3f} ms",
+            f" runtime {row['runtime_us'] / 1e3:.3f} ms, replay call {row['graph_replay_host_ms']:.3f} ms",
             flush=True,
         )
         print_gpu_summary(row, "/step")

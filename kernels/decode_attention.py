@@ -204,8 +204,10 @@ def decode_attention(
     scale: float,
     sliding_window: int | None = None,
     config: DecodeConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of one query token per sequence over its paged KV: ``q`` [B, Hq, D] -> [B, Hq, D].
+    """Attention of one query token per sequence over its paged KV: ``q`` [B, Hq, D] -> [B, Hq, D]
+    (written into ``out`` when given, e.g. the leading rows of a mixed step's output).
 
     Sequence b attends to positions ``[max(0, seq_lens[b] - sliding_window), seq_lens[b])`` of its
     pages ``block_tables[b]`` (int32 [B, max_blocks]); the query is its last position, whose K/V
@@ -228,7 +230,13 @@ def decode_attention(
         config = default_decode_config(batch, num_kv_heads, q.device)
     if config.num_splits < 1 or config.block_n < 16 or config.block_n & (config.block_n - 1):
         raise ValueError(f"bad decode config {config}")
-    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
+        raise ValueError(
+            f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with unit inner stride, got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device} strides {out.stride()}"
+        )
     if batch == 0:
         return out
     split = config.num_splits > 1

@@ -95,9 +95,9 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-# The block table's row stride changes with the batch's longest sequence: not specialized (a new
-# value's divisibility by 16 would compile a new kernel mid-serving).
-@triton.jit(do_not_specialize=["stride_bt"])
+# The block table's row stride changes with the batch's longest sequence, and first_seq with the
+# step: not specialized (a new value's divisibility by 16 would compile a new kernel mid-serving).
+@triton.jit(do_not_specialize=["stride_bt", "first_seq"])
 def _extend_kernel(
     q_ptr,
     k_cache_ptr,
@@ -119,6 +119,7 @@ def _extend_kernel(
     stride_bt,
     stride_ot,
     stride_oh,
+    first_seq,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -131,7 +132,7 @@ def _extend_kernel(
     head = tl.program_id(0)
     # The latest query tiles see the most keys: run them first to shorten the tail of the grid.
     m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2) + first_seq
     q_start = tl.load(query_start_ptr + b)
     q_len = tl.load(query_start_ptr + b + 1) - q_start
     m0 = m_tile * BLOCK_M
@@ -190,8 +191,12 @@ def extend_attention(
     scale: float,
     sliding_window: int | None = None,
     config: ExtendConfig | None = None,
+    first_seq: int = 0,
 ) -> torch.Tensor:
     """Causal attention of ragged query chunks over their paged KV: ``q`` [T, Hq, D] -> [T, Hq, D].
+
+    Only sequences ``first_seq..B-1`` are computed (the rows of earlier ones are left unwritten:
+    a mixed step's leading decode rows, which the decode kernel serves).
 
     Sequence b owns query rows ``query_start_loc[b]:query_start_loc[b+1]`` (int32 [B+1]), which are
     its last positions, so its KV length is ``seq_lens[b]`` (int32 [B]); its pages are
@@ -214,12 +219,14 @@ def extend_attention(
     check_window(sliding_window)
     if max_query_len < 0:
         raise ValueError(f"max_query_len must be >= 0, got {max_query_len}")
+    if not 0 <= first_seq <= max(batch, 0):
+        raise ValueError(f"first_seq must be in [0, {batch}], got {first_seq}")
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    if batch == 0 or num_tokens == 0 or max_query_len == 0:
+    if batch == first_seq or num_tokens == 0 or max_query_len == 0:
         return out
     if config is None:
         config = default_extend_config(max_query_len, head_dim)
-    grid = (num_heads, triton.cdiv(max_query_len, config.block_m), batch)
+    grid = (num_heads, triton.cdiv(max_query_len, config.block_m), batch - first_seq)
     _extend_kernel[grid](
         q,
         k_cache,
@@ -237,6 +244,7 @@ def extend_attention(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
+        first_seq,
         GROUP=num_heads // num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),

@@ -369,6 +369,10 @@ class ModelRunner:
             v["logits_rows"][:] = logits_rows
             rows_of = qs[1:] - 1
             max_query_len = int(np.diff(qs).max())
+            num_decodes = 0
+            while num_decodes < num_seqs and reqs[num_decodes].num_new_tokens == 1:
+                num_decodes += 1
+            host.num_decodes = num_decodes
         if ph_dst:
             v["placeholder_dst"][:] = rows_of[[-1 - d for d in ph_dst]]
             v["placeholder_src"][:] = ph_src
@@ -390,6 +394,7 @@ class ModelRunner:
             query_start_loc_host=qs,
             max_seq_len=max(host.seq_lens_host),
             max_query_len=host.max_query_len,
+            num_decodes=host.num_decodes,
         )
         return v["input_ids"], v["positions"], meta
 
@@ -549,6 +554,7 @@ class _HostInputs:
     max_query_len: int = 1
     num_samples: int = 0  # rows that sample
     samples_lead: bool = False  # they are rows 0..num_samples-1 (a decode batch where every row samples)
+    num_decodes: int = 0  # leading sequences with one query row (see AttentionMetadata.num_decodes)
 
     @classmethod
     def allocate(

@@ -25,6 +25,10 @@ class AttentionMetadata:
     query_start_loc_host: list[int]  # query_start_loc on the host
     max_seq_len: int  # max(seq_lens_host)
     max_query_len: int  # longest query chunk this step (1 for a pure decode step)
+    # Leading sequences with exactly one query row. In a mixed step (decodes + prompt chunks) the
+    # triton backend runs them through the decode kernel (K/V read once per GQA group, split KV)
+    # and only the rest through the extend kernel, whose query tiles would be 1/16-1/128 used.
+    num_decodes: int = 0
 
 
 class Attention(nn.Module):
@@ -121,7 +125,10 @@ class Attention(nn.Module):
                 self.scale,
                 self.sliding_window,
             )
-        return extend_attention(
+        nd = meta.num_decodes if meta.num_decodes < meta.seq_lens.shape[0] else 0
+        # whole tensors plus an offset, not slices: a sliced pointer's alignment would make Triton
+        # compile new specializations mid-run
+        out = extend_attention(
             q,
             self.k_cache,
             self.v_cache,
@@ -131,4 +138,17 @@ class Attention(nn.Module):
             meta.max_query_len,
             self.scale,
             self.sliding_window,
+            first_seq=nd,
         )
+        if nd:  # rows 0..nd-1: one query each, in the decode kernel
+            decode_attention(
+                q[:nd],
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables[:nd],
+                meta.seq_lens[:nd],
+                self.scale,
+                self.sliding_window,
+                out=out[:nd],
+            )
+        return out

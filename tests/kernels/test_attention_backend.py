@@ -37,6 +37,7 @@ def step(
         query_start_loc_host=case.query_start_host,
         max_seq_len=max(seq_lens),
         max_query_len=max(q_lens),
+        num_decodes=next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens)),
     )
     return case, k, v, meta
 
@@ -55,6 +56,9 @@ def run(backend: str, case, k, v, meta, window):
     [
         ([20, 1, 33, 9], [20, 1, 6, 1], None),  # mixed: prompt, decode, prefix hit -> extend kernel
         ([20, 1, 33, 9], [1, 1, 1, 1], 7),  # pure decode -> decode kernel
+        # leading decode rows of a mixed step -> decode kernel for them, extend kernel for the rest
+        ([12, 7, 40, 33, 5], [1, 1, 20, 6, 1], None),
+        ([12, 7, 40, 33], [1, 1, 20, 1], 9),
     ],
 )
 def test_triton_backend_matches_torch(seq_lens, q_lens, window):

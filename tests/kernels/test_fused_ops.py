@@ -159,10 +159,12 @@ def test_fused_model_generates_the_same_tokens():
 
 def test_triton_backend_with_fused_kv_store_generates_the_same_tokens():
     """The tiny model on the triton attention backend with the fused ops on (q/k norm + RoPE also
-    stores K/V: no store_kv launch) gives the torch path's greedy tokens and logprobs."""
-    from rollout import LLM, CacheConfig, RunnerConfig, SamplingParams
+    stores K/V: no store_kv launch) gives the torch path's greedy tokens and logprobs. An 8-token
+    step budget chunks the prompts, so steps mix decode rows (leading: decode kernel) with prompt
+    chunks (extend kernel)."""
+    from rollout import LLM, CacheConfig, RunnerConfig, SamplingParams, SchedulerConfig
 
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [42, 43, 44]]
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [42, 43, 44], list(range(60, 72))]
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=2)
     outs = {}
     for backend in ("torch", "triton"):
@@ -172,6 +174,7 @@ def test_triton_backend_with_fused_kv_store_generates_the_same_tokens():
             dtype="float32",
             cache_config=CacheConfig(block_size=4, num_blocks=32),
             runner_config=RunnerConfig(attention_backend=backend, cuda_graphs=False),
+            scheduler_config=SchedulerConfig(max_num_batched_tokens=8),
         )
         fused = [m.fused for m in llm.engine.runner.model.modules() if hasattr(m, "fused")]
         assert all(fused) == (backend == "triton")

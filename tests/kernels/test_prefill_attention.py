@@ -94,6 +94,22 @@ def test_extend_rejects_bad_arguments():
     ]:
         with pytest.raises(ValueError, match=match):
             extend_attention(*args[:idx], bad, *args[idx + 1 :])
+    for first_seq in (-1, 3):
+        with pytest.raises(ValueError, match="first_seq"):
+            extend_attention(*args, first_seq=first_seq)
+
+
+def test_extend_first_seq_computes_only_later_sequences():
+    """first_seq=1: sequence 0's rows are left as they were, the others match the reference."""
+    case = make_case([9, 30, 12], [4, 30, 5], 4, 2, 16, 4, torch.float32, DEVICE, seed=7)
+    want = reference(case, None)
+    with poisoned_empty():
+        out = extend_attention(
+            case.q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens, case.query_start_loc,
+            30, case.scale, first_seq=1,
+        )  # fmt: skip
+    assert rel_err(out[4:], want[4:]) < 1e-5
+    assert out[:4].isnan().all()  # never written
 
 
 @pytest.mark.gpu
