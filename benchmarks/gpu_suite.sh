@@ -25,6 +25,7 @@ if [ "$what" = host ]; then  # host-bound decode: per-phase host time, then what
     --batches 32 256 --prompt-len 400 500 --sampling '{"repetition_penalty": 1.1}' \
     --out "$out/penalties" 2>&1 | tee "$out/host_overhead_penalties.log" | grep "^batch"
   timeout 200 python3 -m rollout.benchmarks.core_overhead --out "$out" 2>&1 | tail -5
+  timeout 120 python3 -m rollout.benchmarks.step_profile --batches 1 32 256 --out "$out/profile" 2>&1 | grep "^batch"
   timeout 200 python3 -m rollout.benchmarks.throughput --workloads w1 --out "$out" --timeout 150 2>&1 | tail -4
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
