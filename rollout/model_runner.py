@@ -246,11 +246,24 @@ class ModelRunner:
     def _prompt_logprobs(
         self, hidden: torch.Tensor, prompt_rows: list[_PromptRows]
     ) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+        # [rows, vocab] logits (and their fp32 copy) in chunks of max_num_seqs rows: the size the KV
+        # cache budget was profiled with, where a whole prompt chunk (up to max_num_batched_tokens
+        # rows) could take gigabytes more
+        chunk = self.scheduler_config.max_num_seqs
         result = []
         for request_id, first, count, next_ids, k in prompt_rows:
-            logits = self.model.compute_logits(hidden[first : first + count])
             targets = to_device_async(torch.tensor(next_ids, dtype=torch.long), self.device)
-            lp, top_ids, top_lp = prompt_logprobs(logits, targets, k)
+            parts = [
+                prompt_logprobs(
+                    self.model.compute_logits(hidden[first + i : first + min(i + chunk, count)]),
+                    targets[i : i + chunk],
+                    k,
+                )
+                for i in range(0, count, chunk)
+            ]
+            lp, top_ids, top_lp = (
+                parts[0] if len(parts) == 1 else (torch.cat(t) for t in zip(*parts, strict=True))
+            )
             result.append((request_id, lp, top_ids, top_lp, k))
         return result
 

@@ -70,6 +70,40 @@ def test_logprobs_and_prompt_logprobs_match_hf(checkpoints):
         assert all(len(t) == 2 for t in out.prompt_top_logprobs[1:])
 
 
+def test_prompt_logprobs_are_computed_in_row_chunks(checkpoints):
+    """Prompt logprobs take their logits in chunks of max_num_seqs rows (the profiled size), with the
+    same values and top-k as one pass."""
+    path, _ = checkpoints["qwen3"]
+    prompt = random_seqs([13], seed=6)[0]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+    results, widest = [], []
+    for max_seqs in (3, 256):
+        llm = LLM(
+            path,
+            device="cpu",
+            cache_config=CacheConfig(block_size=4, num_blocks=64),
+            scheduler_config=SchedulerConfig(max_num_seqs=max_seqs),
+        )
+        model = llm.engine.runner.model
+        compute = model.compute_logits
+        rows: list[int] = []
+        model.compute_logits = lambda h, compute=compute, rows=rows: rows.append(h.shape[0]) or compute(h)
+        results.append(llm.generate([prompt], params, use_tqdm=False)[0])
+        widest.append(max(rows))
+    assert widest == [3, 12]  # 12 prompt positions predict a next prompt token
+    torch.testing.assert_close(
+        torch.tensor(results[0].prompt_logprobs[1:]),
+        torch.tensor(results[1].prompt_logprobs[1:]),
+        atol=1e-6,
+        rtol=0,
+    )
+    for a, b in zip(results[0].prompt_top_logprobs[1:], results[1].prompt_top_logprobs[1:], strict=True):
+        assert list(a) == list(b)
+        torch.testing.assert_close(
+            torch.tensor(list(a.values())), torch.tensor(list(b.values())), atol=1e-6, rtol=0
+        )
+
+
 def test_chunked_prompt_logprobs_match_unchunked(checkpoints):
     path, _ = checkpoints["llama3_rope"]
     prompt = random_seqs([40], seed=5)[0]
