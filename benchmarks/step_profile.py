@@ -25,12 +25,15 @@ from rollout import LLM, SamplingParams
 from rollout.benchmarks.common import export_trace, gpu_trace_summary, print_gpu_summary
 
 
-def start_decode(llm: LLM, batch: int, context: int, steps: int, rng: random.Random) -> list[str]:
+def start_decode(llm: LLM, batch: int, context: int, rng: random.Random) -> list[str]:
     """Admit ``batch`` requests of ``context`` prompt tokens and step until all decode."""
     engine = llm.engine
     ids = [f"p{batch}-{context}-{i}-{rng.random()}" for i in range(batch)]
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=4 * steps + 64, ignore_eos=True, temperature=1.0, seed=0)
+    # room to the model's limit: the first admitted requests decode while later ones still prefill
+    # (a 256 x 4K batch takes ~128 admission steps); they are aborted after the profile anyway
+    max_tokens = engine.max_total_tokens - context
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.0, seed=0)
     for rid in ids:
         engine.add_request(rid, [rng.randrange(3, min(10000, vocab)) for _ in range(context)], params)
     while engine.scheduler.waiting or any(r.in_prefill for r in engine.scheduler.running):
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(0)
     rows = []
     for batch in args.batches:
-        ids = start_decode(llm, batch, args.context, args.steps, rng)
+        ids = start_decode(llm, batch, args.context, rng)
         graphs = engine.runner.graphs
         replay_s = [0.0]
         if graphs is not None:  # host time of the graph replay call (input copies + cudaGraphLaunch)
@@ -87,6 +90,10 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.steps):
                 engine.step()
             sync()
+        if len(engine.scheduler.running) != batch:
+            raise RuntimeError(
+                f"a sequence finished while profiled ({len(engine.scheduler.running)} of {batch})"
+            )
         engine.abort(ids)
         raw = export_trace(prof)
         (out / f"trace_b{batch}.json.gz").write_bytes(gzip.compress(raw))

@@ -199,7 +199,7 @@ def _qk_norm_rope_kernel(
         HAS_NORM,
     )
     if STORE_KV:  # rotated k and raw v go straight to their cache slot (-1: a padding row, skipped)
-        slot = tl.load(slot_ptr + t)
+        slot = tl.load(slot_ptr + t).to(tl.int64)  # block * stride can pass 2**31 elements
         store_heads = tl.where(slot >= 0, NUM_KV, 0)
         block = tl.maximum(slot, 0) // BLOCK_SIZE
         offset = tl.maximum(slot, 0) % BLOCK_SIZE
@@ -301,10 +301,12 @@ def qk_norm_rope_store(
     if (
         slot_mapping.shape != (tokens,)
         or slot_mapping.device != qkv.device
-        or slot_mapping.is_floating_point()
+        or slot_mapping.dtype not in (torch.int32, torch.int64)
+        or (tokens > 1 and slot_mapping.stride(0) != 1)
     ):
         raise ValueError(
-            f"slot_mapping must be integer [{tokens}] on {qkv.device}, got {tuple(slot_mapping.shape)}"
+            f"slot_mapping must be contiguous int32/int64 [{tokens}] on {qkv.device}, got "
+            f"{tuple(slot_mapping.shape)} {slot_mapping.dtype} strides {slot_mapping.stride()}"
         )
     q = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     _launch_qk(

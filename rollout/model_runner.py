@@ -207,6 +207,7 @@ class ModelRunner:
                 rows_hidden = hidden.index_select(0, v["logits_rows"])
             logits = self.model.compute_logits(rows_hidden)
             out = sample(logits, self._sampling_tensors(rows, prev))
+            del logits  # not held while prompt logprobs take their own [rows, vocab] logits
             assert self._last_sampling is not None
             self._last_sampling = (*self._last_sampling[:2], out.token_ids)
             handle.token_ids = out.token_ids

@@ -101,6 +101,16 @@ def test_qk_norm_rope_store(dtype, heads, kv_heads, head_dim, norm):
     )
     assert torch.equal(q, q_ref)  # the same kernel code computes q either way
     assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+    k32, v32 = torch.randn_like(k_cache), torch.randn_like(v_cache)
+    k32_want, v32_want = k32.clone(), v32.clone()
+    store_kv_ref(k_ref[live], v_ref[live], k32_want, v32_want, slots[live])
+    qk_norm_rope_store(
+        qkv, positions, table, heads, kv_heads, head_dim, k32, v32, slots.int(), qw, kw, 1e-6
+    )  # int32 slots: the same stores
+    assert torch.equal(k32, k32_want) and torch.equal(v32, v32_want)
+    for bad in (slots.bool(), slots.float(), torch.stack([slots, slots], 1)[:, 0]):
+        with pytest.raises(ValueError, match="slot_mapping"):
+            qk_norm_rope_store(qkv, positions, table, heads, kv_heads, head_dim, k_cache, v_cache, bad)
     with pytest.raises(ValueError, match="slot_mapping"):
         qk_norm_rope_store(qkv, positions, table, heads, kv_heads, head_dim, k_cache, v_cache, slots[:3])
     with pytest.raises(ValueError, match="cache"):
