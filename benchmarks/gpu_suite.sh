@@ -26,7 +26,7 @@ if [ "$what" = host ]; then  # host-bound decode: per-phase host time, then what
     --out "$out/penalties" 2>&1 | tee "$out/host_overhead_penalties.log" | grep "^batch"
   timeout 200 python3 -m rollout.benchmarks.core_overhead --out "$out" 2>&1 | tail -5
   timeout 120 python3 -m rollout.benchmarks.step_profile --batches 1 32 256 --out "$out/profile" 2>&1 | grep "^batch"
-  timeout 200 python3 -m rollout.benchmarks.throughput --workloads w1 --out "$out" --timeout 150 2>&1 | tail -4
+  timeout 400 python3 -m rollout.benchmarks.throughput --workloads w1 --repeats 3 --out "$out" --timeout 150 2>&1 | tail -5
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 150 python3 -m rollout.benchmarks.decode --out "$out" --steps 10 2>&1 | tail -34
