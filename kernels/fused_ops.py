@@ -200,50 +200,39 @@ def _qk_norm_rope_kernel(
     )
     if STORE_KV:  # rotated k and raw v go straight to their cache slot (-1: a padding row, skipped)
         slot = tl.load(slot_ptr + t).to(tl.int64)  # block * stride can pass 2**31 elements
-        store_heads = tl.where(slot >= 0, NUM_KV, 0)
+        k_heads = tl.where(slot >= 0, NUM_KV, 0)
         block = tl.maximum(slot, 0) // BLOCK_SIZE
         offset = tl.maximum(slot, 0) % BLOCK_SIZE
         k_row = block * stride_kc_block + offset * stride_kc_slot
-        _rope_heads(
-            qkv_ptr,
-            k_out_ptr,
-            kw_ptr,
-            cos,
-            sin,
-            src + k_offset,
-            k_row,
-            stride_kc_head,
-            store_heads,
-            eps,
-            NUM_KV,
-            KV_PAD,
-            HALF,
-            HAS_NORM,
-        )
+        k_stride_h = stride_kc_head
+    else:
+        k_heads = NUM_KV
+        k_row = t * NUM_KV * 2 * HALF
+        k_stride_h = 2 * HALF
+    _rope_heads(
+        qkv_ptr,
+        k_out_ptr,
+        kw_ptr,
+        cos,
+        sin,
+        src + k_offset,
+        k_row,
+        k_stride_h,
+        k_heads,
+        eps,
+        NUM_KV,
+        KV_PAD,
+        HALF,
+        HAS_NORM,
+    )
+    if STORE_KV:
         heads = tl.arange(0, KV_PAD)[:, None]
         dd = tl.arange(0, 2 * HALF)[None, :]
         v = tl.load(
             qkv_ptr + src + k_offset + NUM_KV * 2 * HALF + heads * (2 * HALF) + dd, mask=heads < NUM_KV
         )
         v_dst = v_out_ptr + block * stride_vc_block + offset * stride_vc_slot + heads * stride_vc_head + dd
-        tl.store(v_dst, v.to(v_out_ptr.dtype.element_ty), mask=heads < store_heads)
-    else:
-        _rope_heads(
-            qkv_ptr,
-            k_out_ptr,
-            kw_ptr,
-            cos,
-            sin,
-            src + k_offset,
-            t * NUM_KV * 2 * HALF,
-            2 * HALF,
-            NUM_KV,
-            eps,
-            NUM_KV,
-            KV_PAD,
-            HALF,
-            HAS_NORM,
-        )
+        tl.store(v_dst, v.to(v_out_ptr.dtype.element_ty), mask=heads < k_heads)
 
 
 def qk_norm_rope(
