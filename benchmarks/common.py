@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import functools
 import time
+from typing import Any
 
 import torch
 
@@ -176,3 +179,24 @@ def print_gpu_summary(s: dict, unit: str) -> None:
         print(f"    {n:9.1f}{unit}  {name}")
     for k in s["top_kernels"]:
         print(f"    {k['us']:9.1f} us{unit}  {k['count']:7.1f}x  {k['name']}")
+
+
+class PhaseTimer:
+    """Wall time spent in wrapped callables, by phase name."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter[str] = collections.Counter()
+
+    def wrap(self, owner: Any, attr: str, phase: str) -> None:
+        fn = getattr(owner, attr)
+        seconds = self.seconds
+
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[phase] += time.perf_counter() - t
+
+        setattr(owner, attr, timed)

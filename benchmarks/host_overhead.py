@@ -17,17 +17,15 @@ runs on the CPU in a few seconds:
 from __future__ import annotations
 
 import argparse
-import collections
-import functools
 import json
 import os
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from rollout.benchmarks.common import PhaseTimer
 from rollout.config import SchedulerConfig
 from rollout.engine import EngineCore
 from rollout.samplers.params import SamplingParams
@@ -36,28 +34,7 @@ from rollout.samplers.params import SamplingParams
 _DEVICE_PHASES = ("forward", "logits", "sample")
 
 
-class _PhaseTimer:
-    """Wall time spent in wrapped callables, by phase name."""
-
-    def __init__(self) -> None:
-        self.seconds: collections.Counter[str] = collections.Counter()
-
-    def wrap(self, owner: Any, attr: str, phase: str) -> None:
-        fn = getattr(owner, attr)
-        seconds = self.seconds
-
-        @functools.wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                seconds[phase] += time.perf_counter() - t
-
-        setattr(owner, attr, timed)
-
-
-def _instrument(engine: EngineCore, timer: _PhaseTimer) -> None:
+def _instrument(engine: EngineCore, timer: PhaseTimer) -> None:
     import rollout.model_runner as model_runner
 
     runner = engine.runner
@@ -77,7 +54,7 @@ def _instrument(engine: EngineCore, timer: _PhaseTimer) -> None:
 
 def measure(
     engine: EngineCore,
-    timer: _PhaseTimer,
+    timer: PhaseTimer,
     batch: int,
     steps: int,
     seed: int,
@@ -148,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         load_format=args.load_format,
         scheduler_config=SchedulerConfig(max_num_seqs=max(args.batches)),
     )
-    timer = _PhaseTimer()
+    timer = PhaseTimer()
     _instrument(engine, timer)
     rows = []
     for batch in args.batches:

@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from rollout import LLM, SamplingParams
-from rollout.benchmarks.common import export_trace, gpu_trace_summary, print_gpu_summary
+from rollout.benchmarks.common import PhaseTimer, export_trace, gpu_trace_summary, print_gpu_summary
 
 
 def start_decode(llm: LLM, batch: int, context: int, rng: random.Random) -> list[str]:
@@ -41,17 +41,6 @@ def start_decode(llm: LLM, batch: int, context: int, rng: random.Random) -> list
     for _ in range(3):
         engine.step()
     return ids
-
-
-def _timed(fn, total: list[float]):
-    def timed(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            total[0] += time.perf_counter() - t
-
-    return timed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,9 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     for batch in args.batches:
         ids = start_decode(llm, batch, args.context, rng)
         graphs = engine.runner.graphs
-        replay_s = [0.0]
+        timer = PhaseTimer()
         if graphs is not None:  # host time of the graph replay call (input copies + cudaGraphLaunch)
-            graphs.replay = _timed(graphs.replay, replay_s)
+            timer.wrap(graphs, "replay", "replay")
         sync()
         t = time.perf_counter()
         for _ in range(args.steps):
@@ -102,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             context=args.context,
             overlap=engine.overlap,
             wall_ms_per_step=wall_ms,
-            graph_replay_host_ms=replay_s[0] / args.steps * 1e3,
+            graph_replay_host_ms=timer.seconds["replay"] / args.steps * 1e3,
         )
         row.update(gpu_trace_summary(json.loads(raw), per=args.steps))
         rows.append(row)
