@@ -103,6 +103,46 @@ def measure(
     )
 
 
+def measure_admission(
+    engine: EngineCore, timer: PhaseTimer, num_prompts: int, prompt_len: tuple[int, int], seed: int
+) -> dict:
+    """Per-step phase times of the admission phase: ``num_prompts`` prompts of ``prompt_len`` tokens
+    added at once (as W1 does) and stepped until every prompt is in the KV cache. These steps run
+    eagerly (no graph), a budget of prompt tokens each, plus the decodes of requests already in."""
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=4096, ignore_eos=True, temperature=1.0)
+    ids = [f"a{seed}-{i}" for i in range(num_prompts)]
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(*prompt_len))] for _ in ids]
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    sync()
+    timer.seconds.clear()
+    t = time.perf_counter()
+    for rid, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(rid, prompt, params)
+    added = time.perf_counter() - t
+    steps = 0
+    sched = engine.scheduler
+    while sched.waiting or any(r.in_prefill for r in sched.running):
+        engine.step_outputs()
+        steps += 1
+    sync()
+    total = time.perf_counter() - t
+    engine.abort(ids)
+    phases = {k: v / steps * 1e3 for k, v in sorted(timer.seconds.items(), key=lambda kv: -kv[1])}
+    phases["add_request"] = added / steps * 1e3
+    phases["other"] = total / steps * 1e3 - sum(phases.values())
+    return dict(
+        admission=num_prompts,
+        prompt_len=list(prompt_len),
+        prompt_tokens=sum(map(len, prompts)),
+        steps=steps,
+        device=str(engine.device),
+        step_ms=total / steps * 1e3,
+        phases_ms=phases,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="rollout bench host_overhead")
     p.add_argument("--model", default="tiny")
@@ -115,6 +155,16 @@ def main(argv: list[str] | None = None) -> None:
         "--sampling", type=json.loads, default={}, help="SamplingParams fields, e.g. '{\"top_k\": 50}'"
     )
     p.add_argument("--prompt-len", type=int, nargs=2, default=[16, 64], help="range of prompt lengths")
+    p.add_argument(
+        "--admission",
+        type=int,
+        default=0,
+        help="also time the admission phase of this many prompts of --prompt-len tokens, added at once",
+    )
+    p.add_argument("--max-batched", type=int, default=8192, help="token budget of one step")
+    p.add_argument(
+        "--cprofile", type=int, default=0, help="cProfile the admission phase; print this many functions"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = p.parse_args(argv)
@@ -123,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
         args.model,
         device=args.device,
         load_format=args.load_format,
-        scheduler_config=SchedulerConfig(max_num_seqs=max(args.batches)),
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=max(args.batches + [args.admission]), max_num_batched_tokens=args.max_batched
+        ),
     )
     timer = PhaseTimer()
     _instrument(engine, timer)
@@ -141,6 +193,33 @@ def main(argv: list[str] | None = None) -> None:
         for name, ms in r["phases_ms"].items():
             mark = " (device)" if name in _DEVICE_PHASES and engine.device.type != "cuda" else ""
             print(f"    {name:17} {ms:7.3f} ms  {ms / batch * 1e3:7.2f} us/seq{mark}")
+    if args.admission:
+        prof = None
+        if args.cprofile:  # where the admission steps' host time goes, function by function
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
+        r = measure_admission(engine, timer, args.admission, tuple(args.prompt_len), seed=1)
+        if prof is not None:
+            import io
+            import pstats
+
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.cprofile)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            Path(args.out, "admission_cprofile.txt").write_text(text.getvalue())
+            print(text.getvalue())
+        rows.append(r)
+        print(
+            f"admission of {r['admission']} prompts ({r['prompt_tokens']} tokens): {r['steps']} steps,"
+            f" {r['step_ms']:7.3f} ms/step",
+            flush=True,
+        )
+        for name, ms in r["phases_ms"].items():
+            mark = " (device)" if name in _DEVICE_PHASES and engine.device.type != "cuda" else ""
+            print(f"    {name:17} {ms:7.3f} ms/step{mark}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "host_overhead.json").write_text(json.dumps(rows, indent=1))
 

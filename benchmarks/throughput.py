@@ -7,6 +7,7 @@ HF transformers continuous-batching peer, each in its own subprocess of one run.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import subprocess
@@ -42,13 +43,25 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
     ]
     stats0 = llm.stats()
     trace: list[tuple[float, int, int]] = []  # per engine step: end time, running, waiting
-    if args.trace:
+    admission: dict = {}
+    adm_prof = None
+    if args.profile_admission:  # CPU + GPU over the steps until every prompt is fully computed
+        from torch.profiler import ProfilerActivity, profile
+
+        adm_prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    if args.trace or adm_prof is not None:
         engine = llm.engine
         step = engine.step
 
         def traced_step():
             out = step()
-            trace.append((time.perf_counter(), len(engine.scheduler.running), len(engine.scheduler.waiting)))
+            sched = engine.scheduler
+            trace.append((time.perf_counter(), len(sched.running), len(sched.waiting)))
+            admitted = not sched.waiting and not any(r.in_prefill for r in sched.running)
+            if adm_prof is not None and not admission and admitted:
+                torch.cuda.synchronize()
+                admission.update(seconds=time.perf_counter() - t, steps=len(trace))
+                adm_prof.stop()
             return out
 
         engine.step = traced_step
@@ -69,6 +82,8 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         gpu_prof = profile(activities=[ProfilerActivity.CUDA])
         gpu_prof.start()
     torch.cuda.synchronize()
+    if adm_prof is not None:
+        adm_prof.start()
     t = time.perf_counter()
     with GcStats() as gc_stats, KernelCompiles() as compiles:
         if prof is not None:
@@ -84,13 +99,25 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         gpu_summary = gpu_trace_summary(json.loads(export_trace(gpu_prof)), top=25)
         print(f"GPU busy {gpu_summary['gpu_busy_us'] / 1e6:.3f} s of {seconds:.3f} s (profiled run)")
         print_gpu_summary(gpu_summary, "")
+    if adm_prof is not None and admission:
+        raw = export_trace(adm_prof)
+        Path(args.result).with_suffix(".admission.json.gz").write_bytes(gzip.compress(raw))
+        admission.update(gpu_trace_summary(json.loads(raw), top=20))
+        print(
+            f"admission: {admission['steps']} steps, {admission['seconds'] * 1e3:.1f} ms wall,"
+            f" GPU busy {admission['gpu_busy_us'] / 1e3:.1f} ms (profiled)"
+        )
+        print_gpu_summary(admission, "")
     step_ms_by_batch = {}
+    admission_steps_ms = []
     if trace:
         prev = t
         buckets: dict[int, list[float]] = {}
         for end, running, waiting in trace:
             key = -1 if waiting else min(running // 32 * 32, 256)  # -1: steps with prompts waiting
             buckets.setdefault(key, []).append((end - prev) * 1e3)
+            if waiting:
+                admission_steps_ms.append(round((end - prev) * 1e3, 2))
             prev = end
         step_ms_by_batch = {k: (len(v), sum(v) / len(v)) for k, v in sorted(buckets.items())}
     if prof is not None:
@@ -115,8 +142,11 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         gc=gc_stats.summary(),  # cyclic GC passes during the timed run: count and ms per generation
         kernel_compiles=compiles.summary(),  # Triton specializations first met during the timed run
         step_ms_by_batch=step_ms_by_batch,  # running // 32 * 32 -> (steps, mean ms); -1: admission phase
+        admission_steps_ms=admission_steps_ms,  # each step with prompts still waiting, in order
+        admission=admission,  # --profile-admission: steps until every prompt is computed, GPU summary
         gpu_profile=gpu_summary,  # --gpu-profile: kernel time over the run (the profiler slows the host)
-        profiled=bool(args.profile or args.gpu_profile),  # then out_tok_s is not a clean measurement
+        # then out_tok_s is not a clean measurement
+        profiled=bool(args.profile or args.gpu_profile or args.profile_admission),
     )
 
 
@@ -197,13 +227,14 @@ def _run_child(args: argparse.Namespace, engine: str, wl: str, result_file: Path
         *(["--gc-freeze"] if args.gc_freeze else []),
         *(["--profile"] if args.profile else []),
         *(["--gpu-profile"] if args.gpu_profile else []),
+        *(["--profile-admission"] if args.profile_admission else []),
     ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     res = {"error": proc.stderr[-3000:]} if proc.returncode != 0 else json.loads(result_file.read_text())
     res["wall_s"] = time.perf_counter() - t
     print(proc.stdout, end="")
-    res_line = {k: v for k, v in res.items() if k != "gpu_profile"}
+    res_line = {k: v for k, v in res.items() if k not in ("gpu_profile", "admission")}
     print(engine, wl, json.dumps(res_line)[:600], flush=True)
     return res
 
@@ -269,11 +300,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before the timed generate (ours)")
     p.add_argument("--profile", action="store_true", help="cProfile the timed generate (ours): *.profile.txt")
     p.add_argument("--gpu-profile", action="store_true", help="profile GPU kernels (ours)")
+    p.add_argument(
+        "--profile-admission",
+        action="store_true",
+        help="torch-profile (CPU + GPU) the steps until every prompt is computed (ours)",
+    )
     p.add_argument("--child", action="store_true")
     p.add_argument("--engine", choices=["ours", "hf"])
     p.add_argument("--workload")
     p.add_argument("--result")
     args = p.parse_args(argv)
+    if args.gpu_profile and args.profile_admission:
+        p.error("--gpu-profile and --profile-admission each run the torch profiler; pick one")
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
     child(args) if args.child else parent(args)

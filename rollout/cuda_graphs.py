@@ -5,6 +5,10 @@ changes. Graphs are captured once per padded batch size over static input buffer
 its inputs into the first rows, marks the padding rows (slot -1: nothing stored; seq_len 0:
 attention writes zeros) and replays. Weights are updated in place and the KV cache never moves,
 so graphs stay valid across weight updates.
+
+The LM head is captured too: a graph returns logits for its padded size. Run eagerly on the
+step's own row count, the head's GEMM met a new shape every time a request finished, and cuBLAS
+spends milliseconds of host time choosing a kernel for each new shape.
 """
 
 from __future__ import annotations
@@ -21,8 +25,18 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     return sorted(set(sizes))
 
 
+def padded_rows(rows: int) -> int:
+    """The row count an eager step's LM head runs on for ``rows`` sampling rows: 1, 2, 4, 8, then
+    a multiple of 16 (the graph sizes). A GEMM of a shape cuBLAS has not met costs milliseconds of
+    host time while it picks a kernel; with a few row counts it meets each once."""
+    for size in (1, 2, 4, 8):
+        if rows <= size:
+            return size
+    return -(-rows // 16) * 16
+
+
 class DecodeGraphs:
-    """Captured forwards of ``model`` for decode batches up to ``max_batch`` sequences."""
+    """Captured forwards and LM heads of ``model`` for decode batches up to ``max_batch`` sequences."""
 
     def __init__(
         self, model: nn.Module, max_batch: int, max_blocks: int, max_seq_len: int, device: torch.device
@@ -42,7 +56,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # size -> (hidden, logits)
 
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -63,14 +77,18 @@ class DecodeGraphs:
         for size in reversed(self.sizes):
             meta = self._meta(size)
             for _ in range(2):  # compile and autotune outside the capture
-                self.model(self.input_ids[:size], self.positions[:size], meta)
+                self._forward(size, meta)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.model(self.input_ids[:size], self.positions[:size], meta)
+                self.outputs[size] = self._forward(size, meta)
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize(self.device)
+
+    def _forward(self, size: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
+        return hidden, self.model.compute_logits(hidden)
 
     def padded_size(self, batch: int) -> int | None:
         """The graph size that serves ``batch`` sequences, or None when none does."""
@@ -88,11 +106,12 @@ class DecodeGraphs:
         seq_lens: torch.Tensor,
         block_tables: torch.Tensor,
         fill: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the graph of ``size`` on inputs of ``size`` rows (padding rows already marked; host or
         device tensors, any integer dtype); ``block_tables`` may be narrower than max_blocks.
         ``fill = (rows, ids)`` then overwrites those rows' input ids on the device (tokens sampled
-        by a step still in flight). Returns hidden states [size, hidden]."""
+        by a step still in flight). Returns hidden states [size, hidden] and logits [size, vocab]
+        in the model dtype (padding rows hold garbage)."""
         self.input_ids[:size].copy_(input_ids, non_blocking=True)
         if fill is not None:
             self.input_ids.index_copy_(0, fill[0], fill[1])

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from rollout.config import CacheConfig, RunnerConfig, SchedulerConfig
-from rollout.cuda_graphs import DecodeGraphs
+from rollout.cuda_graphs import DecodeGraphs, padded_rows
 from rollout.models.config import ModelConfig
 from rollout.models.layers.attention import AttentionMetadata
 from rollout.models.loader import load_model
@@ -175,17 +175,20 @@ class ModelRunner:
         graph_size = None
         if self.graphs is not None and batch.num_tokens == len(batch.requests):  # decode only
             graph_size = self.graphs.padded_size(len(batch.requests))
-        host = self._prepare(batch, graph_size or batch.num_tokens, prev)
         dev = self.device
+        # eager steps on CUDA run the LM head on a padded row count (see padded_rows)
+        pad_rows = graph_size is None and dev.type == "cuda"
+        host = self._prepare(batch, graph_size or batch.num_tokens, prev, pad_rows)
         ints = host.ints.to(dev, non_blocking=True)
         v = host.views(ints)
         fill = None
         if host.num_placeholders:
             assert prev is not None and prev.token_ids is not None
             fill = (v["placeholder_dst"], prev.token_ids.index_select(0, v["placeholder_src"]))
+        graph_logits = None
         if graph_size is not None:
             assert self.graphs is not None
-            hidden = self.graphs.replay(
+            hidden, graph_logits = self.graphs.replay(
                 graph_size,
                 v["input_ids"],
                 v["positions"],
@@ -201,11 +204,12 @@ class ModelRunner:
             hidden = self.model(ids, positions, meta)
         handle = StepHandle(batch=batch)
         if rows.seeds:
-            # a decode batch samples from its first rows: a view, not a gather
-            rows_hidden = hidden[: host.num_samples] if host.samples_lead else None
-            if rows_hidden is None:
-                rows_hidden = hidden.index_select(0, v["logits_rows"])
-            logits = self.model.compute_logits(rows_hidden)
+            n, lead = host.num_samples, host.samples_lead  # lead: rows 0..n-1 sample (a view)
+            if graph_logits is not None:  # the graph ran the LM head on its padded batch
+                logits = graph_logits[:n] if lead else graph_logits.index_select(0, v["logits_rows"])
+            else:
+                rows_hidden = hidden[:n] if lead else hidden.index_select(0, v["logits_rows"])
+                logits = self.model.compute_logits(rows_hidden)[:n]
             out = sample(logits, self._sampling_tensors(rows, prev))
             del logits  # not held while prompt logprobs take their own [rows, vocab] logits
             assert self._last_sampling is not None
@@ -311,10 +315,13 @@ class ModelRunner:
             row += s.num_new_tokens
         return rows, prompt_rows
 
-    def _prepare(self, batch: ScheduledBatch, num_rows: int, prev: StepHandle | None = None) -> _HostInputs:
+    def _prepare(
+        self, batch: ScheduledBatch, num_rows: int, prev: StepHandle | None = None, pad_rows: bool = False
+    ) -> _HostInputs:
         """Host arrays of the step, packed in one (pinned on CUDA) int64 buffer. With num_rows >
         num_tokens (a decode graph's padded size), the extra rows are padding sequences of length 0
-        whose token is stored nowhere."""
+        whose token is stored nowhere. With ``pad_rows`` the logits rows are padded to
+        ``padded_rows`` entries (repeating row 0) and never marked as leading."""
         bs = self.block_size
         reqs = batch.requests
         num_seqs = len(reqs)
@@ -332,9 +339,11 @@ class ModelRunner:
                 if s.start + s.num_new_tokens > s.request.num_tokens:
                     ph_src.append(prev.row_of(s.request))
                     ph_dst.append(-1 - i)  # fixed up below, once row offsets are known
+        num_logits_rows = padded_rows(num_samples) if pad_rows and num_samples else num_samples
         host = _HostInputs.allocate(
-            num_rows, padded_seqs, num_seqs, max_blocks, num_samples, len(ph_dst), self.device
+            num_rows, padded_seqs, num_seqs, max_blocks, num_logits_rows, len(ph_dst), self.device
         )
+        host.num_samples = num_samples  # the padding rows (row 0 again) are sliced off the logits
         v = host.views_np()
         table = v["block_tables"]
         if num_seqs <= 8:
@@ -358,10 +367,10 @@ class ModelRunner:
             v["query_start"][:] = range(num_seqs + 1)
             rows_of = np.arange(num_seqs, dtype=np.int64)
             if num_samples == num_seqs:
-                v["logits_rows"][:] = rows_of
-                host.samples_lead = True
+                v["logits_rows"][:num_samples] = rows_of
+                host.samples_lead = not pad_rows
             else:
-                v["logits_rows"][:] = [i for i, sample in enumerate(samples) if sample]
+                v["logits_rows"][:num_samples] = [i for i, sample in enumerate(samples) if sample]
             max_query_len = 1
         else:
             row = 0
@@ -380,7 +389,7 @@ class ModelRunner:
                 if s.sample:
                     logits_rows.append(row + n - 1)
                 row += n
-            v["logits_rows"][:] = logits_rows
+            v["logits_rows"][: len(logits_rows)] = logits_rows
             rows_of = qs[1:] - 1
             max_query_len = int(np.diff(qs).max())
             num_decodes = 0
@@ -577,7 +586,7 @@ class _HostInputs:
         padded_seqs: int,
         num_seqs: int,
         max_blocks: int,
-        num_samples: int,
+        num_logits_rows: int,
         num_placeholders: int,
         device: torch.device,
     ) -> _HostInputs:
@@ -588,7 +597,7 @@ class _HostInputs:
             (padded_seqs,),  # seq_lens
             (num_seqs + 1,),  # query_start
             (padded_seqs, max_blocks),  # block_tables
-            (num_samples,),  # logits_rows
+            (num_logits_rows,),  # logits_rows
             (num_placeholders,),  # placeholder_dst
             (num_placeholders,),  # placeholder_src
         )
@@ -599,7 +608,7 @@ class _HostInputs:
             layout[name] = (offset, size, shape)
             offset += size
         ints = torch.empty(offset, dtype=torch.int64, pin_memory=device.type == "cuda")
-        host = cls(ints, layout, num_placeholders, num_samples=num_samples)
+        host = cls(ints, layout, num_placeholders)
         a = ints.numpy()
         a[:] = 0
         # padding rows: no slot (nothing stored)

@@ -21,3 +21,17 @@ def test_host_overhead_bench_times_every_phase(tmp_path):
         assert set(r["phases_ms"]) >= PHASES
         assert all(v >= 0 for k, v in r["phases_ms"].items() if k != "other")
         assert 0 < r["host_ms"] < r["step_ms"] and r["api"] == "step_outputs"
+
+
+def test_host_overhead_bench_times_the_admission_phase(tmp_path):
+    host_overhead.main(
+        ["--device", "cpu", "--batches", "1", "--steps", "2", "--admission", "5", "--prompt-len", "20", "40",
+         "--max-batched", "48", "--out", str(tmp_path)]
+    )  # fmt: skip
+    rows = json.loads((tmp_path / "host_overhead.json").read_text())
+    adm = rows[-1]
+    assert adm["admission"] == 5 and 100 <= adm["prompt_tokens"] <= 200
+    # every prompt token is computed within the 48-token budgets of the steps
+    assert adm["steps"] >= -(-adm["prompt_tokens"] // 48)
+    assert set(adm["phases_ms"]) >= PHASES | {"add_request"}
+    assert adm["phases_ms"]["forward"] > 0 and adm["step_ms"] > 0

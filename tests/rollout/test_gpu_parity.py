@@ -97,3 +97,44 @@ def test_fast_path_matches_torch_path(tmp_path, dtype):
             la = torch.tensor(a.outputs[0].logprobs[:same])
             lb = torch.tensor(b.outputs[0].logprobs[:same])
             assert (la - lb).abs().max() <= tol, name
+
+
+def test_graph_steps_with_one_token_prompt_chunks():
+    """A 1-token budget left for a prompt chunk next to a decode makes a step of one token per
+    request, which a decode graph serves: the prompt row samples nothing, but its prompt logprobs
+    come from the graph's hidden states and the decode row's token from the graph's logits (rows
+    picked by a gather, not the leading-rows view). Graphs vs eager, fp32: the same tokens, logprobs
+    and prompt logprobs."""
+    import tempfile
+
+    from rollout import SchedulerConfig
+
+    family, overrides, block_size = CASES["qwen3"]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_tiny_checkpoint(tmp, family, **overrides)
+        results = {}
+        for graphs in (False, True):
+            llm = LLM(
+                tmp,
+                device="cuda",
+                dtype="float32",
+                runner_config=RunnerConfig(cuda_graphs=graphs, max_graph_batch=8),
+                cache_config=CacheConfig(block_size, num_blocks=256),
+                # step 1: A's 2-token prompt; then A decodes next to 1-token chunks of B's prompt
+                scheduler_config=SchedulerConfig(max_num_batched_tokens=2),
+            )
+            assert (llm.engine.runner.graphs is not None) == graphs
+            prompts = [[5, 9], random_seqs([12], seed=7)[0]]
+            params = [
+                SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0),
+                SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=2),
+            ]
+            results[graphs] = llm.generate(prompts, params, use_tqdm=False)
+            assert llm.stats().num_free_blocks == 256
+        for a, b in zip(results[False], results[True], strict=True):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            la, lb = torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs)
+            assert (la - lb).abs().max() <= 1e-4
+        pa, pb = results[False][1].prompt_logprobs, results[True][1].prompt_logprobs
+        assert pa[0] is None and pb[0] is None and len(pa) == len(pb) == 12
+        assert (torch.tensor(pa[1:]) - torch.tensor(pb[1:])).abs().max() <= 1e-4
