@@ -16,8 +16,8 @@ from rollout.models.config import ModelConfig
 from rollout.models.layers.attention import AttentionMetadata
 from rollout.models.loader import load_model
 from rollout.request import Request
-from rollout.samplers.params import SamplingParams
-from rollout.samplers.sampler import prompt_logprobs, sample
+from rollout.samplers.params import MAX_LOGPROBS, SamplingParams
+from rollout.samplers.sampler import SamplerOutput, prompt_logprobs, sample
 from rollout.samplers.tensors import (
     LogitBiasColumns,
     PenaltyHistory,
@@ -76,6 +76,7 @@ class ModelRunner:
         self._values_cache: dict[int, tuple[SamplingParams, RowValues]] = {}  # see _effective_values
         # the last sampling step's rows, tensors and sampled tokens (see _sampling_tensors)
         self._last_sampling: tuple[_SamplingRows, SamplingTensors, torch.Tensor | None] | None = None
+        self.profiled_step_bytes: int | None = None  # set by the GPU memory profile (bytes)
         self.num_blocks = self._decide_num_blocks()
         self.kv_cache = self._allocate_kv_cache(self.num_blocks)
         self._bind_kv_cache(self.kv_cache)
@@ -144,19 +145,44 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         self._bind_kv_cache(self._allocate_kv_cache(scratch_blocks))
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        meta = _single_sequence_meta(num_tokens, self.block_size, self.device)
-        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), meta)
-        rows = torch.arange(min(sc.max_num_seqs, num_tokens), device=self.device)
-        self.model.compute_logits(hidden[rows]).float()  # the torch sampler's fp32 copy counts too
+        base = torch.cuda.memory_allocated(self.device)
+        self.profile_step(num_tokens)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
+        self.profiled_step_bytes = peak - base  # what a step may take beyond weights and KV cache
         self._bind_kv_cache(None)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = total - free - torch.cuda.memory_reserved(self.device)
         budget = total * self.cache_config.gpu_memory_utilization - peak - outside_torch
         return int(budget // self.block_bytes())
+
+    @torch.inference_mode()
+    def profile_step(self, num_tokens: int) -> SamplerOutput:
+        """The most memory-hungry step, for the KV budget's profile: one ``num_tokens`` prompt
+        through the forward on the bound cache, then ``max_num_seqs`` rows sampled the torch
+        sampler's costliest way: top-p's full sort, min-p, penalties ([rows, vocab] counts and seen
+        masks) and processed top logprobs, each a [rows, vocab] fp32 temporary or more."""
+        n = min(self.scheduler_config.max_num_seqs, num_tokens)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        meta = _single_sequence_meta(num_tokens, self.block_size, self.device)
+        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), meta)
+        logits = self.model.compute_logits(hidden[:n])
+        del hidden
+        params = SamplingParams(
+            top_p=0.9,
+            min_p=0.01,
+            repetition_penalty=1.1,
+            frequency_penalty=0.1,
+            logprobs=MAX_LOGPROBS,
+            logprobs_mode="processed",
+        )
+        row = effective_values(params, self.vocab_size)
+        history = PenaltyHistory(list(range(n)), [1] * n, list(range(n)), [2] * n)
+        tensors = SamplingTensors.from_columns(
+            [row] * n, list(range(n)), [0] * n, [], [], self.vocab_size, self.device, history
+        )
+        return sample(logits, tensors, use_kernel=False)
 
     # ---- one step ---------------------------------------------------------------------------
     def execute(self, batch: ScheduledBatch) -> RunnerOutput:

@@ -316,3 +316,25 @@ def test_cli_generate_json():
         timeout=300,
     )
     assert bad.returncode == 2 and "99999" in bad.stderr
+
+
+def test_memory_profile_step_samples_max_num_seqs_rows_the_costliest_way():
+    """The KV budget's profile step runs the forward on one prompt of the step budget, then samples
+    max_num_seqs rows on the torch path with top-p, min-p, penalties and processed top logprobs
+    (each a [rows, vocab] fp32 temporary or more) so that their memory counts in the peak."""
+    from rollout.samplers.params import MAX_LOGPROBS
+
+    llm = LLM(
+        "tiny",
+        device="cpu",
+        cache_config=CacheConfig(num_blocks=64),
+        scheduler_config=SchedulerConfig(max_num_seqs=12, max_num_batched_tokens=96),
+    )
+    runner = llm.engine.runner
+    out = runner.profile_step(96)
+    assert out.token_ids.shape == (12,) and out.topk_ids is not None
+    assert out.topk_ids.shape == (12, MAX_LOGPROBS)
+    assert ((out.token_ids >= 0) & (out.token_ids < runner.vocab_size)).all()
+    # processed logprobs under top-p 0.9: the sampled token is never one the filter removed
+    assert torch.isfinite(out.logprobs).all()
+    assert runner.profile_step(5).token_ids.shape == (5,)  # fewer tokens than max_num_seqs: one row each

@@ -63,6 +63,44 @@ def test_kv_cache_sized_from_gpu_memory():
     del llm, engine
 
 
+def test_memory_profile_covers_a_costly_sampling_step(tmp_path):
+    """The KV cache gets what is left after the profiled step's peak, so a real step of max_num_seqs
+    rows sampled the costliest way (top-p's full sort, min-p, penalties, processed top logprobs:
+    [rows, vocab] fp32 temporaries) must not take more memory than the profile counted. A wide
+    vocabulary on a tiny body makes the sampler the step's largest cost."""
+    from rollout import SchedulerConfig
+
+    save_tiny_checkpoint(tmp_path, "qwen3", vocab_size=32000)
+    llm = LLM(
+        str(tmp_path),
+        device="cuda",
+        dtype="bfloat16",
+        cache_config=CacheConfig(gpu_memory_utilization=0.3),
+        scheduler_config=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=128),
+    )
+    runner = llm.engine.runner
+    assert runner.profiled_step_bytes is not None
+    params = SamplingParams(
+        top_p=0.9,
+        min_p=0.01,
+        repetition_penalty=1.1,
+        frequency_penalty=0.1,
+        logprobs=20,
+        logprobs_mode="processed",
+        max_tokens=3,
+        ignore_eos=True,
+    )
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = llm.generate([[i % 50 + 1] for i in range(128)], params, use_tqdm=False)
+    step_bytes = torch.cuda.max_memory_allocated() - base
+    assert all(len(o.outputs[0].token_ids) == 3 for o in out)
+    # the sampler's temporaries alone are several [128, vocab] fp32 tensors
+    assert step_bytes > 4 * 128 * runner.vocab_size * 4
+    assert step_bytes <= runner.profiled_step_bytes, (step_bytes, runner.profiled_step_bytes)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fast_path_matches_torch_path(tmp_path, dtype):
     """Triton attention + CUDA graphs vs the torch attention path, eager, on the same weights."""
