@@ -8,6 +8,7 @@ through the extend kernel, TFLOP/s counting the causal half, against torch SDPA 
 problem laid out densely. ``--sweep`` also times kernel config variants on a few shapes.
 
     python benchmarks/attention_kernels.py [--sweep] [--out DIR]   (JSON to DIR or $OUT)
+    python benchmarks/attention_kernels.py --ragged   (decode configs on W1-like ragged lengths)
 """
 
 from __future__ import annotations
@@ -43,11 +44,14 @@ def copy_ceiling_gbs() -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
-def decode_problem(batch: int, ctx: int, copies: int = 1, seed: int = 0) -> dict:
+def decode_problem(
+    batch: int, ctx: int, copies: int = 1, seed: int = 0, lens: list[int] | None = None
+) -> dict:
     """One cache holding ``copies`` disjoint instances of the problem (tables[i]: instance i), so
-    that back-to-back launches over all of them cannot be served from L2."""
+    that back-to-back launches over all of them cannot be served from L2. ``lens``: ragged KV
+    lengths (each at most ``ctx``) instead of ``ctx`` for every sequence."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    blocks_per_seq = ctx // BLOCK
+    blocks_per_seq = triton.cdiv(ctx, BLOCK)
     num_blocks = copies * batch * blocks_per_seq
     shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
     perm = torch.randperm(num_blocks, device="cuda", generator=gen).int()
@@ -58,17 +62,19 @@ def decode_problem(batch: int, ctx: int, copies: int = 1, seed: int = 0) -> dict
         v_cache=torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen),
         block_tables=tables[0],
         tables=tables,
-        seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device="cuda"),
+        seq_lens=torch.tensor(lens or [ctx] * batch, dtype=torch.int32, device="cuda"),
         scale=HEAD_DIM**-0.5,
     )
 
 
-def graph_ms_per_launch(p: dict) -> float:
+def graph_ms_per_launch(p: dict, config: DecodeConfig | None = None) -> float:
     """Median time of one captured graph that runs the decode kernel once per instance."""
 
     def run_all():
         for table in p["tables"]:
-            decode_attention(p["q"], p["k_cache"], p["v_cache"], table, p["seq_lens"], p["scale"])
+            decode_attention(
+                p["q"], p["k_cache"], p["v_cache"], table, p["seq_lens"], p["scale"], config=config
+            )
 
     run_all()
     torch.cuda.synchronize()
@@ -179,6 +185,55 @@ def sweep_decode(ceiling: float) -> list[dict]:
     return rows
 
 
+def sweep_ragged(ceiling: float, seed: int = 3) -> list[dict]:
+    """W1's decode phase: mid-size batches whose KV lengths spread over 200-2000 tokens. Splits x
+    tile x stages in CUDA graphs over disjoint copies; % of copy from the KV bytes actually read."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for batch in (32, 64, 96, 128, 192, 256):
+        lens = [rng.randint(200, 2000) for _ in range(batch)]
+        kv_bytes = 2 * sum(lens) * KV_HEADS * HEAD_DIM * 2
+        p = decode_problem(batch, 2000, copies=min(64, triton.cdiv(256 << 20, kv_bytes)), lens=lens)
+        ref = paged_attention_ref(
+            p["q"], p["k_cache"], p["v_cache"], p["block_tables"], p["seq_lens"], lens,
+            list(range(batch + 1)), p["scale"],
+        )  # fmt: skip
+        default = default_decode_config(batch, KV_HEADS, p["q"].device)
+        grid = [(splits, bn, st) for splits in (1, 2, 3, 4, 6) for bn in (64, 128) for st in (2, 3)]
+        configs = [None] + [DecodeConfig(splits, bn, True, 4, st) for splits, bn, st in grid]
+        for cfg in configs:
+            try:
+                err = rel_err(decode_fn(p, cfg)(), ref)
+                ms = graph_ms_per_launch(p, cfg)
+            except Exception as exc:  # a config that fails to compile is a data point, not a crash
+                rows.append(dict(batch=batch, config=repr(cfg), error=repr(exc)[:300]))
+                continue
+            rows.append(
+                dict(
+                    batch=batch,
+                    config=(cfg or default).__dict__,
+                    default=cfg is None,
+                    graph_ms=ms,
+                    frac_copy=kv_bytes / ms / 1e6 / ceiling,
+                    err=err,
+                )
+            )
+        mine = [r for r in rows if r.get("batch") == batch and "graph_ms" in r]
+        best = min(mine, key=lambda r: r["graph_ms"])
+        dflt = next(r for r in mine if r["default"])
+        print(
+            f"ragged batch {batch}: default {dflt['config']} {dflt['graph_ms'] * 1e3:.1f} us"
+            f" ({100 * dflt['frac_copy']:.1f}% copy); best {best['config']} {best['graph_ms'] * 1e3:.1f} us"
+            f" ({100 * best['frac_copy']:.1f}%)",
+            flush=True,
+        )
+        del p, ref
+        torch.cuda.empty_cache()
+    return rows
+
+
 def extend_problem(num_seqs: int, q_len: int) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(1)
     blocks_per_seq = triton.cdiv(q_len, BLOCK)
@@ -262,6 +317,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true", help="also time kernel config variants")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch reference timings")
+    parser.add_argument(
+        "--ragged", action="store_true", help="only the ragged-length decode sweep (W1's decode phase)"
+    )
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     t0 = time.time()
@@ -272,6 +330,12 @@ def main() -> None:
     ceiling = copy_ceiling_gbs()
     result["copy_gbs"] = ceiling
     print(f"{props.name}: copy {ceiling:.0f} GB/s (read + write)", flush=True)
+    if args.ragged:
+        result["decode_ragged"] = sweep_ragged(ceiling)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "attention_ragged.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        return
     result["store_kv"] = bench_store_kv(ceiling)
     if args.sweep:
         result["decode_sweep"] = sweep_decode(ceiling)
