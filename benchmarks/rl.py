@@ -22,6 +22,46 @@ import torch
 from rollout import LLM, SamplingParams
 
 
+def step_kinds(llm: LLM) -> list[tuple[float, bool, int]]:
+    """Record, per engine step, (end time, whether its launched batch was decode-only (a graph
+    replay on CUDA) or had prompt tokens (an eager mixed step), tokens in that batch)."""
+    engine = llm.engine
+    launch, step = engine.runner.launch, engine.step
+    steps: list[tuple[float, bool, int]] = []
+    launched: list[tuple[bool, int]] = []
+
+    def traced_launch(batch, prev=None):
+        launched.append((batch.num_tokens == len(batch.requests), batch.num_tokens))
+        return launch(batch, prev)
+
+    def traced_step():
+        out = step()
+        decode_only, tokens = launched.pop() if launched else (True, 0)
+        launched.clear()
+        steps.append((time.perf_counter(), decode_only, tokens))
+        return out
+
+    engine.runner.launch = traced_launch
+    engine.step = traced_step
+    return steps
+
+
+def summarize_steps(steps: list[tuple[float, bool, int]], start: float) -> dict:
+    """Steps, seconds and mean ms of the decode-only and the mixed steps (a step's time: from the
+    previous step's end; with the overlapped loop it also waits for the step before it)."""
+    out = {kind: {"steps": 0, "seconds": 0.0, "tokens": 0} for kind in ("decode_only", "mixed")}
+    prev = start
+    for end, decode_only, tokens in steps:
+        row = out["decode_only" if decode_only else "mixed"]
+        row["steps"] += 1
+        row["seconds"] += end - prev
+        row["tokens"] += tokens
+        prev = end
+    for row in out.values():
+        row["mean_ms"] = 1e3 * row["seconds"] / row["steps"] if row["steps"] else 0.0
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="rollout bench rl")
     p.add_argument("--model", default="qwen3-0.6b")
@@ -41,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         SamplingParams(n=args.n, temperature=1.0, max_tokens=m, ignore_eos=True, seed=i)
         for i, m in enumerate(lengths)
     ]
+    steps = step_kinds(llm)
     torch.cuda.synchronize()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -57,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         prompt_tokens_computed=computed,
         computed_fraction=computed / submitted,
         preemptions=after.num_preemptions - before.num_preemptions,
+        steps=summarize_steps(steps, start),  # decode-only (graphs) vs mixed (eager) steps
     )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "rl.json").write_text(json.dumps(res, indent=1))

@@ -1,0 +1,28 @@
+"""The RL bench's step breakdown: each engine step is counted as decode-only or mixed by the batch it
+launched, and every token a step computed is counted once."""
+
+from __future__ import annotations
+
+import time
+
+from rollout import LLM, CacheConfig, SamplingParams, SchedulerConfig
+from rollout.benchmarks.rl import step_kinds, summarize_steps
+
+
+def test_rl_bench_splits_steps_into_decode_only_and_mixed():
+    llm = LLM(
+        "tiny",
+        device="cpu",
+        cache_config=CacheConfig(num_blocks=64),
+        scheduler_config=SchedulerConfig(max_num_batched_tokens=16),
+    )
+    steps = step_kinds(llm)
+    start = time.perf_counter()
+    prompts = [[5] * 20, [7] * 9]  # 29 prompt tokens: two 16-token budgets, then decodes
+    llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
+    s = summarize_steps(steps, start)
+    assert s["mixed"]["steps"] == 2 and s["mixed"]["tokens"] == 29  # 16, then 4 + 9
+    assert s["decode_only"]["steps"] >= 5
+    # computed tokens: every prompt token once, then one per output token after the first
+    assert s["mixed"]["tokens"] + s["decode_only"]["tokens"] == 29 + 2 * 6 - 2
+    assert all(s[k]["seconds"] > 0 and s[k]["mean_ms"] > 0 for k in s)
