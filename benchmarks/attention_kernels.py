@@ -277,6 +277,11 @@ def bench_extend(sweep: bool, num_seqs: int = 64, q_len: int = 2048) -> list[dic
             ExtendConfig(64, 32, 4, 3),
             ExtendConfig(128, 128, 8, 2),
             ExtendConfig(128, 64, 8, 3),
+            # pack_gqa: the tile holds block_m // group positions of each head of a GQA group
+            ExtendConfig(128, 32, 4, 3, pack_gqa=True),
+            ExtendConfig(128, 64, 4, 3, pack_gqa=True),
+            ExtendConfig(256, 32, 8, 3, pack_gqa=True),
+            ExtendConfig(256, 64, 8, 3, pack_gqa=True),
         ]
     for cfg in configs:
         name = repr(cfg or default_extend_config(q_len, HEAD_DIM)) + (" (default)" if cfg is None else "")

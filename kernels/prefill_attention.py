@@ -3,8 +3,9 @@
 Reference: ``attention_ref.paged_attention_ref``. The query rows of sequence i are its last
 ``q_len`` positions (a prompt chunk after a cached prefix, or a single decode token in a mixed
 batch); their K/V are already stored in the cache. One program computes a BLOCK_M x head_dim tile
-of one query head with flash-attention tiles over BLOCK_N keys gathered page by page, fp32
-accumulation and an online softmax. Keys left of the tile's first query position need no causal
+of one query head (or, with ``pack_gqa``, BLOCK_M / group positions of every head of one GQA group,
+which then share each K/V tile) with flash-attention tiles over BLOCK_N keys gathered page by page,
+fp32 accumulation and an online softmax. Keys left of the tile's first query position need no causal
 mask, so they run in a first loop without it; the diagonal tiles run in a second, masked loop.
 """
 
@@ -25,10 +26,15 @@ _LOG2E = 1.4426950408889634
 class ExtendConfig:
     """Launch parameters of the extend kernel (the launcher picks them when none is given)."""
 
-    block_m: int = 128  # query rows per program
+    block_m: int = 128  # query rows per program (with pack_gqa: rows x heads of the group)
     block_n: int = 32  # keys per tile
     num_warps: int = 4
     num_stages: int = 3
+    # One program per KV head: its whole GQA group's query heads share each K/V tile (the tile holds
+    # block_m // group positions x group heads), so K/V are read once per group instead of once per
+    # query head. Taken only when the group is a power of two dividing block_m. Opt-in: not yet
+    # timed on the GPU (`python benchmarks/attention_kernels.py --sweep` compares both).
+    pack_gqa: bool = False
 
 
 def default_extend_config(max_query_len: int, head_dim: int) -> ExtendConfig:
@@ -128,8 +134,8 @@ def _extend_kernel(
     BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
+    PACK: tl.constexpr,  # query heads per program: 1, or GROUP (pack_gqa)
 ):
-    head = tl.program_id(0)
     # The latest query tiles see the most keys: run them first to shorten the tail of the grid.
     m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
     b = tl.program_id(2) + first_seq
@@ -140,22 +146,32 @@ def _extend_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + b)
     first_pos = seq_len - q_len + m0  # position of the tile's first query row
-    rows = m0 + tl.arange(0, BLOCK_M)
+    if PACK > 1:  # tile row i: position i // PACK of head i % PACK of the program's group
+        idx = tl.arange(0, BLOCK_M * PACK)
+        tok = idx // PACK
+        kv_head = tl.program_id(0)
+        q_head = (kv_head * PACK + idx % PACK)[:, None] * stride_qh
+        o_head = (kv_head * PACK + idx % PACK)[:, None] * stride_oh
+    else:
+        tok = tl.arange(0, BLOCK_M)
+        kv_head = tl.program_id(0) // GROUP
+        q_head = tl.program_id(0) * stride_qh
+        o_head = tl.program_id(0) * stride_oh
+    rows = m0 + tok
     row_mask = rows < q_len
-    q_pos = first_pos + tl.arange(0, BLOCK_M)
+    q_pos = first_pos + tok
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
     row_off = (q_start + rows).to(tl.int64)
     q = tl.load(
-        q_ptr + row_off[:, None] * stride_qt + head * stride_qh + d[None, :],
+        q_ptr + row_off[:, None] * stride_qt + q_head + d[None, :],
         mask=row_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
-    kv_head = head // GROUP
     table = block_tables_ptr + b.to(tl.int64) * stride_bt
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M * PACK], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M * PACK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M * PACK, BLOCK_D], dtype=tl.float32)
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(first_pos - window + 1, 0)
@@ -176,7 +192,7 @@ def _extend_kernel(
         )  # fmt: skip
     # every valid row sees at least its own key, so l_i > 0 there; padded rows are not stored
     o = acc / tl.where(row_mask, l_i, 1.0)[:, None]
-    dst = out_ptr + row_off[:, None] * stride_ot + head * stride_oh + d[None, :]
+    dst = out_ptr + row_off[:, None] * stride_ot + o_head + d[None, :]
     tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
@@ -226,7 +242,11 @@ def extend_attention(
         return out
     if config is None:
         config = default_extend_config(max_query_len, head_dim)
-    grid = (num_heads, triton.cdiv(max_query_len, config.block_m), batch - first_seq)
+    group = num_heads // num_kv_heads
+    pack = config.pack_gqa and group > 1 and group & (group - 1) == 0 and config.block_m % group == 0
+    pack_heads = group if pack else 1
+    block_m = config.block_m // pack_heads  # query positions per program
+    grid = (num_heads // pack_heads, triton.cdiv(max_query_len, block_m), batch - first_seq)
     _extend_kernel[grid](
         q,
         k_cache,
@@ -245,14 +265,15 @@ def extend_attention(
         out.stride(0),
         out.stride(1),
         first_seq,
-        GROUP=num_heads // num_kv_heads,
+        GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_M=config.block_m,
+        BLOCK_M=block_m,
         BLOCK_N=config.block_n,
         HAS_WINDOW=sliding_window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PACK=pack_heads,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -122,6 +122,33 @@ def test_extend_gpu_real_shapes(group, head_dim):
     case = make_case(
         lens, q_lens, kv_heads * group, kv_heads, head_dim, 16, torch.bfloat16, DEVICE, seed=group
     )
+    packed = ExtendConfig(pack_gqa=True)
     for window in (None, 300):
-        err = rel_err(run(case, window), reference(case, window, torch.float32))
-        assert err < 1e-2, (window, err)
+        want = reference(case, window, torch.float32)
+        for config in (None, packed):
+            err = rel_err(run(case, window, config), want)
+            assert err < 1e-2, (window, config, err)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "block_m"), [(4, 2, 16), (8, 2, 32), (8, 1, 64), (6, 2, 16)])
+def test_extend_packed_gqa_matches_reference(heads, kv_heads, block_m):
+    """pack_gqa: one program per KV head, its group's query heads in one tile (position-major), on
+    ragged chunks, prefix hits, decode rows and windows; a group that is not a power of two (3)
+    falls back to one head per program and must match too."""
+    rng = random.Random(heads * 10 + block_m)
+    for window in (None, 7):
+        lens, q_lens = ragged_batch(rng, 5, 50)
+        case = make_case(lens, q_lens, heads, kv_heads, 16, 4, torch.float32, DEVICE, seed=block_m)
+        config = ExtendConfig(block_m=block_m, block_n=16, num_warps=4, num_stages=1, pack_gqa=True)
+        err = rel_err(run(case, window, config), reference(case, window))
+        assert err < 1e-5, (heads, kv_heads, window, lens, q_lens, err)
+    # first_seq with packing: earlier sequences' rows are never written
+    case = make_case([9, 30, 12], [4, 30, 5], heads, kv_heads, 16, 4, torch.float32, DEVICE, seed=3)
+    with poisoned_empty():
+        out = extend_attention(
+            case.q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens, case.query_start_loc,
+            30, case.scale, config=ExtendConfig(block_m=block_m, block_n=16, num_stages=1, pack_gqa=True),
+            first_seq=1,
+        )  # fmt: skip
+    assert rel_err(out[4:], reference(case, None)[4:]) < 1e-5
+    assert out[:4].isnan().all()
