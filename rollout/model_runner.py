@@ -26,7 +26,7 @@ from rollout.samplers.tensors import (
     effective_values,
     to_device_async,
 )
-from rollout.scheduler import ScheduledBatch
+from rollout.scheduler import ScheduledBatch, ScheduledRequest
 
 
 @dataclass
@@ -398,30 +398,24 @@ class ModelRunner:
             else:
                 v["logits_rows"][:num_samples] = [i for i, sample in enumerate(samples) if sample]
             max_query_len = 1
-        else:
-            row = 0
-            logits_rows = []
+        else:  # whole-batch array ops; per sequence only its token slice is taken
+            starts = np.fromiter((s.start for s in reqs), np.int64, num_seqs)
+            lens = np.fromiter((s.num_new_tokens for s in reqs), np.int64, num_seqs)
             qs = v["query_start"]
-            for i, s in enumerate(reqs):
-                req, start, n = s.request, s.start, s.num_new_tokens
-                end = start + n
-                known = min(end, len(req.token_ids))
-                v["input_ids"][row : row + known - start] = req.token_ids[start:known]
-                pos = np.arange(start, end)
-                v["positions"][row : row + n] = pos
-                v["slots"][row : row + n] = table[i, pos // bs] * bs + pos % bs
-                v["seq_lens"][i] = end
-                qs[i + 1] = row + n
-                if s.sample:
-                    logits_rows.append(row + n - 1)
-                row += n
-            v["logits_rows"][: len(logits_rows)] = logits_rows
+            np.cumsum(lens, out=qs[1:])
+            total = batch.num_tokens
+            pos = np.arange(total) + np.repeat(starts - qs[:-1], lens)
+            v["positions"][:total] = pos
+            v["slots"][:total] = table[np.repeat(np.arange(num_seqs), lens), pos // bs] * bs + pos % bs
+            np.add(starts, lens, out=v["seq_lens"][:num_seqs])
+            v["input_ids"][:total] = np.fromiter(
+                chain.from_iterable(_new_token_ids(s) for s in reqs), np.int64, total
+            )
             rows_of = qs[1:] - 1
-            max_query_len = int(np.diff(qs).max())
-            num_decodes = 0
-            while num_decodes < num_seqs and reqs[num_decodes].num_new_tokens == 1:
-                num_decodes += 1
-            host.num_decodes = num_decodes
+            v["logits_rows"][:num_samples] = rows_of[np.array(samples)]
+            max_query_len = int(lens.max())
+            not_one = np.flatnonzero(lens != 1)
+            host.num_decodes = int(not_one[0]) if len(not_one) else num_seqs
         if ph_dst:
             v["placeholder_dst"][:] = rows_of[[-1 - d for d in ph_dst]]
             v["placeholder_src"][:] = ph_src
@@ -652,6 +646,13 @@ class _HostInputs:
         v = dict(zip(self.layout, parts, strict=True))
         v["block_tables"] = v["block_tables"].view(self.layout["block_tables"][2])
         return v
+
+
+def _new_token_ids(s: ScheduledRequest) -> list[int]:
+    """The input ids of a scheduled request's rows: its tokens from ``start``, and 0 for a
+    placeholder (a token sampled by the step still in flight; the device fills it in)."""
+    tokens = s.request.token_ids[s.start : s.start + s.num_new_tokens]
+    return tokens if len(tokens) == s.num_new_tokens else tokens + [0] * (s.num_new_tokens - len(tokens))
 
 
 def _top_dicts(
