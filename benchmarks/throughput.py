@@ -99,7 +99,10 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         gpu_summary = gpu_trace_summary(json.loads(export_trace(gpu_prof)), top=25)
         print(f"GPU busy {gpu_summary['gpu_busy_us'] / 1e6:.3f} s of {seconds:.3f} s (profiled run)")
         print_gpu_summary(gpu_summary, "")
-    if adm_prof is not None and admission:
+    if adm_prof is not None and not admission:  # prompts waited until the end: the whole run
+        adm_prof.stop()
+        admission.update(seconds=seconds, steps=len(trace), whole_run=True)
+    if adm_prof is not None:
         raw = export_trace(adm_prof)
         Path(args.result).with_suffix(".admission.json.gz").write_bytes(gzip.compress(raw))
         admission.update(gpu_trace_summary(json.loads(raw), top=20))
