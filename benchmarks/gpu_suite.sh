@@ -16,11 +16,13 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = kernels ]; then
   timeout 150 python3 -m rollout.benchmarks.sampling_kernel --out "$out" 2>&1 | tail -14
-  timeout 200 python3 benchmarks/attention_kernels.py 2>&1 | tail -24
+  timeout 300 python3 benchmarks/attention_kernels.py --sweep --no-torch --out "$out" 2>&1 | grep -E "^sweep|^extend|^\{'name'" | tail -40
+  timeout 200 python3 benchmarks/attention_kernels.py --ragged --out "$out" 2>&1 | grep "^ragged"
 fi
 if [ "$what" = host ]; then  # host-bound decode: per-phase host time, then what it costs end to end
   timeout 200 python3 -m rollout.benchmarks.host_overhead --model qwen3-0.6b --load-format dummy \
-    --batches 1 8 32 64 256 --out "$out" 2>&1 | tee "$out/host_overhead.log" | grep "^batch"
+    --batches 1 8 32 64 256 --admission 256 --prompt-len 100 1024 --out "$out" 2>&1 \
+    | tee "$out/host_overhead.log" | grep -E "^batch|^admission"
   timeout 200 python3 -m rollout.benchmarks.host_overhead --model qwen3-0.6b --load-format dummy \
     --batches 32 256 --prompt-len 400 500 --sampling '{"repetition_penalty": 1.1}' \
     --out "$out/penalties" 2>&1 | tee "$out/host_overhead_penalties.log" | grep "^batch"
