@@ -21,8 +21,10 @@ if [ "$what" = kernels ]; then
 fi
 if [ "$what" = host ]; then  # host-bound decode: per-phase host time, then what it costs end to end
   timeout 200 python3 -m rollout.benchmarks.host_overhead --model qwen3-0.6b --load-format dummy \
-    --batches 1 8 32 64 256 --admission 256 --prompt-len 100 1024 --out "$out" 2>&1 \
-    | tee "$out/host_overhead.log" | grep -E "^batch|^admission"
+    --batches 1 8 32 64 256 --out "$out" 2>&1 | tee "$out/host_overhead.log" | grep "^batch"
+  timeout 120 python3 -m rollout.benchmarks.host_overhead --model qwen3-0.6b --load-format dummy \
+    --batches 1 --steps 2 --admission 256 --prompt-len 100 1024 --out "$out/admission" 2>&1 \
+    | sed -n '/^admission/,$p'  # W1's admission phase: 256 prompts added at once, 8,192-token steps
   timeout 200 python3 -m rollout.benchmarks.host_overhead --model qwen3-0.6b --load-format dummy \
     --batches 32 256 --prompt-len 400 500 --sampling '{"repetition_penalty": 1.1}' \
     --out "$out/penalties" 2>&1 | tee "$out/host_overhead_penalties.log" | grep "^batch"
