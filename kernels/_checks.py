@@ -56,6 +56,22 @@ def check_index(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torc
         raise ValueError(f"{name} is on {x.device}, the cache on {device}")
 
 
+def check_slots(slot_mapping: torch.Tensor, num_tokens: int, device: torch.device) -> None:
+    """One flat cache slot per row (``block * block_size + offset``; -1: a padding row, skipped):
+    a contiguous int32/int64 [num_tokens] tensor, since the kernels read row t's slot at t."""
+    if (
+        slot_mapping.shape != (num_tokens,)
+        or slot_mapping.device != device
+        or slot_mapping.dtype not in (torch.int32, torch.int64)
+        or (num_tokens > 1 and slot_mapping.stride(0) != 1)
+    ):
+        raise ValueError(
+            f"slot_mapping must be contiguous int32/int64 [{num_tokens}] on {device}, got "
+            f"{tuple(slot_mapping.shape)} {slot_mapping.dtype} on {slot_mapping.device} strides "
+            f"{slot_mapping.stride()}"
+        )
+
+
 def check_window(sliding_window: int | None) -> None:
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")

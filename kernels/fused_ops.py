@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rollout.kernels._checks import check_kv_cache
+from rollout.kernels._checks import check_kv_cache, check_slots
 
 
 # ---- residual add + RMSNorm -----------------------------------------------------------------
@@ -287,16 +287,7 @@ def qk_norm_rope_store(
         )
     if k_cache.device != qkv.device:
         raise ValueError(f"cache on {k_cache.device}, qkv on {qkv.device}")
-    if (
-        slot_mapping.shape != (tokens,)
-        or slot_mapping.device != qkv.device
-        or slot_mapping.dtype not in (torch.int32, torch.int64)
-        or (tokens > 1 and slot_mapping.stride(0) != 1)
-    ):
-        raise ValueError(
-            f"slot_mapping must be contiguous int32/int64 [{tokens}] on {qkv.device}, got "
-            f"{tuple(slot_mapping.shape)} {slot_mapping.dtype} strides {slot_mapping.stride()}"
-        )
+    check_slots(slot_mapping, tokens, qkv.device)
     q = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     _launch_qk(
         qkv,

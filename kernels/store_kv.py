@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rollout.kernels._checks import check_kv_cache, check_rows
+from rollout.kernels._checks import check_kv_cache, check_rows, check_slots
 
 
 @triton.jit
@@ -70,10 +70,7 @@ def store_kv(
     num_tokens = key.shape[0]
     if value.shape[0] != num_tokens:
         raise ValueError(f"value has {value.shape[0]} rows, key {num_tokens}")
-    if slot_mapping.dim() != 1 or slot_mapping.shape[0] != num_tokens:
-        raise ValueError(f"slot_mapping must be [{num_tokens}], got {tuple(slot_mapping.shape)}")
-    if slot_mapping.dtype not in (torch.int32, torch.int64) or slot_mapping.device != k_cache.device:
-        raise ValueError(f"slot_mapping must be int32/int64 on {k_cache.device}, got {slot_mapping.dtype}")
+    check_slots(slot_mapping, num_tokens, k_cache.device)
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](

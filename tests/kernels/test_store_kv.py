@@ -63,6 +63,8 @@ def test_store_kv_rejects_bad_arguments():
         store_kv(key, key, k_cache, k_cache.clone(), slots[:2])
     with pytest.raises(ValueError, match="slot_mapping"):
         store_kv(key, key, k_cache, k_cache.clone(), slots.float())
+    with pytest.raises(ValueError, match="slot_mapping"):  # the kernel reads row t's slot at t
+        store_kv(key, key, k_cache, k_cache.clone(), torch.arange(6, device=DEVICE)[::2])
     with pytest.raises(ValueError, match="v_cache"):
         store_kv(key, key, k_cache, k_cache[:2].clone(), slots)
     with pytest.raises(ValueError, match="contiguous"):
