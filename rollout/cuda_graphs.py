@@ -18,21 +18,24 @@ from torch import nn
 
 from rollout.models.layers.attention import AttentionMetadata
 
+_SMALL_SIZES = (1, 2, 4, 8)  # then every multiple of _SIZE_STEP
+_SIZE_STEP = 16
+
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
     """Padded batch sizes with a graph: 1, 2, 4, 8, then every multiple of 16 up to max_batch."""
-    sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
-    return sorted(set(sizes))
+    small = [s for s in _SMALL_SIZES if s < max_batch]
+    return sorted(set(small + list(range(_SIZE_STEP, max_batch, _SIZE_STEP)) + [max_batch]))
 
 
 def padded_rows(rows: int) -> int:
     """The row count an eager step's LM head runs on for ``rows`` sampling rows: 1, 2, 4, 8, then
     a multiple of 16 (the graph sizes). A GEMM of a shape cuBLAS has not met costs milliseconds of
     host time while it picks a kernel; with a few row counts it meets each once."""
-    for size in (1, 2, 4, 8):
+    for size in _SMALL_SIZES:
         if rows <= size:
             return size
-    return -(-rows // 16) * 16
+    return -(-rows // _SIZE_STEP) * _SIZE_STEP
 
 
 class DecodeGraphs:
