@@ -181,6 +181,16 @@ def print_gpu_summary(s: dict, unit: str) -> None:
         print(f"    {k['us']:9.1f} us{unit}  {k['count']:7.1f}x  {k['name']}")
 
 
+def cprofile_text(prof, lines: int) -> str:
+    """A stopped ``cProfile.Profile``'s ``lines`` functions with the most own time, as text."""
+    import io
+    import pstats
+
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(lines)
+    return text.getvalue()
+
+
 class PhaseTimer:
     """Wall time spent in wrapped callables, by phase name."""
 

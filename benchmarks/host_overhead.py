@@ -21,11 +21,12 @@ import json
 import os
 import random
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from rollout.benchmarks.common import PhaseTimer
+from rollout.benchmarks.common import PhaseTimer, cprofile_text
 from rollout.config import SchedulerConfig
 from rollout.engine import EngineCore
 from rollout.samplers.params import SamplingParams
@@ -50,6 +51,22 @@ def _instrument(engine: EngineCore, timer: PhaseTimer) -> None:
     timer.wrap(engine, "_process", "process")
     timer.wrap(engine, "_new_token_only", "new_token_only")
     timer.wrap(runner, "_sampling_tensors", "sampling_tensors")
+
+
+def _phases_ms(seconds: Mapping[str, float], steps: int, total: float) -> dict[str, float]:
+    """Milliseconds per step of each timed phase, largest first, and ``other``: the rest of the
+    ``total`` seconds (the step's own code between the timed phases, host time too)."""
+    phases = {k: v / steps * 1e3 for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])}
+    phases["other"] = total / steps * 1e3 - sum(phases.values())
+    return phases
+
+
+def _print_phases(phases: dict[str, float], device: torch.device, batch: int | None = None) -> None:
+    """One line per phase: ms per step (and us per sequence of ``batch``); CPU-compute phases marked."""
+    for name, ms in phases.items():
+        mark = " (device)" if name in _DEVICE_PHASES and device.type != "cuda" else ""
+        per = f"  {ms / batch * 1e3:7.2f} us/seq" if batch else "/step"
+        print(f"    {name:17} {ms:7.3f} ms{per}{mark}")
 
 
 def measure(
@@ -86,9 +103,7 @@ def measure(
     sync()
     total = time.perf_counter() - t
     engine.abort(ids)
-    phases = {k: v / steps * 1e3 for k, v in sorted(timer.seconds.items(), key=lambda kv: -kv[1])}
-    # the step's own code between the timed phases (the loop, launch's glue), host time too
-    phases["other"] = total / steps * 1e3 - sum(phases.values())
+    phases = _phases_ms(timer.seconds, steps, total)
     host = sum(v for k, v in phases.items() if k not in _DEVICE_PHASES or engine.device.type == "cuda")
     return dict(
         batch=batch,
@@ -129,9 +144,7 @@ def measure_admission(
     sync()
     total = time.perf_counter() - t
     engine.abort(ids)
-    phases = {k: v / steps * 1e3 for k, v in sorted(timer.seconds.items(), key=lambda kv: -kv[1])}
-    phases["add_request"] = added / steps * 1e3
-    phases["other"] = total / steps * 1e3 - sum(phases.values())
+    phases = _phases_ms({**timer.seconds, "add_request": added}, steps, total)
     return dict(
         admission=num_prompts,
         prompt_len=list(prompt_len),
@@ -190,9 +203,7 @@ def main(argv: list[str] | None = None) -> None:
             f"({r['host_us_per_seq']:6.2f} us/seq)",
             flush=True,
         )
-        for name, ms in r["phases_ms"].items():
-            mark = " (device)" if name in _DEVICE_PHASES and engine.device.type != "cuda" else ""
-            print(f"    {name:17} {ms:7.3f} ms  {ms / batch * 1e3:7.2f} us/seq{mark}")
+        _print_phases(r["phases_ms"], engine.device, batch)
     if args.admission:
         prof = None
         if args.cprofile:  # where the admission steps' host time goes, function by function
@@ -202,24 +213,18 @@ def main(argv: list[str] | None = None) -> None:
             prof.enable()
         r = measure_admission(engine, timer, args.admission, tuple(args.prompt_len), seed=1)
         if prof is not None:
-            import io
-            import pstats
-
             prof.disable()
-            text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.cprofile)
+            text = cprofile_text(prof, args.cprofile)
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            Path(args.out, "admission_cprofile.txt").write_text(text.getvalue())
-            print(text.getvalue())
+            Path(args.out, "admission_cprofile.txt").write_text(text)
+            print(text)
         rows.append(r)
         print(
             f"admission of {r['admission']} prompts ({r['prompt_tokens']} tokens): {r['steps']} steps,"
             f" {r['step_ms']:7.3f} ms/step",
             flush=True,
         )
-        for name, ms in r["phases_ms"].items():
-            mark = " (device)" if name in _DEVICE_PHASES and engine.device.type != "cuda" else ""
-            print(f"    {name:17} {ms:7.3f} ms/step{mark}")
+        _print_phases(r["phases_ms"], engine.device)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "host_overhead.json").write_text(json.dumps(rows, indent=1))
 

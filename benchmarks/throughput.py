@@ -18,6 +18,7 @@ from pathlib import Path
 from rollout.benchmarks.common import (
     GcStats,
     KernelCompiles,
+    cprofile_text,
     export_trace,
     gpu_trace_summary,
     measure_ceilings,
@@ -112,24 +113,16 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         )
         print_gpu_summary(admission, "")
     step_ms_by_batch = {}
-    admission_steps_ms = []
+    buckets: dict[int, list[float]] = {}
     if trace:
         prev = t
-        buckets: dict[int, list[float]] = {}
         for end, running, waiting in trace:
             key = -1 if waiting else min(running // 32 * 32, 256)  # -1: steps with prompts waiting
             buckets.setdefault(key, []).append((end - prev) * 1e3)
-            if waiting:
-                admission_steps_ms.append(round((end - prev) * 1e3, 2))
             prev = end
         step_ms_by_batch = {k: (len(v), sum(v) / len(v)) for k, v in sorted(buckets.items())}
     if prof is not None:
-        import io
-        import pstats
-
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
-        Path(args.result).with_suffix(".profile.txt").write_text(text.getvalue())
+        Path(args.result).with_suffix(".profile.txt").write_text(cprofile_text(prof, 40))
     stats = llm.stats()
     ntok = sum(len(c.token_ids) for o in outs for c in o.outputs)
     weight_bytes, kv_per_token = model_bytes(llm)
@@ -145,7 +138,8 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         gc=gc_stats.summary(),  # cyclic GC passes during the timed run: count and ms per generation
         kernel_compiles=compiles.summary(),  # Triton specializations first met during the timed run
         step_ms_by_batch=step_ms_by_batch,  # running // 32 * 32 -> (steps, mean ms); -1: admission phase
-        admission_steps_ms=admission_steps_ms,  # each step with prompts still waiting, in order
+        # each step with prompts still waiting, in order
+        admission_steps_ms=[round(ms, 2) for ms in buckets.get(-1, [])],
         admission=admission,  # --profile-admission: steps until every prompt is computed, GPU summary
         gpu_profile=gpu_summary,  # --gpu-profile: kernel time over the run (the profiler slows the host)
         # then out_tok_s is not a clean measurement
