@@ -70,6 +70,15 @@ def test_logprobs_and_prompt_logprobs_match_hf(checkpoints):
         assert all(len(t) == 2 for t in out.prompt_top_logprobs[1:])
 
 
+def _cpu_llm(path: str, scheduler_config: SchedulerConfig) -> LLM:
+    return LLM(
+        path,
+        device="cpu",
+        cache_config=CacheConfig(block_size=4, num_blocks=64),
+        scheduler_config=scheduler_config,
+    )
+
+
 def test_prompt_logprobs_are_computed_in_row_chunks(checkpoints):
     """Prompt logprobs take their logits in chunks of max_num_seqs rows (the profiled size), with the
     same values and top-k as one pass."""
@@ -78,12 +87,7 @@ def test_prompt_logprobs_are_computed_in_row_chunks(checkpoints):
     params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
     results, widest = [], []
     for max_seqs in (3, 256):
-        llm = LLM(
-            path,
-            device="cpu",
-            cache_config=CacheConfig(block_size=4, num_blocks=64),
-            scheduler_config=SchedulerConfig(max_num_seqs=max_seqs),
-        )
+        llm = _cpu_llm(path, SchedulerConfig(max_num_seqs=max_seqs))
         model = llm.engine.runner.model
         compute = model.compute_logits
         rows: list[int] = []
@@ -110,12 +114,7 @@ def test_chunked_prompt_logprobs_match_unchunked(checkpoints):
     params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=0)
     results = []
     for budget in (7, 4096):
-        llm = LLM(
-            path,
-            device="cpu",
-            cache_config=CacheConfig(block_size=4, num_blocks=64),
-            scheduler_config=SchedulerConfig(max_num_batched_tokens=budget),
-        )
+        llm = _cpu_llm(path, SchedulerConfig(max_num_batched_tokens=budget))
         results.append(llm.generate([prompt], params, use_tqdm=False)[0])
     torch.testing.assert_close(
         torch.tensor(results[0].prompt_logprobs[1:]),
