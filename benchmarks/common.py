@@ -140,15 +140,13 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
 def gpu_trace_summary(trace: dict, per: float = 1.0, top: int = 15) -> dict:
     """From a torch profiler Chrome trace: GPU busy time (union of kernel/copy intervals), span, op
     count, CUDA runtime calls and the ``top`` kernels by time, each divided by ``per`` (steps)."""
-    from collections import defaultdict
-
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     gpu = [e for e in events if e.get("cat") in GPU_CATS]
     runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
-    by_kernel: dict[str, list[float]] = defaultdict(list)
+    by_kernel: dict[str, list[float]] = collections.defaultdict(list)
     for e in gpu:
         by_kernel[e["name"][:90]].append(e["dur"])
-    calls: dict[str, int] = defaultdict(int)
+    calls: dict[str, int] = collections.defaultdict(int)
     for e in runtime:
         calls[e["name"]] += 1
     span = (max(e["ts"] + e["dur"] for e in gpu) - min(e["ts"] for e in gpu)) if gpu else 0.0
