@@ -155,8 +155,11 @@ def run_nccl(args: argparse.Namespace, path: str, kw: dict) -> dict:
     group = WeightGroup("127.0.0.1", store.port, 0, 2, "nccl", torch.device("cuda:0"), store=store)
     flat = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
     res["raw_broadcast_ms"], _ = timed(lambda: group._broadcast(flat).wait())
-    proc.join()
-    group.close()
+    group.close()  # before the join: the receiver's NCCL shutdown waits for this rank's
+    proc.join(timeout=120)
+    if proc.exitcode != 0:
+        proc.kill()
+        raise RuntimeError(f"raw broadcast receiver ended with {proc.exitcode} (None: still running after 120 s)")
     print(f"raw NCCL broadcast of {nbytes / 1e9:.2f} GB: {res['raw_broadcast_ms']:.2f} ms", flush=True)
     kw = {**kw, "device": "cuda:1"}
     with LLM(path, load_format="dummy", multiprocess=True, **kw) as llm:
