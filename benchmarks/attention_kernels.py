@@ -325,6 +325,7 @@ def main() -> None:
     parser.add_argument(
         "--ragged", action="store_true", help="only the ragged-length decode sweep (W1's decode phase)"
     )
+    parser.add_argument("--extend", action="store_true", help="only the extend (prefill) kernel timings")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     t0 = time.time()
@@ -339,6 +340,12 @@ def main() -> None:
         result["decode_ragged"] = sweep_ragged(ceiling)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "attention_ragged.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        return
+    if args.extend:
+        result["extend"] = bench_extend(args.sweep)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "attention_extend.json"), "w") as f:
             json.dump(result, f, indent=1)
         return
     result["store_kv"] = bench_store_kv(ceiling)
