@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import time
 
 import torch
@@ -188,8 +189,6 @@ def sweep_decode(ceiling: float) -> list[dict]:
 def sweep_ragged(ceiling: float, seed: int = 3) -> list[dict]:
     """W1's decode phase: mid-size batches whose KV lengths spread over 200-2000 tokens. Splits x
     tile x stages in CUDA graphs over disjoint copies; % of copy from the KV bytes actually read."""
-    import random
-
     rng = random.Random(seed)
     rows = []
     for batch in (32, 64, 96, 128, 192, 256):
@@ -234,65 +233,98 @@ def sweep_ragged(ceiling: float, seed: int = 3) -> list[dict]:
     return rows
 
 
-def extend_problem(num_seqs: int, q_len: int) -> dict:
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    blocks_per_seq = triton.cdiv(q_len, BLOCK)
-    num_blocks = num_seqs * blocks_per_seq
+def extend_problem(lens: list[int], heads: int, seed: int = 1) -> dict:
+    """Prompts of ``lens`` tokens each, prefilled at once (no prefix), ``heads`` query heads over
+    KV_HEADS KV heads."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    blocks_per_seq = triton.cdiv(max(lens), BLOCK)
+    num_blocks = len(lens) * blocks_per_seq
     shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
-    num_tokens = num_seqs * q_len
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
     return dict(
-        q=torch.randn(num_tokens, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen),
+        q=torch.randn(starts[-1], heads, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen),
         k_cache=torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen),
         v_cache=torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen),
-        block_tables=torch.randperm(num_blocks, device="cuda", generator=gen).int().view(num_seqs, -1),
-        seq_lens=torch.full((num_seqs,), q_len, dtype=torch.int32, device="cuda"),
-        query_start_loc=torch.arange(0, num_tokens + 1, q_len, dtype=torch.int32, device="cuda"),
-        max_query_len=q_len,
+        block_tables=torch.randperm(num_blocks, device="cuda", generator=gen).int().view(len(lens), -1),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device="cuda"),
+        max_query_len=max(lens),
         scale=HEAD_DIM**-0.5,
     )
 
 
-def bench_extend(sweep: bool, num_seqs: int = 64, q_len: int = 2048) -> list[dict]:
-    p = extend_problem(num_seqs, q_len)
-    flops = 4 * num_seqs * HEADS * HEAD_DIM * q_len * (q_len + 1) / 2
-    args = [p[k] for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "query_start_loc")]
-    args += [p["max_query_len"], p["scale"]]
-    # dense peer: torch SDPA (flash) on the same K/V gathered contiguously, as [B, H, L, D]
+def sdpa_dense(p: dict, num_seqs: int, q_len: int, heads: int) -> tuple[torch.Tensor, float]:
+    """torch SDPA (flash) on the same uniform problem with K/V gathered contiguously, as [B, H, L, D]:
+    its output [T, H, D] and median ms."""
     kv_order = p["block_tables"].long().view(-1)
     k = p["k_cache"][kv_order].view(num_seqs, q_len, KV_HEADS, HEAD_DIM).transpose(1, 2)
     v = p["v_cache"][kv_order].view(num_seqs, q_len, KV_HEADS, HEAD_DIM).transpose(1, 2)
-    k, v = (t.repeat_interleave(HEADS // KV_HEADS, 1).contiguous() for t in (k, v))
-    qd = p["q"].view(num_seqs, q_len, HEADS, HEAD_DIM).transpose(1, 2).contiguous()
-    dense_out = F.scaled_dot_product_attention(qd, k, v, is_causal=True, scale=p["scale"])
-    want = dense_out.transpose(1, 2).reshape(-1, HEADS, HEAD_DIM)
-    sdpa_ms = median_ms(lambda: F.scaled_dot_product_attention(qd, k, v, is_causal=True, scale=p["scale"]))
-    rows = [dict(name="torch_sdpa_dense", ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9)]
-    configs = [None]
-    if sweep:
-        # narrowed from an 18-config sweep (64/128 x 32/64 x 4/8 warps x 2/3 stages)
-        configs += [
-            ExtendConfig(128, 32, 4, 4),
-            ExtendConfig(128, 64, 4, 3),
-            ExtendConfig(64, 64, 4, 3),
-            ExtendConfig(64, 32, 4, 3),
-            ExtendConfig(128, 128, 8, 2),
-            ExtendConfig(128, 64, 8, 3),
-            # pack_gqa: the tile holds block_m // group positions of each head of a GQA group
-            ExtendConfig(128, 32, 4, 3, pack_gqa=True),
-            ExtendConfig(128, 64, 4, 3, pack_gqa=True),
-            ExtendConfig(256, 32, 8, 3, pack_gqa=True),
-            ExtendConfig(256, 64, 8, 3, pack_gqa=True),
-        ]
-    for cfg in configs:
-        name = repr(cfg or default_extend_config(q_len, HEAD_DIM)) + (" (default)" if cfg is None else "")
-        try:
-            err = rel_err(extend_attention(*args, config=cfg), want)
-            ms = median_ms(lambda cfg=cfg: extend_attention(*args, config=cfg), rep=100)
-        except Exception as exc:
-            rows.append(dict(name=name, error=repr(exc)[:300]))
-            continue
-        rows.append(dict(name=name, ms=ms, tflops=flops / ms / 1e9, err=err))
-        print(rows[-1], flush=True)
+    k, v = (t.repeat_interleave(heads // KV_HEADS, 1).contiguous() for t in (k, v))
+    qd = p["q"].view(num_seqs, q_len, heads, HEAD_DIM).transpose(1, 2).contiguous()
+    out = F.scaled_dot_product_attention(qd, k, v, is_causal=True, scale=p["scale"])
+    ms = median_ms(lambda: F.scaled_dot_product_attention(qd, k, v, is_causal=True, scale=p["scale"]))
+    return out.transpose(1, 2).reshape(-1, heads, HEAD_DIM), ms
+
+
+def random_lens(n: int, lo: int, hi: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(lo, hi) for _ in range(n)]
+
+
+# (name, prompt lengths, query heads): W4's prefill, the same with an 8B-shape GQA group of 4, and
+# W1's admission steps (prompts of 100-1024 tokens, ~8K tokens a step)
+EXTEND_SHAPES = (
+    ("64x2048", [2048] * 64, HEADS),
+    ("64x2048 group4", [2048] * 64, 32),
+    ("w1 chunk", random_lens(14, 100, 1024, seed=5), HEADS),
+)
+
+
+def bench_extend(sweep: bool, shapes=EXTEND_SHAPES[:1]) -> list[dict]:
+    rows = []
+    for shape_name, lens, heads in shapes:
+        p = extend_problem(lens, heads)
+        flops = sum(4 * heads * HEAD_DIM * n * (n + 1) / 2 for n in lens)  # causal half
+        args = [p[k] for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "query_start_loc")]
+        args += [p["max_query_len"], p["scale"]]
+        if len(set(lens)) == 1:
+            want, sdpa_ms = sdpa_dense(p, len(lens), lens[0], heads)
+            rows.append(
+                dict(shape=shape_name, name="torch_sdpa_dense", ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9)
+            )
+        else:  # varlen: the default config (tested against the reference) is the yardstick
+            want = extend_attention(*args)
+        configs = [None]
+        if sweep:
+            # narrowed from an 18-config sweep (64/128 x 32/64 x 4/8 warps x 2/3 stages)
+            configs += [
+                ExtendConfig(128, 32, 4, 3),
+                ExtendConfig(64, 64, 4, 3),
+                ExtendConfig(128, 64, 8, 3),
+                # pack_gqa: the tile holds block_m // group positions of each head of a GQA group
+                ExtendConfig(128, 32, 4, 3, pack_gqa=True),
+                ExtendConfig(128, 64, 4, 3, pack_gqa=True),
+                ExtendConfig(256, 32, 8, 3, pack_gqa=True),
+                ExtendConfig(256, 64, 8, 3, pack_gqa=True),
+                ExtendConfig(256, 64, 8, 2, pack_gqa=True),
+                ExtendConfig(256, 128, 8, 2, pack_gqa=True),
+            ]
+        for cfg in configs:
+            name = repr(cfg or default_extend_config(p["max_query_len"], HEAD_DIM)) + (
+                " (default)" if cfg is None else ""
+            )
+            try:
+                err = rel_err(extend_attention(*args, config=cfg), want)
+                ms = median_ms(lambda cfg=cfg, args=args: extend_attention(*args, config=cfg), rep=100)
+            except Exception as exc:
+                rows.append(dict(shape=shape_name, name=name, error=repr(exc)[:300]))
+                continue
+            rows.append(dict(shape=shape_name, name=name, ms=ms, tflops=flops / ms / 1e9, err=err))
+            print(rows[-1], flush=True)
+        del p, want
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -343,7 +375,7 @@ def main() -> None:
             json.dump(result, f, indent=1)
         return
     if args.extend:
-        result["extend"] = bench_extend(args.sweep)
+        result["extend"] = bench_extend(args.sweep, EXTEND_SHAPES)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "attention_extend.json"), "w") as f:
             json.dump(result, f, indent=1)
@@ -371,7 +403,7 @@ def main() -> None:
         )
     for r in result["extend"]:
         if "ms" in r and (r["name"].endswith("(default)") or r["name"].startswith("torch")):
-            print(f"extend 64x2048 {r['name']}: {r['ms']:.3f} ms, {r['tflops']:.0f} TFLOP/s")
+            print(f"extend {r['shape']} {r['name']}: {r['ms']:.3f} ms, {r['tflops']:.0f} TFLOP/s")
     print(f"total {result['seconds']:.0f} s")
 
 
