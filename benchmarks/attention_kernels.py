@@ -312,7 +312,7 @@ def bench_extend(sweep: bool, shapes=EXTEND_SHAPES[:1]) -> list[dict]:
                 ExtendConfig(256, 128, 8, 2, pack_gqa=True),
             ]
         for cfg in configs:
-            name = repr(cfg or default_extend_config(p["max_query_len"], HEAD_DIM)) + (
+            name = repr(cfg or default_extend_config(p["max_query_len"], HEAD_DIM, heads // KV_HEADS)) + (
                 " (default)" if cfg is None else ""
             )
             try:

@@ -159,7 +159,9 @@ def run_nccl(args: argparse.Namespace, path: str, kw: dict) -> dict:
     proc.join(timeout=120)
     if proc.exitcode != 0:
         proc.kill()
-        raise RuntimeError(f"raw broadcast receiver ended with {proc.exitcode} (None: still running after 120 s)")
+        raise RuntimeError(
+            f"raw broadcast receiver ended with {proc.exitcode} (None: still running after 120 s)"
+        )
     print(f"raw NCCL broadcast of {nbytes / 1e9:.2f} GB: {res['raw_broadcast_ms']:.2f} ms", flush=True)
     kw = {**kw, "device": "cuda:1"}
     with LLM(path, load_format="dummy", multiprocess=True, **kw) as llm:

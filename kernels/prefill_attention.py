@@ -32,17 +32,26 @@ class ExtendConfig:
     num_stages: int = 3
     # One program per KV head: its whole GQA group's query heads share each K/V tile (the tile holds
     # block_m // group positions x group heads), so K/V are read once per group instead of once per
-    # query head. Taken only when the group is a power of two dividing block_m. Opt-in: not yet
-    # timed on the GPU (`python benchmarks/attention_kernels.py --sweep` compares both).
+    # query head. Taken only when the group is a power of two dividing block_m.
     pack_gqa: bool = False
 
 
-def default_extend_config(max_query_len: int, head_dim: int) -> ExtendConfig:
-    """Smaller query tiles for short chunks, so mixed batches waste less of each tile."""
-    block_m = min(128, max(16, triton.next_power_of_2(max_query_len)))
-    # 128 x 32 tiles, 4 warps, 3 stages was the fastest of 18 configs at 64 x 2048 on the H100
-    # (317 TFLOP/s; 128 x 64 x 8 warps: 264). Wider heads get smaller query tiles (registers).
-    return ExtendConfig(block_m=min(block_m, 64) if head_dim > 128 else block_m)
+def default_extend_config(max_query_len: int, head_dim: int, group: int = 1) -> ExtendConfig:
+    """Packed GQA tiles where the group allows; smaller query tiles for short chunks, so mixed
+    batches waste less of each tile."""
+    positions = min(128, max(16, triton.next_power_of_2(max_query_len)))
+    if head_dim > 128:  # wider heads get smaller query tiles (registers)
+        return ExtendConfig(block_m=min(positions, 64))
+    if group > 1 and group & (group - 1) == 0:
+        # H100, bf16, head_dim 128 (`attention_kernels.py --extend --sweep`): 64 x 2048 prompts,
+        # 256 x 64 tiles, 8 warps 347 TFLOP/s at group 2 and 368 at group 4, against 316 and 320
+        # unpacked; W1-like chunks of 100-1024 tokens: packed 128 x 32 tiles 158 us, unpacked 173.
+        if max_query_len >= 2048:
+            return ExtendConfig(block_m=256, block_n=64, num_warps=8, num_stages=3, pack_gqa=True)
+        return ExtendConfig(block_m=min(128, positions * group), pack_gqa=True)
+    # 128 x 32 tiles, 4 warps, 3 stages was the fastest of 18 unpacked configs at 64 x 2048 on the
+    # H100 (317 TFLOP/s; 128 x 64 x 8 warps: 264).
+    return ExtendConfig(block_m=positions)
 
 
 @triton.jit
@@ -240,9 +249,9 @@ def extend_attention(
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if batch == first_seq or num_tokens == 0 or max_query_len == 0:
         return out
-    if config is None:
-        config = default_extend_config(max_query_len, head_dim)
     group = num_heads // num_kv_heads
+    if config is None:
+        config = default_extend_config(max_query_len, head_dim, group)
     pack = config.pack_gqa and group > 1 and group & (group - 1) == 0 and config.block_m % group == 0
     pack_heads = group if pack else 1
     block_m = config.block_m // pack_heads  # query positions per program

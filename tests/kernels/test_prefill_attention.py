@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from rollout.kernels.prefill_attention import ExtendConfig, extend_attention
+from rollout.kernels.prefill_attention import ExtendConfig, default_extend_config, extend_attention
 from tests.kernels.paged_case import make_case, poisoned_empty, reference, rel_err
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -71,6 +71,18 @@ def test_extend_default_config_and_decode_rows_only():
     assert rel_err(run(case, None), reference(case, None)) < 1e-5
     case = make_case([30, 1, 12], [1, 1, 1], 4, 2, 16, 4, torch.float32, DEVICE, seed=2)
     assert rel_err(run(case, 8), reference(case, 8)) < 1e-5
+
+
+def test_default_extend_config_packs_power_of_two_groups():
+    big = default_extend_config(2048, 128, 2)
+    assert big == ExtendConfig(block_m=256, block_n=64, num_warps=8, num_stages=3, pack_gqa=True)
+    assert default_extend_config(4096, 128, 4) == big
+    short = default_extend_config(100, 128, 2)
+    assert short.pack_gqa and short.block_m == 128 and short.block_n == 32
+    assert default_extend_config(3, 128, 4).block_m == 64  # 16 positions x 4 heads
+    for max_q, head_dim, group in ((2048, 128, 3), (2048, 128, 1), (2048, 256, 2)):
+        cfg = default_extend_config(max_q, head_dim, group)
+        assert not cfg.pack_gqa and cfg.block_m == (64 if head_dim > 128 else 128), (max_q, head_dim, group)
 
 
 def test_extend_rejects_bad_arguments():
