@@ -104,9 +104,14 @@ def _apply(
     write: bool,
     complete: bool = True,
     mapper: WeightMapper | None = None,
+    batched: bool = False,
 ) -> set[str]:
+    """``batched``: check every tensor first, then copy them all in one ``_foreach_copy_`` (a few
+    kernel launches instead of one per tensor); for tensors already in memory, such as a bucket."""
     mapper = mapper or WeightMapper(model)
     covered: set[tuple[str, str | None]] = set()
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
     for name, tensor in weights:
         target = mapper.resolve(name)
         if target is None:
@@ -117,10 +122,15 @@ def _apply(
         # no storage, so nothing can be written (loaders only write through their `param` arg).
         dest = target.param if write else torch.empty_like(target.param, device="meta")
         try:
-            target.param.weight_loader(dest, tensor, target.shard_id)
+            view = target.param.weight_loader(dest, tensor, target.shard_id, copy=not batched)
         except ValueError as err:
             raise ValueError(f"weight {name!r} (parameter {target.param_name!r}): {err}") from None
+        if batched and write:
+            dsts.append(view)
+            srcs.append(tensor)
         covered.add((target.param_name, target.shard_id))
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)
     missing = sorted(mapper.hf_name(*key) for key in mapper.required() - covered) if complete else []
     if missing:
         shown = ", ".join(repr(n) for n in missing[:8]) + (
@@ -144,8 +154,9 @@ def write_weights(
 ) -> set[str]:
     """``load_weights`` without the completeness check: for the pieces of an update whose whole
     manifest already passed ``check_weights`` (weight sync writes bucket by bucket). ``mapper``: a
-    ``WeightMapper(model)`` kept across calls (it memoizes name resolution)."""
-    return _apply(model, weights, write=True, complete=False, mapper=mapper)
+    ``WeightMapper(model)`` kept across calls (it memoizes name resolution). The tensors are all
+    checked, then copied in one batched call."""
+    return _apply(model, weights, write=True, complete=False, mapper=mapper, batched=True)
 
 
 def check_weights(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
@@ -72,7 +73,14 @@ class Manifest:
         return sum(e.nbytes for e in self.entries)
 
     def bucket_entries(self, bucket: int) -> list[TensorEntry]:
-        return [e for e in self.entries if e.bucket == bucket]
+        return list(self._by_bucket[bucket])
+
+    @cached_property
+    def _by_bucket(self) -> tuple[tuple[TensorEntry, ...], ...]:
+        out: list[list[TensorEntry]] = [[] for _ in self.bucket_sizes]
+        for e in self.entries:
+            out[e.bucket].append(e)
+        return tuple(tuple(b) for b in out)
 
     def specs(self) -> Iterator[tuple[str, tuple[int, ...], torch.dtype]]:
         """``(name, shape, dtype)`` triples, as ``check_weights`` takes them."""
@@ -139,10 +147,17 @@ def plan_buckets(
 
 
 def pack(tensors: Iterable[torch.Tensor], entries: list[TensorEntry], buffer: torch.Tensor) -> None:
-    """Copy (and cast) ``tensors`` into ``buffer`` (uint8) at their entries' offsets."""
-    for tensor, e in zip(tensors, entries, strict=True):
-        view = buffer[e.offset : e.offset + e.nbytes].view(DTYPES[e.dtype]).view(e.shape)
-        view.copy_(tensor.detach(), non_blocking=True)
+    """Copy (and cast) ``tensors`` into ``buffer`` (uint8) at their entries' offsets, in one batched
+    copy (a few kernel launches for the whole bucket, not one per tensor)."""
+    views = [view for _, view in unpack(buffer, entries)]
+    srcs = [tensor.detach() for tensor in tensors]
+    if len(srcs) != len(views):
+        raise ValueError(f"{len(srcs)} tensors for {len(views)} manifest entries")
+    for src, dst, e in zip(srcs, views, entries, strict=True):
+        if src.shape != dst.shape:
+            raise ValueError(f"weight {e.name!r}: shape {tuple(src.shape)} != manifest {e.shape}")
+    if views:
+        torch._foreach_copy_(views, srcs, non_blocking=True)
 
 
 def unpack(buffer: torch.Tensor, entries: list[TensorEntry]) -> Iterator[tuple[str, torch.Tensor]]:

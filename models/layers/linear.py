@@ -69,13 +69,19 @@ class MergedLinear(nn.Module):
         )
 
     def weight_loader(
-        self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: int | str | None = None
-    ) -> None:
-        """Copy one shard into its rows of ``param`` (the packed weight or bias)."""
+        self,
+        param: torch.Tensor,
+        loaded_weight: torch.Tensor,
+        shard_id: int | str | None = None,
+        copy: bool = True,
+    ) -> torch.Tensor:
+        """Copy one shard into its rows of ``param`` (the packed weight or bias); returns those rows."""
         i = self._shard_index(shard_id)
         target = param.data.narrow(0, self.offsets[i], self.output_sizes[i])
         check_shape(f"{type(self).__name__} shard {self.shard_names[i]!r}", target.shape, loaded_weight)
-        target.copy_(loaded_weight)
+        if copy:
+            target.copy_(loaded_weight)
+        return target
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

@@ -1,13 +1,15 @@
 """Per-parameter weight loaders: how one checkpoint tensor lands in (a slice of) one parameter.
 
-Contract of a ``weight_loader(param, loaded_weight, shard_id=None)``:
+Contract of a ``weight_loader(param, loaded_weight, shard_id=None, copy=True)``:
 - it writes ONLY through its ``param`` argument (never through ``self.weight`` of the owning
   module), so ``check_weights`` can run the very same loader against meta tensors to validate a
   whole update without writing a byte;
 - it checks the exact shape before copying (``copy_`` alone would broadcast) and raises
   ``ValueError`` describing the mismatch;
 - it copies in place (``param.data[...].copy_``), casting dtype, so the parameter's storage and
-  any CUDA graph captured over it stay valid.
+  any CUDA graph captured over it stay valid;
+- it returns the destination (the view of ``param.data`` it fills); with ``copy=False`` it only
+  checks and returns it, so a caller can copy many tensors in one batched call.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-WeightLoader = Callable[[torch.Tensor, torch.Tensor, "int | str | None"], None]
+WeightLoader = Callable[..., torch.Tensor]
 
 
 def set_weight_loader(
@@ -35,10 +37,12 @@ def check_shape(what: str, expected: torch.Size | Sequence[int], loaded: torch.T
 
 
 def default_weight_loader(
-    param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: int | str | None = None
-) -> None:
+    param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: int | str | None = None, copy: bool = True
+) -> torch.Tensor:
     """Whole-parameter copy (unpacked parameters)."""
     if shard_id is not None:
         raise ValueError(f"unpacked parameter of shape {tuple(param.shape)} got shard_id={shard_id!r}")
     check_shape("parameter", param.shape, loaded_weight)
-    param.data.copy_(loaded_weight)
+    if copy:
+        param.data.copy_(loaded_weight)
+    return param.data

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from rollout.models import ModelConfig, load_model
 from rollout.models.loader import read_weight_specs, safetensors_files
+from rollout.models.weights import write_weights
 from tests.models.paged_kv import prefill_logits
 from tests.models.tiny_models import hf_logits, random_seqs, save_tiny_checkpoint, tiny_config, tiny_hf_model
 
@@ -139,6 +140,26 @@ def test_bad_checkpoints_raise_naming_the_tensor(checkpoint, model, tmp_path, ed
     assert_unchanged(model, before)
     with pytest.raises(ValueError, match=match):
         model.load_weights(load_file(bad / "model.safetensors").items())
+
+
+def test_batched_write_equals_per_tensor_load_and_checks_before_copying(model, checkpoint):
+    """write_weights (weight sync's bucket writes: all tensors checked, then one batched copy) lands
+    the same values as load_weights (one copy per tensor), casting dtype, in the same storage; a bad
+    tensor anywhere in the batch writes none of it."""
+    tensors = load_file(checkpoint / "model.safetensors")
+    new = {name: (t * 2 + 1).to(torch.bfloat16) for name, t in tensors.items()}
+    reference = load_model(ModelConfig.from_pretrained(checkpoint, device="cpu"), "cpu")
+    reference.load_weights(new.items())
+    ptrs = {name: p.data_ptr() for name, p in model.named_parameters()}
+    before = snapshot(model)
+    bad = [*new.items()][:-1] + [(K_PROJ_1, torch.zeros(3, 3))]
+    with pytest.raises(ValueError, match=K_PROJ_1):
+        write_weights(model, bad)
+    assert_unchanged(model, before)
+    write_weights(model, new.items())
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == ptrs
+    for (name, got), want in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert got.dtype == torch.float32 and torch.equal(got, want), name
 
 
 def test_check_weights_writes_nothing(model, checkpoint):
