@@ -17,6 +17,7 @@ fi
 if [ "$what" = kernels ]; then
   timeout 150 python3 -m rollout.benchmarks.sampling_kernel --out "$out" 2>&1 | tail -14
   timeout 300 python3 benchmarks/attention_kernels.py --sweep --no-torch --out "$out" 2>&1 | grep -E "^sweep|^extend|^\{'name'" | tail -40
+  timeout 150 python3 benchmarks/attention_kernels.py --extend --sweep --out "$out" 2>&1 | grep "name" | cut -c1-200
   timeout 200 python3 benchmarks/attention_kernels.py --ragged --out "$out" 2>&1 | grep "^ragged"
 fi
 if [ "$what" = host ]; then  # host-bound decode: per-phase host time, then what it costs end to end

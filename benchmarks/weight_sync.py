@@ -155,7 +155,9 @@ def run_nccl(args: argparse.Namespace, path: str, kw: dict) -> dict:
     group = WeightGroup("127.0.0.1", store.port, 0, 2, "nccl", torch.device("cuda:0"), store=store)
     flat = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
     res["raw_broadcast_ms"], _ = timed(lambda: group._broadcast(flat).wait())
-    group.close()  # before the join: the receiver's NCCL shutdown waits for this rank's
+    # Leave before joining: with the join first, the receiver never exited (its NCCL shutdown is
+    # taken to wait for this rank's; joining first hung at stop 9 and at the first try of stop 14).
+    group.close()
     proc.join(timeout=120)
     if proc.exitcode != 0:
         proc.kill()

@@ -2,8 +2,9 @@
 
 Every source goes through the model's own ``check_weights`` (names, shapes, dtypes, completeness)
 before the first write, and through the same per-parameter ``weight_loader``s as checkpoint loading
-(packed qkv / gate_up, tied embeddings, dtype cast) when writing. Writes go into the existing
-parameter storage, so CUDA graphs stay valid.
+(packed qkv / gate_up, tied embeddings, dtype cast) when writing: they check each tensor of a
+bucket and name its destination, then the bucket is copied in one batched call. Writes go into the
+existing parameter storage, so CUDA graphs stay valid.
 
 A failure after the first write (a sender that died mid-stream, a broken transport) leaves a mix of
 old and new weights: ``dirty`` records it, and the engine serves nothing until a complete update
