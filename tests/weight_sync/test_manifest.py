@@ -39,6 +39,17 @@ def test_wire_round_trip_and_pack_unpack():
             assert view.dtype == tensors[name].dtype and torch.equal(view, tensors[name])
 
 
+def test_pack_refuses_a_tensor_whose_shape_differs_from_its_entry():
+    """``copy_`` would broadcast a [7] tensor into a [3, 7] entry; pack names the weight instead and
+    writes nothing."""
+    m = plan_buckets(SPECS, bucket_bytes=1024)
+    entries = m.bucket_entries(0)  # a (10,) float32, b (3, 7) bfloat16
+    buf = torch.zeros(m.bucket_sizes[0], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="weight 'b'"):
+        pack([torch.ones(10), torch.ones(7)], entries, buf)
+    assert not buf.any()
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
