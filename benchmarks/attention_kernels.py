@@ -5,10 +5,12 @@ head_dim 128, bf16, block 16, shuffled block tables); achieved GB/s = KV bytes r
 against a device-to-device copy measured in the same run (bytes read + written). Also the torch
 reference path, and CUDA-graph replays (launch overhead removed). Prefill: 64 x 2048-token prompts
 through the extend kernel, TFLOP/s counting the causal half, against torch SDPA on the same
-problem laid out densely. ``--sweep`` also times kernel config variants on a few shapes.
+problem laid out densely. ``--sweep`` also times decode config variants on a few shapes.
 
     python benchmarks/attention_kernels.py [--sweep] [--out DIR]   (JSON to DIR or $OUT)
     python benchmarks/attention_kernels.py --ragged   (decode configs on W1-like ragged lengths)
+    python benchmarks/attention_kernels.py --extend [--sweep]   (extend kernel: W4, an 8B-shape
+        GQA group of 4, a W1-like admission chunk mix; --sweep: packed and unpacked configs)
 """
 
 from __future__ import annotations
@@ -383,7 +385,7 @@ def main() -> None:
     result["store_kv"] = bench_store_kv(ceiling)
     if args.sweep:
         result["decode_sweep"] = sweep_decode(ceiling)
-    result["extend"] = bench_extend(args.sweep)
+    result["extend"] = bench_extend(sweep=False)  # the extend configs: --extend --sweep
     result["decode"] = bench_decode(ceiling, not args.no_torch)
     result["seconds"] = time.time() - t0
     os.makedirs(args.out, exist_ok=True)
