@@ -38,6 +38,20 @@ def padded_rows(rows: int) -> int:
     return -(-rows // _SIZE_STEP) * _SIZE_STEP
 
 
+def padded_tokens(tokens: int, cap: int) -> int:
+    """The row count an eager step's forward runs on for ``tokens`` tokens (never more than
+    ``max(tokens, cap)``): ``padded_rows`` up to 256, then 8 sizes per doubling (a multiple of
+    1/8 of the power of two below: at most 12.5% padding). Every GEMM of the step takes this row
+    count, so a long run meets a few dozen shapes instead of one per step, and cuBLAS picks a
+    kernel once for each (see ``padded_rows``)."""
+    if tokens <= 256:
+        size = padded_rows(tokens)
+    else:
+        step = 1 << (tokens.bit_length() - 4)
+        size = -(-tokens // step) * step
+    return min(size, max(tokens, cap))
+
+
 class DecodeGraphs:
     """Captured forwards and LM heads of ``model`` for decode batches up to ``max_batch`` sequences."""
 

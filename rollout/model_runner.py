@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from rollout.config import CacheConfig, RunnerConfig, SchedulerConfig
-from rollout.cuda_graphs import DecodeGraphs, padded_rows
+from rollout.cuda_graphs import DecodeGraphs, padded_rows, padded_tokens
 from rollout.models.config import ModelConfig
 from rollout.models.layers.attention import AttentionMetadata
 from rollout.models.loader import load_model
@@ -204,7 +204,15 @@ class ModelRunner:
         dev = self.device
         # eager steps on CUDA run the LM head on a padded row count (see padded_rows)
         pad_rows = graph_size is None and dev.type == "cuda"
-        host = self._prepare(batch, graph_size or batch.num_tokens, prev, pad_rows)
+        num_rows = graph_size or batch.num_tokens
+        if graph_size is None and self.attention_backend == "triton":
+            # and the forward on a padded token count (padding rows: slot -1, no sequence); the torch
+            # attention path has no padding rows
+            sc = self.scheduler_config
+            num_rows = padded_tokens(
+                num_rows, min(sc.max_num_batched_tokens, self.model_config.max_model_len)
+            )
+        host = self._prepare(batch, num_rows, prev, pad_rows)
         ints = host.ints.to(dev, non_blocking=True)
         v = host.views(ints)
         fill = None
@@ -345,13 +353,16 @@ class ModelRunner:
         self, batch: ScheduledBatch, num_rows: int, prev: StepHandle | None = None, pad_rows: bool = False
     ) -> _HostInputs:
         """Host arrays of the step, packed in one (pinned on CUDA) int64 buffer. With num_rows >
-        num_tokens (a decode graph's padded size), the extra rows are padding sequences of length 0
-        whose token is stored nowhere. With ``pad_rows`` the logits rows are padded to
-        ``padded_rows`` entries (repeating row 0) and never marked as leading."""
+        num_tokens the extra rows are padding: token 0 at position 0, stored nowhere (slot -1); in a
+        decode-only step (a graph's padded size, or an eager one) each is also a padding sequence of
+        length 0, in a mixed step no sequence owns them (the attention kernels leave them
+        unwritten). With ``pad_rows`` the logits rows are padded to ``padded_rows`` entries
+        (repeating row 0) and never marked as leading."""
         bs = self.block_size
         reqs = batch.requests
         num_seqs = len(reqs)
-        padded_seqs = num_seqs + (num_rows - batch.num_tokens)
+        decode_only = batch.num_tokens == num_seqs
+        padded_seqs = num_seqs + (num_rows - batch.num_tokens) if decode_only else num_seqs
         block_lists = [s.request.block_ids for s in reqs]
         num_blocks = [len(blocks) for blocks in block_lists]
         max_blocks = max(num_blocks)
@@ -378,7 +389,7 @@ class ModelRunner:
         else:  # every block id in one flat array, scattered into the rows' leading columns
             flat = np.fromiter(chain.from_iterable(block_lists), dtype=np.int64, count=sum(num_blocks))
             table[:num_seqs][np.arange(max_blocks) < np.array(num_blocks)[:, None]] = flat
-        if batch.num_tokens == num_seqs:  # decode only: one row per sequence
+        if decode_only:  # one row per sequence
             starts = [s.start for s in reqs]
             # the token at each start (0 for a placeholder: its token is still on the device)
             v["input_ids"][:num_seqs] = [

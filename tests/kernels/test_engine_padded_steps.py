@@ -1,0 +1,56 @@
+"""Eager steps of the triton attention backend run their forward on a padded token count (padding
+rows: slot -1, no sequence in a mixed step, length-0 sequences in a decode step). Under the
+interpreter on CPU the engine must give what the torch backend gives, which has no padding."""
+
+from __future__ import annotations
+
+import pytest
+
+from rollout import LLM, CacheConfig, RunnerConfig, SamplingParams, SchedulerConfig
+from rollout.cuda_graphs import padded_rows, padded_tokens
+from tests.models.tiny_models import random_seqs, save_tiny_checkpoint
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+
+def test_padded_tokens_buckets():
+    assert [padded_tokens(n, 8192) for n in (1, 3, 9, 17, 256)] == [1, 4, 16, 32, 256]
+    assert [padded_tokens(n, 8192) for n in (257, 289, 449, 1000, 5000, 8192)] == [
+        288, 320, 480, 1024, 5120, 8192,
+    ]  # fmt: skip
+    assert padded_tokens(5000, 5000) == 5000 and padded_tokens(4100, 4200) == 4200  # capped
+    assert padded_tokens(300, 0) == 300  # never below the tokens
+    for n in range(257, 9000, 7):  # at most 1/8 padding, and few sizes
+        assert n <= padded_tokens(n, 1 << 20) <= n * 9 // 8
+    assert len({padded_tokens(n, 1 << 20) for n in range(1, 8193)}) < 90
+    assert all(padded_tokens(n, 1 << 20) == padded_rows(n) for n in range(1, 257))
+
+
+def test_triton_backend_pads_eager_steps_and_matches_torch(tmp_path):
+    save_tiny_checkpoint(tmp_path, "qwen3")
+    prompts = random_seqs([23, 5, 40], seed=4)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    outs, rows = {}, []
+    for backend in ("torch", "triton"):
+        llm = LLM(
+            str(tmp_path),
+            device="cpu",
+            cache_config=CacheConfig(block_size=4, num_blocks=64),
+            scheduler_config=SchedulerConfig(max_num_batched_tokens=27, overlap=False),
+            runner_config=RunnerConfig(attention_backend=backend),
+        )
+        runner = llm.engine.runner
+        assert runner.attention_backend == backend
+        if backend == "triton":  # (rows the forward ran on, tokens of the step)
+            model = runner.model
+            runner.launch = lambda b, prev=None, f=runner.launch: rows.append([b.num_tokens]) or f(b, prev)
+            model.forward = lambda ids, *a, f=model.forward: rows[-1].append(ids.shape[0]) or f(ids, *a)
+        outs[backend] = llm.generate(prompts, params, use_tqdm=False)
+    for t, r in zip(outs["torch"], outs["triton"], strict=True):
+        assert r.outputs[0].token_ids == t.outputs[0].token_ids
+        got, want = r.outputs[0].logprobs, t.outputs[0].logprobs
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
+    assert all(padded == padded_tokens(tokens, 27) for tokens, padded in rows), rows
+    mixed = [(t, p) for t, p in rows if p > t and t > 3]  # chunked prompts beside decodes
+    decodes = [(t, p) for t, p in rows if p > t and t == 3]  # three decodes -> 4 rows
+    assert mixed and decodes, rows
