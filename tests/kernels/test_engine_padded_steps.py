@@ -26,7 +26,8 @@ def test_padded_tokens_buckets():
     assert all(padded_tokens(n, 1 << 20) == padded_rows(n) for n in range(1, 257))
 
 
-def test_triton_backend_pads_eager_steps_and_matches_torch(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])  # True: placeholder tokens filled on the device
+def test_triton_backend_pads_eager_steps_and_matches_torch(tmp_path, overlap):
     save_tiny_checkpoint(tmp_path, "qwen3")
     prompts = random_seqs([23, 5, 40], seed=4)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
@@ -36,7 +37,7 @@ def test_triton_backend_pads_eager_steps_and_matches_torch(tmp_path):
             str(tmp_path),
             device="cpu",
             cache_config=CacheConfig(block_size=4, num_blocks=64),
-            scheduler_config=SchedulerConfig(max_num_batched_tokens=27, overlap=False),
+            scheduler_config=SchedulerConfig(max_num_batched_tokens=27, overlap=overlap),
             runner_config=RunnerConfig(attention_backend=backend),
         )
         runner = llm.engine.runner
