@@ -68,6 +68,13 @@ class ModelRunner:
             backend = "triton" if device.type == "cuda" else "torch"
         for layer in self.model.attention_layers():
             layer.backend = backend
+        # Eager steps of the triton backend run the forward on a padded token count (padding rows:
+        # slot -1, no sequence), at most the profiled step's; the torch attention path has none.
+        self._eager_token_cap = (
+            min(scheduler_config.max_num_batched_tokens, model_config.max_model_len)
+            if backend == "triton"
+            else None
+        )
         if backend == "triton" and self.runner_config.fused_ops:
             for module in self.model.modules():
                 if hasattr(module, "fused"):
@@ -205,13 +212,8 @@ class ModelRunner:
         # eager steps on CUDA run the LM head on a padded row count (see padded_rows)
         pad_rows = graph_size is None and dev.type == "cuda"
         num_rows = graph_size or batch.num_tokens
-        if graph_size is None and self.attention_backend == "triton":
-            # and the forward on a padded token count (padding rows: slot -1, no sequence); the torch
-            # attention path has no padding rows
-            sc = self.scheduler_config
-            num_rows = padded_tokens(
-                num_rows, min(sc.max_num_batched_tokens, self.model_config.max_model_len)
-            )
+        if graph_size is None and self._eager_token_cap is not None:  # and the forward (see __init__)
+            num_rows = padded_tokens(num_rows, self._eager_token_cap)
         host = self._prepare(batch, num_rows, prev, pad_rows)
         ints = host.ints.to(dev, non_blocking=True)
         v = host.views(ints)
