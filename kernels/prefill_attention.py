@@ -36,13 +36,18 @@ class ExtendConfig:
     pack_gqa: bool = False
 
 
+def _packable(group: int) -> bool:
+    """Whether a GQA group of ``group`` query heads can share one program's tile (a power of two > 1)."""
+    return group > 1 and group & (group - 1) == 0
+
+
 def default_extend_config(max_query_len: int, head_dim: int, group: int = 1) -> ExtendConfig:
     """Packed GQA tiles where the group allows; smaller query tiles for short chunks, so mixed
     batches waste less of each tile."""
     positions = min(128, max(16, triton.next_power_of_2(max_query_len)))
     if head_dim > 128:  # wider heads get smaller query tiles (registers)
         return ExtendConfig(block_m=min(positions, 64))
-    if group > 1 and group & (group - 1) == 0:
+    if _packable(group):
         # H100, bf16, head_dim 128 (`attention_kernels.py --extend --sweep`): 64 x 2048 prompts,
         # 256 x 64 tiles, 8 warps 347 TFLOP/s at group 2 and 368 at group 4, against 316 and 320
         # unpacked; W1-like chunks of 100-1024 tokens: packed 128 x 32 tiles 158 us, unpacked 173.
@@ -252,7 +257,7 @@ def extend_attention(
     group = num_heads // num_kv_heads
     if config is None:
         config = default_extend_config(max_query_len, head_dim, group)
-    pack = config.pack_gqa and group > 1 and group & (group - 1) == 0 and config.block_m % group == 0
+    pack = config.pack_gqa and _packable(group) and config.block_m % group == 0
     pack_heads = group if pack else 1
     block_m = config.block_m // pack_heads  # query positions per program
     grid = (num_heads // pack_heads, triton.cdiv(max_query_len, block_m), batch - first_seq)
