@@ -179,6 +179,11 @@ def print_gpu_summary(s: dict, unit: str) -> None:
         print(f"    {k['us']:9.1f} us{unit}  {k['count']:7.1f}x  {k['name']}")
 
 
+def prompts_pending(scheduler) -> bool:
+    """Whether a prompt is still waiting or only partly in the KV cache (admission not over)."""
+    return bool(scheduler.waiting) or any(r.in_prefill for r in scheduler.running)
+
+
 def cprofile_text(prof, lines: int) -> str:
     """A stopped ``cProfile.Profile``'s ``lines`` functions with the most own time, as text."""
     import io

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rollout import LLM, SamplingParams
-from rollout.benchmarks.common import measure_ceilings, model_bytes
+from rollout.benchmarks.common import measure_ceilings, model_bytes, prompts_pending
 
 
 def time_decode(llm: LLM, batch: int, context: int, steps: int, rng: random.Random) -> float | None:
@@ -39,7 +39,7 @@ def time_decode(llm: LLM, batch: int, context: int, steps: int, rng: random.Rand
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.0, seed=0)
     for rid in ids:
         engine.add_request(rid, [rng.randrange(100, 10000) for _ in range(context)], params)
-    while engine.scheduler.waiting or any(r.in_prefill for r in engine.scheduler.running):
+    while prompts_pending(engine.scheduler):
         engine.step()
     engine.step()  # first pure decode step (warm)
     start = time.perf_counter()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from rollout.benchmarks.common import PhaseTimer, cprofile_text
+from rollout.benchmarks.common import PhaseTimer, cprofile_text, prompts_pending
 from rollout.config import SchedulerConfig
 from rollout.engine import EngineCore
 from rollout.samplers.params import SamplingParams
@@ -90,7 +90,7 @@ def measure(
     for rid in ids:
         prompt = [rng.randrange(vocab) for _ in range(rng.randrange(*prompt_len))]
         engine.add_request(rid, prompt, params)
-    while engine.scheduler.waiting or any(r.in_prefill for r in engine.scheduler.running):
+    while prompts_pending(engine.scheduler):
         engine.step_outputs()
     for _ in range(5):  # warm: the batch's first decode steps, kernel caches
         engine.step_outputs()
@@ -138,7 +138,7 @@ def measure_admission(
     added = time.perf_counter() - t
     steps = 0
     sched = engine.scheduler
-    while sched.waiting or any(r.in_prefill for r in sched.running):
+    while prompts_pending(sched):
         engine.step_outputs()
         steps += 1
     sync()

@@ -22,7 +22,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from rollout import LLM, SamplingParams
-from rollout.benchmarks.common import PhaseTimer, export_trace, gpu_trace_summary, print_gpu_summary
+from rollout.benchmarks.common import (
+    PhaseTimer,
+    export_trace,
+    gpu_trace_summary,
+    print_gpu_summary,
+    prompts_pending,
+)
 
 
 def start_decode(llm: LLM, batch: int, context: int, rng: random.Random) -> list[str]:
@@ -36,7 +42,7 @@ def start_decode(llm: LLM, batch: int, context: int, rng: random.Random) -> list
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.0, seed=0)
     for rid in ids:
         engine.add_request(rid, [rng.randrange(3, min(10000, vocab)) for _ in range(context)], params)
-    while engine.scheduler.waiting or any(r.in_prefill for r in engine.scheduler.running):
+    while prompts_pending(engine.scheduler):
         engine.step()
     for _ in range(3):
         engine.step()

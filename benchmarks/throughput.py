@@ -24,6 +24,7 @@ from rollout.benchmarks.common import (
     measure_ceilings,
     model_bytes,
     print_gpu_summary,
+    prompts_pending,
 )
 from rollout.benchmarks.workloads import WORKLOADS, Workload, decode_roofline_tok_s
 
@@ -58,7 +59,7 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
             out = step()
             sched = engine.scheduler
             trace.append((time.perf_counter(), len(sched.running), len(sched.waiting)))
-            admitted = not sched.waiting and not any(r.in_prefill for r in sched.running)
+            admitted = not prompts_pending(sched)
             if adm_prof is not None and not admission and admitted:
                 torch.cuda.synchronize()
                 admission.update(seconds=time.perf_counter() - t, steps=len(trace))
