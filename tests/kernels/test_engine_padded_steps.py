@@ -7,23 +7,10 @@ from __future__ import annotations
 import pytest
 
 from rollout import LLM, CacheConfig, RunnerConfig, SamplingParams, SchedulerConfig
-from rollout.cuda_graphs import padded_rows, padded_tokens
+from rollout.cuda_graphs import padded_tokens
 from tests.models.tiny_models import random_seqs, save_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
-
-
-def test_padded_tokens_buckets():
-    assert [padded_tokens(n, 8192) for n in (1, 3, 9, 17, 256)] == [1, 4, 16, 32, 256]
-    assert [padded_tokens(n, 8192) for n in (257, 289, 449, 1000, 5000, 8192)] == [
-        288, 320, 480, 1024, 5120, 8192,
-    ]  # fmt: skip
-    assert padded_tokens(5000, 5000) == 5000 and padded_tokens(4100, 4200) == 4200  # capped
-    assert padded_tokens(300, 0) == 300  # never below the tokens
-    for n in range(257, 9000, 7):  # at most 1/8 padding, and few sizes
-        assert n <= padded_tokens(n, 1 << 20) <= n * 9 // 8
-    assert len({padded_tokens(n, 1 << 20) for n in range(1, 8193)}) < 90
-    assert all(padded_tokens(n, 1 << 20) == padded_rows(n) for n in range(1, 257))
 
 
 @pytest.mark.parametrize("overlap", [False, True])  # True: placeholder tokens filled on the device
