@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rollout import LLM, SamplingParams
+from rollout import LLM, RunnerConfig, SamplingParams
 
 
 def step_kinds(llm: LLM) -> list[tuple[float, bool, int]]:
@@ -68,13 +68,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-prompts", type=int, default=128)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    p.add_argument(
+        "--piecewise-tokens", type=int, default=0, help="RunnerConfig.max_piecewise_tokens (0: off)"
+    )
     args = p.parse_args(argv)
     rng = random.Random(0)
     prompts = [
         [rng.randrange(100, 10000) for _ in range(rng.randint(256, 512))] for _ in range(args.num_prompts)
     ]
     lengths = [min(4096, 64 + int(rng.expovariate(1 / 700))) for _ in prompts]
-    llm = LLM(args.model, load_format="dummy")
+    runner = RunnerConfig(max_piecewise_tokens=args.piecewise_tokens)
+    llm = LLM(args.model, load_format="dummy", runner_config=runner)
     llm.generate(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     before = llm.stats()
     params = [
@@ -98,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         prompt_tokens_computed=computed,
         computed_fraction=computed / submitted,
         preemptions=after.num_preemptions - before.num_preemptions,
+        piecewise_tokens=args.piecewise_tokens,
         steps=summarize_steps(steps, start),  # decode-only (graphs) vs mixed (eager) steps
     )
     Path(args.out).mkdir(parents=True, exist_ok=True)

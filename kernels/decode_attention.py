@@ -12,6 +12,7 @@ a launch can be captured in a CUDA graph and replayed with other sequence length
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -44,10 +45,15 @@ class DecodeConfig:
     num_stages: int = 2
 
 
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def default_decode_config(batch: int, num_kv_heads: int, device: torch.device) -> DecodeConfig:
     """Heuristic config from shapes and the device alone (never from sequence lengths)."""
-    if device.type == "cuda":
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "cuda":  # looked up once per device: eager mixed steps call this per layer
+        num_sms = _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     else:
         num_sms = _CPU_SMS
     programs = max(batch * num_kv_heads, 1)

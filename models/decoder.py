@@ -105,10 +105,15 @@ class DecoderAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
     ) -> torch.Tensor:
-        """``rope``: (cos, sin) rows of this step's positions, or with ``fused`` (positions, the
-        model's cos/sin table)."""
-        num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
+        return self.o_proj(self.attend_qkv(self.qkv_proj(x), rope, meta))
+
+    def attend_qkv(
+        self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Packed q/k/v projections [T, (Hq + 2 Hkv) * D] -> attention output [T, Hq * D] (before
+        o_proj): q/k norm, RoPE, the KV store and attention. ``rope``: (cos, sin) rows of this
+        step's positions, or with ``fused`` (positions, the model's cos/sin table)."""
+        num_tokens = qkv.shape[0]
         if self.fused:
             from rollout.kernels.fused_ops import qk_norm_rope, qk_norm_rope_store
 
@@ -131,13 +136,12 @@ class DecoderAttention(nn.Module):
                     kw,
                     self.eps,
                 )
-                return self.o_proj(attn.attend(q.view(num_tokens, -1), meta))
+                return attn.attend(q.view(num_tokens, -1), meta)
             q, k = qk_norm_rope(
                 qkv, positions, table, self.num_heads, self.num_kv_heads, self.head_dim, qw, kw, self.eps
             )
             v = qkv[:, self.qkv_proj.q_size + self.qkv_proj.kv_size :]
-            out = self.attn(q.view(num_tokens, -1), k.view(num_tokens, -1), v, meta)
-            return self.o_proj(out)
+            return self.attn(q.view(num_tokens, -1), k.view(num_tokens, -1), v, meta)
         cos_sin = rope
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], -1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -145,8 +149,7 @@ class DecoderAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
-        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, meta)
-        return self.o_proj(out)
+        return self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, meta)
 
 
 class GatedMLP(nn.Module):
@@ -175,16 +178,30 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual add of each block is fused into the next norm (x + residual -> norm).
+        qkv, residual = self.before_attention(x, residual)
+        return self.after_attention(self.self_attn.attend_qkv(qkv, rope, meta), residual)
+
+    # The layer in three parts, so that a runner can put everything but the attention (which reads
+    # per-step lengths) in CUDA graphs: see ``DecoderModel.forward``.
+    def before_attention(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input norm (the residual add of the block before fused in) and the q/k/v projection:
+        returns (qkv, residual)."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos_sin, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        return self.self_attn.qkv_proj(x), residual
+
+    def after_attention(
+        self, attn: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """o_proj, the post-attention norm (+ residual add) and the MLP: returns (x, residual)."""
+        x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn), residual)
         return self.mlp(x), residual
 
 
@@ -201,15 +218,44 @@ class DecoderModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        if self.layers and self.layers[0].self_attn.fused:
-            rope = (positions, self.rotary_emb.cos_sin_cache)  # each layer's kernel gathers its rows
-        else:
-            rope = self.rotary_emb(positions)
+        rope = self.rope_inputs(positions)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, rope, meta)
         x, _ = self.norm(x, residual)
         return x
+
+    def rope_inputs(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each layer's attention takes for RoPE: (positions, the cos/sin table) for the fused
+        kernels, which gather their rows themselves, else this step's (cos, sin) rows."""
+        if self.layers and self.layers[0].self_attn.fused:
+            return positions, self.rotary_emb.cos_sin_cache
+        return self.rotary_emb(positions)
+
+    # ``forward`` cut at each attention, for runners that capture the rest in CUDA graphs:
+    # head_piece, then for each layer i its attention and piece i + 1 (middle pieces, then the
+    # tail piece after the last layer) give the same result as ``forward``.
+    def head_piece(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding and layer 0 up to its attention: (qkv, residual)."""
+        return self.layers[0].before_attention(self.embed_tokens(input_ids), None)
+
+    def attention(
+        self, i: int, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Layer i's attention on its packed q/k/v: [T, Hq * D] (``rope`` from ``rope_inputs``)."""
+        return self.layers[i].self_attn.attend_qkv(qkv, rope, meta)
+
+    def middle_piece(
+        self, i: int, attn: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i - 1 after its attention, then layer i up to its own: (qkv, residual)."""
+        x, residual = self.layers[i - 1].after_attention(attn, residual)
+        return self.layers[i].before_attention(x, residual)
+
+    def tail_piece(self, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The last layer after its attention and the final norm: hidden states."""
+        x, residual = self.layers[-1].after_attention(attn, residual)
+        return self.norm(x, residual)[0]
 
 
 class DecoderForCausalLM(nn.Module):

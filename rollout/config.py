@@ -54,6 +54,11 @@ class RunnerConfig:
     attention_backend: str = "auto"  # "triton" (CUDA), "torch" (CPU path), or "auto": triton on CUDA
     cuda_graphs: bool = True  # replay captured graphs for decode steps (triton backend on CUDA only)
     max_graph_batch: int = 256  # largest decode batch served by a graph; larger ones run eagerly
+    # Eager steps (prompt chunks, mixed batches) of up to this many (padded) tokens replay CUDA
+    # graphs of everything but the attention (see rollout/piecewise_graphs.py); 0: off. Off by
+    # default: on the H200 they cut W2's mixed steps by a fifth (makespan -1.3%) but add ~1.5 s to
+    # start-up and to every wake_up (a colocated trainer's step pays it each time).
+    max_piecewise_tokens: int = 0
     fused_ops: bool = True  # Triton kernels for add+RMSNorm, q/k norm+RoPE, SiLU-and-mul (triton backend)
 
     def __post_init__(self) -> None:
@@ -63,3 +68,5 @@ class RunnerConfig:
             )
         if self.max_graph_batch < 1:
             raise ValueError(f"max_graph_batch must be >= 1, got {self.max_graph_batch}")
+        if self.max_piecewise_tokens < 0:
+            raise ValueError(f"max_piecewise_tokens must be >= 0, got {self.max_piecewise_tokens}")

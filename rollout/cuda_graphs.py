@@ -52,6 +52,11 @@ def padded_tokens(tokens: int, cap: int) -> int:
     return min(size, max(tokens, cap))
 
 
+def eager_token_sizes(cap: int) -> list[int]:
+    """Every row count ``padded_tokens(tokens, cap)`` gives for 1 <= tokens <= cap."""
+    return sorted({padded_tokens(t, cap) for t in range(1, cap + 1)})
+
+
 class DecodeGraphs:
     """Captured forwards and LM heads of ``model`` for decode batches up to ``max_batch`` sequences."""
 

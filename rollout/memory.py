@@ -62,7 +62,7 @@ class DeviceMemory:
         params = _unique_params(runner.model)
         kv_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
         weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
-        runner.graphs = None  # frees the graphs' memory pool
+        runner.release_graphs()  # frees the graphs' memory pools
         runner.drop_step_state()
         runner._bind_kv_cache(None)
         runner.kv_cache = None

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from rollout.config import CacheConfig, RunnerConfig, SchedulerConfig
-from rollout.cuda_graphs import DecodeGraphs, padded_rows, padded_tokens
+from rollout.cuda_graphs import DecodeGraphs, eager_token_sizes, padded_rows, padded_tokens
 from rollout.models.config import ModelConfig
 from rollout.models.layers.attention import AttentionMetadata
 from rollout.models.loader import load_model
+from rollout.piecewise_graphs import PiecewiseGraphs
 from rollout.request import Request
 from rollout.samplers.params import MAX_LOGPROBS, SamplingParams
 from rollout.samplers.sampler import SamplerOutput, prompt_logprobs, sample
@@ -88,6 +89,9 @@ class ModelRunner:
         self.kv_cache = self._allocate_kv_cache(self.num_blocks)
         self._bind_kv_cache(self.kv_cache)
         self.graphs: DecodeGraphs | None = None
+        self.pieces: PiecewiseGraphs | None = None
+        if self.attention_backend == "triton" and device.type == "cuda":
+            self._compile_extend_kernels()
         self.capture_graphs()
         if device.type == "cuda":
             # Move everything alive now (torch, transformers, the model's modules: millions of
@@ -97,8 +101,9 @@ class ModelRunner:
             gc.freeze()
 
     def capture_graphs(self) -> None:
-        """Capture the decode graphs (when enabled) over the current weights and KV cache storage."""
-        self.graphs = None
+        """Capture the decode graphs and the eager steps' piecewise graphs (when enabled) over the
+        current weights and KV cache storage."""
+        self.release_graphs()
         on_gpu = self.device.type == "cuda"
         if self.attention_backend == "triton" and self.runner_config.cuda_graphs and on_gpu:
             max_len = self.model_config.max_model_len
@@ -106,6 +111,44 @@ class ModelRunner:
             max_batch = min(self.runner_config.max_graph_batch, self.scheduler_config.max_num_seqs)
             self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, max_len, self.device)
             self.graphs.capture()
+            limit = self.runner_config.max_piecewise_tokens
+            assert self._eager_token_cap is not None
+            sizes = [s for s in eager_token_sizes(self._eager_token_cap) if s <= limit]
+            if sizes:
+                self.pieces = PiecewiseGraphs(self.model, sizes, self.device)
+                self.pieces.capture()
+
+    @torch.inference_mode()
+    def _compile_extend_kernels(self) -> None:
+        """Compile the extend kernel's variants (its tile config follows the step's longest chunk)
+        now rather than mid-run, where each new one cost a step 0.7 s on the H200."""
+        from rollout.kernels.prefill_attention import extend_attention
+
+        cap = self._eager_token_cap or 1
+        layers = {attn.sliding_window is None: attn for attn in self.model.attention_layers()}.values()
+        for attn in layers:
+            assert attn.k_cache is not None and attn.v_cache is not None
+            for chunk in sorted({min(n, cap) for n in (16, 32, 64, 128, 2048)}):
+                q = torch.zeros(chunk, attn.num_heads, attn.head_dim, dtype=self.dtype, device=self.device)
+                idx = dict(dtype=torch.int32, device=self.device)
+                tables = torch.zeros(1, -(-chunk // self.block_size), **idx)
+                seq_lens, starts = torch.tensor([chunk], **idx), torch.tensor([0, chunk], **idx)
+                extend_attention(
+                    q,
+                    attn.k_cache,
+                    attn.v_cache,
+                    tables,
+                    seq_lens,
+                    starts,
+                    chunk,
+                    attn.scale,
+                    attn.sliding_window,
+                )
+
+    def release_graphs(self) -> None:
+        """Drop every captured graph (their memory pools go with them)."""
+        self.graphs = None
+        self.pieces = None
 
     @property
     def attention_backend(self) -> str:
@@ -237,7 +280,10 @@ class ModelRunner:
             ids, positions, meta = self._to_device(host, v)
             if fill is not None:
                 ids.index_copy_(0, fill[0], fill[1])
-            hidden = self.model(ids, positions, meta)
+            if self.pieces is not None and num_rows in self.pieces.graphs:
+                hidden = self.pieces.forward(ids, positions, meta)
+            else:
+                hidden = self.model(ids, positions, meta)
         handle = StepHandle(batch=batch)
         if rows.seeds:
             n, lead = host.num_samples, host.samples_lead  # lead: rows 0..n-1 sample (a view)

@@ -67,3 +67,25 @@ def test_chunked_decode_matches_hf(case):
         for i in active:
             done[i] += plans[i][step]
     assert done == [len(s) for s in seqs]
+
+
+@torch.no_grad()
+def test_forward_cut_at_attention_equals_forward(case):
+    """head_piece, then per layer its attention and the next piece (what the piecewise CUDA graphs
+    replay around eager attention) compute exactly what forward does."""
+    _, model, block_size, seqs = case
+    blocks = assign_blocks([len(s) for s in seqs], block_size, NUM_BLOCKS, seed=2)
+    chunks = [SeqChunk(s, 0, len(s), b) for s, b in zip(seqs, blocks, strict=True)]
+    input_ids, positions, meta = build_step(chunks, block_size)
+    bind_kv_caches(model, NUM_BLOCKS, block_size, seed=2)
+    whole = model(input_ids, positions, meta)
+    bind_kv_caches(model, NUM_BLOCKS, block_size, seed=2)
+    d = model.model
+    rope = d.rope_inputs(positions)
+    qkv, residual = d.head_piece(input_ids)
+    for i in range(len(d.layers)):
+        attn = d.attention(i, qkv, rope, meta)
+        if i + 1 < len(d.layers):
+            qkv, residual = d.middle_piece(i + 1, attn, residual)
+    cut = d.tail_piece(attn, residual)
+    assert len(d.layers) > 1 and torch.equal(cut, whole)

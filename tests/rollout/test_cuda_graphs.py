@@ -3,7 +3,7 @@ CPU)."""
 
 from __future__ import annotations
 
-from rollout.cuda_graphs import graph_batch_sizes, padded_rows, padded_tokens
+from rollout.cuda_graphs import eager_token_sizes, graph_batch_sizes, padded_rows, padded_tokens
 
 
 def test_padded_rows_cover_every_count_with_few_shapes():
@@ -26,3 +26,10 @@ def test_padded_tokens_buckets():
         assert n <= padded_tokens(n, 1 << 20) <= n * 9 // 8
     assert len({padded_tokens(n, 1 << 20) for n in range(1, 8193)}) < 90
     assert all(padded_tokens(n, 1 << 20) == padded_rows(n) for n in range(1, 257))
+
+
+def test_eager_token_sizes_are_the_padded_counts():
+    sizes = eager_token_sizes(8192)
+    assert sizes == sorted({padded_tokens(n, 8192) for n in range(1, 8193)})
+    assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 8192 and len(sizes) == 60
+    assert eager_token_sizes(300) == [*graph_batch_sizes(256), 288, 300]  # capped at 300

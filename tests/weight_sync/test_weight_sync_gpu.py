@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollout import LLM, CacheConfig, SamplingParams
+from rollout import LLM, CacheConfig, RunnerConfig, SamplingParams
 from rollout.weight_sync import WeightSender
 from tests.weight_sync.helpers import PROMPTS, assert_same, checkpoints, fingerprint  # noqa: F401
 
@@ -55,16 +55,21 @@ def test_nccl_from_gpu0_to_engine_on_gpu1(checkpoints):  # noqa: F811
 
 def test_sleep_releases_memory_and_wake_keeps_outputs_and_graphs(checkpoints):  # noqa: F811
     llm = LLM(
-        checkpoints["old"], device="cuda:0", dtype="bfloat16", cache_config=CacheConfig(num_blocks=4096)
+        checkpoints["old"],
+        device="cuda:0",
+        dtype="bfloat16",
+        cache_config=CacheConfig(num_blocks=4096),
+        runner_config=RunnerConfig(max_piecewise_tokens=512),  # their graphs go and come back too
     )
     before = fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
     runner = llm.engine.runner
     kv_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
     info = llm.sleep(1)
     assert info["freed_bytes"] >= 0.9 * kv_bytes  # measured with mem_get_info
-    assert runner.graphs is None and runner.kv_cache is None
+    assert runner.graphs is None and runner.pieces is None and runner.kv_cache is None
     wake = llm.wake_up()
     assert wake["recaptured"] == (runner.runner_config.cuda_graphs and runner.attention_backend == "triton")
+    assert (runner.pieces is not None) == wake["recaptured"]
     assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), before, atol=0)
     llm.sleep(2)
     llm.wake_up(["weights"])
