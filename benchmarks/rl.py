@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     p.add_argument(
-        "--piecewise-tokens", type=int, default=0, help="RunnerConfig.max_piecewise_tokens (0: off)"
+        "--piecewise-tokens",
+        type=int,
+        default=RunnerConfig().max_piecewise_tokens,
+        help="RunnerConfig.max_piecewise_tokens (0: no piecewise graphs)",
     )
     args = p.parse_args(argv)
     rng = random.Random(0)
