@@ -11,6 +11,7 @@ mask, so they run in a first loop without it; the diagonal tiles run in a second
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +141,7 @@ def _extend_kernel(
     stride_ot,
     stride_oh,
     first_seq,
+    tiles_ptr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -149,10 +151,18 @@ def _extend_kernel(
     HAS_WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
     PACK: tl.constexpr,  # query heads per program: 1, or GROUP (pack_gqa)
+    TILE_LIST: tl.constexpr,  # program_id(1) indexes (sequence, query tile) pairs at tiles_ptr
 ):
-    # The latest query tiles see the most keys: run them first to shorten the tail of the grid.
-    m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
-    b = tl.program_id(2) + first_seq
+    if TILE_LIST:  # a grid that does not depend on the chunk lengths (see extend_tiles)
+        t = tl.program_id(1)
+        b = tl.load(tiles_ptr + 2 * t)
+        if b < 0:  # padding entry
+            return
+        m_tile = tl.load(tiles_ptr + 2 * t + 1)
+    else:
+        # The latest query tiles see the most keys: run them first to shorten the grid's tail.
+        m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
+        b = tl.program_id(2) + first_seq
     q_start = tl.load(query_start_ptr + b)
     q_len = tl.load(query_start_ptr + b + 1) - q_start
     m0 = m_tile * BLOCK_M
@@ -222,8 +232,14 @@ def extend_attention(
     sliding_window: int | None = None,
     config: ExtendConfig | None = None,
     first_seq: int = 0,
+    tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of ragged query chunks over their paged KV: ``q`` [T, Hq, D] -> [T, Hq, D].
+
+    With ``tiles`` (int32 [N, 2] from ``extend_tiles``, built for the same ``config``, which must
+    then be given) the grid is one program per entry and head group, whatever the chunk lengths:
+    a launch that a CUDA graph can replay with other lengths. The entries name the sequences to
+    compute (``first_seq`` is then not used).
 
     Only sequences ``first_seq..B-1`` are computed (the rows of earlier ones are left unwritten:
     a mixed step's leading decode rows, which the decode kernel serves).
@@ -251,6 +267,13 @@ def extend_attention(
         raise ValueError(f"max_query_len must be >= 0, got {max_query_len}")
     if not 0 <= first_seq <= max(batch, 0):
         raise ValueError(f"first_seq must be in [0, {batch}], got {first_seq}")
+    if tiles is not None:
+        check_index("tiles", tiles, (-1, 2), k_cache.device)
+        if not tiles.is_contiguous():
+            raise ValueError(f"tiles must be contiguous, got strides {tiles.stride()}")
+        if config is None:
+            raise ValueError("tiles need the config they were built for (config=None given)")
+        first_seq = 0
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if batch == first_seq or num_tokens == 0 or max_query_len == 0:
         return out
@@ -260,7 +283,10 @@ def extend_attention(
     pack = config.pack_gqa and _packable(group) and config.block_m % group == 0
     pack_heads = group if pack else 1
     block_m = config.block_m // pack_heads  # query positions per program
-    grid = (num_heads // pack_heads, triton.cdiv(max_query_len, block_m), batch - first_seq)
+    if tiles is not None:
+        grid = (num_heads // pack_heads, tiles.shape[0], 1)
+    else:
+        grid = (num_heads // pack_heads, triton.cdiv(max_query_len, block_m), batch - first_seq)
     _extend_kernel[grid](
         q,
         k_cache,
@@ -279,6 +305,7 @@ def extend_attention(
         out.stride(0),
         out.stride(1),
         first_seq,
+        tiles if tiles is not None else seq_lens,  # unused without TILE_LIST
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
@@ -288,7 +315,37 @@ def extend_attention(
         HAS_WINDOW=sliding_window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         PACK=pack_heads,
+        TILE_LIST=tiles is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    return out
+
+
+def extend_tile_positions(config: ExtendConfig, num_heads: int, num_kv_heads: int) -> int:
+    """Query positions per program of ``config`` for this head layout (packed tiles hold a GQA
+    group's heads, so fewer positions)."""
+    group = num_heads // num_kv_heads
+    pack = config.pack_gqa and _packable(group) and config.block_m % group == 0
+    return config.block_m // (group if pack else 1)
+
+
+def extend_tiles(query_lens: Sequence[int], first_seq: int, positions: int, capacity: int) -> torch.Tensor:
+    """The (sequence, query tile) entries of sequences ``first_seq..`` for ``extend_attention``'s
+    ``tiles`` (host int32 [capacity, 2]; ``positions`` from ``extend_tile_positions``): each
+    sequence's latest tiles first (they see the most keys), the rest padding (-1, 0). At most
+    ``cdiv(T, positions) + B`` entries for T query rows over B sequences."""
+    if positions < 1:
+        raise ValueError(f"positions must be >= 1, got {positions}")
+    entries = [
+        (b, m)
+        for b in range(first_seq, len(query_lens))
+        for m in reversed(range(-(-query_lens[b] // positions)))
+    ]
+    if len(entries) > capacity:
+        raise ValueError(f"{len(entries)} query tiles do not fit in {capacity} entries")
+    out = torch.full((capacity, 2), -1, dtype=torch.int32)
+    out[:, 1] = 0
+    if entries:
+        out[: len(entries)] = torch.tensor(entries, dtype=torch.int32)
     return out

@@ -7,7 +7,13 @@ import random
 import pytest
 import torch
 
-from rollout.kernels.prefill_attention import ExtendConfig, default_extend_config, extend_attention
+from rollout.kernels.prefill_attention import (
+    ExtendConfig,
+    default_extend_config,
+    extend_attention,
+    extend_tile_positions,
+    extend_tiles,
+)
 from tests.kernels.paged_case import make_case, poisoned_empty, reference, rel_err
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -164,3 +170,55 @@ def test_extend_packed_gqa_matches_reference(heads, kv_heads, block_m):
         )  # fmt: skip
     assert rel_err(out[4:], reference(case, None)[4:]) < 1e-5
     assert out[:4].isnan().all()
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "config"), [
+    (4, 2, ExtendConfig(block_m=16, block_n=16)),
+    (8, 2, ExtendConfig(block_m=32, block_n=16, pack_gqa=True)),
+])  # fmt: skip
+def test_extend_tile_list_matches_the_chunk_grid(heads, kv_heads, config):
+    """A tile list (the grid a CUDA graph can replay with other lengths), padded past its entries,
+    computes exactly what the grid sized from the chunk lengths does, leaving sequences before
+    first_seq unwritten."""
+    rng = random.Random(11)
+    lens, q_lens = ragged_batch(rng, 7, 40)
+    q_lens[0] = 1  # a leading decode row, as in a mixed step
+    case = make_case(lens, q_lens, heads, kv_heads, 16, 4, torch.float32, DEVICE, seed=11)
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens, case.query_start_loc)
+    positions = extend_tile_positions(config, heads, kv_heads)
+    assert positions == (config.block_m // (heads // kv_heads) if config.pack_gqa else config.block_m)
+    capacity = -(-sum(q_lens) // positions) + len(q_lens)
+    tiles = extend_tiles(q_lens, 1, positions, capacity)
+    used = sum(-(-n // positions) for n in q_lens[1:])
+    assert (tiles[used:, 0] == -1).all() and (tiles[:used, 0] >= 1).all() and used < capacity
+    with poisoned_empty():
+        grid = extend_attention(*args, case.max_query_len, case.scale, config=config, first_seq=1)
+        listed = extend_attention(
+            *args, case.max_query_len, case.scale, config=config, first_seq=1, tiles=tiles.to(DEVICE)
+        )
+        # only the entries of sequences 1-3: the kernel computes what the list names, nothing else
+        partial = extend_attention(
+            *args, case.max_query_len, case.scale, config=config,
+            tiles=extend_tiles(q_lens[:4], 1, positions, capacity).to(DEVICE),
+        )  # fmt: skip
+    assert torch.equal(listed[1:], grid[1:])
+    assert rel_err(listed[1:], reference(case, None)[1:]) < 1e-5
+    assert listed[0].isnan().all()  # sequence 0 is not in the list
+    end = sum(q_lens[:4])
+    assert torch.equal(partial[1:end], grid[1:end]) and partial[end:].isnan().all()
+
+
+def test_extend_tiles_rejects_what_does_not_fit():
+    assert extend_tiles([3, 20], 0, 8, 5).tolist() == [[0, 0], [1, 2], [1, 1], [1, 0], [-1, 0]]
+    with pytest.raises(ValueError, match="do not fit"):
+        extend_tiles([3, 20], 0, 8, 3)
+    with pytest.raises(ValueError, match="positions"):
+        extend_tiles([3], 0, 0, 4)
+    case = make_case([5], [5], 2, 2, 16, 4, torch.float32, DEVICE, seed=1)
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens, case.query_start_loc)
+    args = (*args, 5, 1.0)
+    tiles = extend_tiles([5], 0, 16, 2).to(DEVICE)
+    with pytest.raises(ValueError, match="config"):
+        extend_attention(*args, tiles=tiles)
+    with pytest.raises(ValueError, match="int32"):
+        extend_attention(*args, config=ExtendConfig(block_m=16), tiles=tiles.long())
