@@ -42,6 +42,12 @@ def _packable(group: int) -> bool:
     return group > 1 and group & (group - 1) == 0
 
 
+def _pack_heads(config: ExtendConfig, group: int) -> int:
+    """Query heads per program under ``config``: the whole GQA group when it packs, else 1."""
+    pack = config.pack_gqa and _packable(group) and config.block_m % group == 0
+    return group if pack else 1
+
+
 def default_extend_config(max_query_len: int, head_dim: int, group: int = 1) -> ExtendConfig:
     """Packed GQA tiles where the group allows; smaller query tiles for short chunks, so mixed
     batches waste less of each tile."""
@@ -280,8 +286,7 @@ def extend_attention(
     group = num_heads // num_kv_heads
     if config is None:
         config = default_extend_config(max_query_len, head_dim, group)
-    pack = config.pack_gqa and _packable(group) and config.block_m % group == 0
-    pack_heads = group if pack else 1
+    pack_heads = _pack_heads(config, group)
     block_m = config.block_m // pack_heads  # query positions per program
     if tiles is not None:
         grid = (num_heads // pack_heads, tiles.shape[0], 1)
@@ -325,9 +330,7 @@ def extend_attention(
 def extend_tile_positions(config: ExtendConfig, num_heads: int, num_kv_heads: int) -> int:
     """Query positions per program of ``config`` for this head layout (packed tiles hold a GQA
     group's heads, so fewer positions)."""
-    group = num_heads // num_kv_heads
-    pack = config.pack_gqa and _packable(group) and config.block_m % group == 0
-    return config.block_m // (group if pack else 1)
+    return config.block_m // _pack_heads(config, num_heads // num_kv_heads)
 
 
 def extend_tiles(query_lens: Sequence[int], first_seq: int, positions: int, capacity: int) -> torch.Tensor:
