@@ -27,15 +27,19 @@ from rollout.benchmarks.common import (
     prompts_pending,
 )
 from rollout.benchmarks.workloads import WORKLOADS, Workload, decode_roofline_tok_s
+from rollout.config import RunnerConfig
 
 
 def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
     import torch
 
-    from rollout import LLM, SamplingParams, SchedulerConfig
+    from rollout import LLM, RunnerConfig, SamplingParams, SchedulerConfig
 
     llm = LLM(
-        model, load_format="dummy", scheduler_config=SchedulerConfig(max_num_batched_tokens=args.max_batched)
+        model,
+        load_format="dummy",
+        scheduler_config=SchedulerConfig(max_num_batched_tokens=args.max_batched),
+        runner_config=RunnerConfig(max_piecewise_tokens=args.piecewise_tokens),
     )
     warm = [SamplingParams(max_tokens=16, ignore_eos=True)] * 8
     llm.generate(work.prompts[:8], warm, use_tqdm=False)
@@ -221,6 +225,8 @@ def _run_child(args: argparse.Namespace, engine: str, wl: str, result_file: Path
         str(result_file),
         "--max-batched",
         str(args.max_batched),
+        "--piecewise-tokens",
+        str(args.piecewise_tokens),
         *(["--trace"] if args.trace else []),
         *(["--gc-freeze"] if args.gc_freeze else []),
         *(["--profile"] if args.profile else []),
@@ -294,6 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--repeats", type=int, default=1, help="runs of ours per workload; the median is kept")
     p.add_argument("--max-batched", type=int, default=8192)
+    p.add_argument(
+        "--piecewise-tokens",
+        type=int,
+        default=RunnerConfig().max_piecewise_tokens,
+        help="RunnerConfig.max_piecewise_tokens (ours; 0: no piecewise graphs)",
+    )
     p.add_argument("--trace", action="store_true", help="record per-step times by batch size (ours)")
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before the timed generate (ours)")
     p.add_argument("--profile", action="store_true", help="cProfile the timed generate (ours): *.profile.txt")

@@ -14,7 +14,7 @@ def check_prompt_ids(ids: Sequence[object], vocab_size: int, max_total_tokens: i
     if not ids:
         raise ValueError("prompt is empty")
     # The common all-valid case in C-speed builtins; the loop below only runs to name a bad token.
-    if not (all(type(t) is int for t in ids) and min(ids) >= 0 and max(ids) < vocab_size):
+    if not (set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < vocab_size):
         for i, t in enumerate(ids):
             if not isinstance(t, int) or isinstance(t, bool):
                 raise ValueError(f"prompt token {i} is {t!r}, not an int")
