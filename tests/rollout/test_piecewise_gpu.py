@@ -70,3 +70,32 @@ def test_piecewise_graphs_match_the_eager_forward(tmp_path, dtype):
             pa = torch.tensor([lp for lp in a.prompt_logprobs if lp is not None])
             pb = torch.tensor([lp for lp in b.prompt_logprobs if lp is not None])
             assert (pa - pb).abs().max() <= tol
+
+
+def test_piecewise_graphs_on_steps_above_2048_tokens(tmp_path):
+    """The default limit covers whole admission steps (thousands of tokens): pieces there give the
+    eager forward's tokens and logprobs."""
+    family, overrides, block_size = CASES["qwen3"]
+    save_tiny_checkpoint(tmp_path, family, **overrides)
+    prompts = random_seqs([60 + (7 * i) % 50 for i in range(64)], seed=7)  # ~5,400 prompt tokens
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    default_limit = RunnerConfig().max_piecewise_tokens
+    results, used = {}, {}
+    for limit in (0, default_limit):
+        llm = LLM(
+            str(tmp_path),
+            device="cuda",
+            runner_config=RunnerConfig(max_piecewise_tokens=limit),
+            cache_config=CacheConfig(block_size, num_blocks=2048),
+            scheduler_config=SchedulerConfig(max_num_batched_tokens=4096, max_num_seqs=64),
+        )
+        calls: list[int] = []
+        if llm.engine.runner.pieces is not None:
+            llm.engine.runner.pieces.forward = counted(llm.engine.runner.pieces.forward, calls)
+        results[limit] = llm.generate(prompts, params, use_tqdm=False)
+        used[limit] = calls
+    assert max(used[default_limit]) > 2048  # a step of thousands of tokens replayed the pieces
+    for a, b in zip(results[0], results[default_limit], strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la, lb = torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs)
+        assert (la - lb).abs().max() <= 1e-4
