@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 import functools
 import time
 from typing import Any
 
 import torch
+
+from rollout.config import RunnerConfig
+
+
+def add_piecewise_tokens_arg(parser: argparse.ArgumentParser) -> None:
+    """``--piecewise-tokens``: ``RunnerConfig.max_piecewise_tokens`` of the engine under test."""
+    parser.add_argument(
+        "--piecewise-tokens",
+        type=int,
+        default=RunnerConfig().max_piecewise_tokens,
+        help="RunnerConfig.max_piecewise_tokens (0: no piecewise graphs)",
+    )
 
 
 def measure_ceilings() -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from rollout import LLM, RunnerConfig, SamplingParams
+from rollout.benchmarks.common import add_piecewise_tokens_arg
 
 
 def step_kinds(llm: LLM) -> list[tuple[float, bool, int]]:
@@ -68,12 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-prompts", type=int, default=128)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    p.add_argument(
-        "--piecewise-tokens",
-        type=int,
-        default=RunnerConfig().max_piecewise_tokens,
-        help="RunnerConfig.max_piecewise_tokens (0: no piecewise graphs)",
-    )
+    add_piecewise_tokens_arg(p)
     args = p.parse_args(argv)
     rng = random.Random(0)
     prompts = [

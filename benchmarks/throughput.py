@@ -18,6 +18,7 @@ from pathlib import Path
 from rollout.benchmarks.common import (
     GcStats,
     KernelCompiles,
+    add_piecewise_tokens_arg,
     cprofile_text,
     export_trace,
     gpu_trace_summary,
@@ -27,7 +28,6 @@ from rollout.benchmarks.common import (
     prompts_pending,
 )
 from rollout.benchmarks.workloads import WORKLOADS, Workload, decode_roofline_tok_s
-from rollout.config import RunnerConfig
 
 
 def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
@@ -300,12 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--repeats", type=int, default=1, help="runs of ours per workload; the median is kept")
     p.add_argument("--max-batched", type=int, default=8192)
-    p.add_argument(
-        "--piecewise-tokens",
-        type=int,
-        default=RunnerConfig().max_piecewise_tokens,
-        help="RunnerConfig.max_piecewise_tokens (ours; 0: no piecewise graphs)",
-    )
+    add_piecewise_tokens_arg(p)
     p.add_argument("--trace", action="store_true", help="record per-step times by batch size (ours)")
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before the timed generate (ours)")
     p.add_argument("--profile", action="store_true", help="cProfile the timed generate (ours): *.profile.txt")
