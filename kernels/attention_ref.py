@@ -25,11 +25,13 @@ def store_kv_ref(
 
     Every slot must be valid (>= 0): checking on the host would cost a device sync per layer.
     """
-    block_size = k_cache.shape[1]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    # Indexed writes rather than a flat view: the cache may be a strided view (e.g. head-major pages)
-    k_cache[blocks, offsets] = key.to(k_cache.dtype)
-    v_cache[blocks, offsets] = value.to(v_cache.dtype)
+    num_blocks, block_size = k_cache.shape[:2]
+    k_cache.view(num_blocks * block_size, *k_cache.shape[2:]).index_copy_(
+        0, slot_mapping, key.to(k_cache.dtype)
+    )
+    v_cache.view(num_blocks * block_size, *v_cache.shape[2:]).index_copy_(
+        0, slot_mapping, value.to(v_cache.dtype)
+    )
 
 
 def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -45,8 +45,9 @@ def test_store_kv_matches_reference(kv_heads, head_dim, block_size, src_dtype, c
 
 
 def test_store_kv_into_head_major_pages():
-    """A cache laid out [blocks, kv_heads, block_size, head_dim], passed as its
-    [blocks, block_size, kv_heads, head_dim] view, gets the same values as a contiguous one."""
+    """The kernel writes through the cache's strides: a cache laid out [blocks, kv_heads,
+    block_size, head_dim], passed as its [blocks, block_size, kv_heads, head_dim] view, gets the
+    same values as a contiguous one."""
     gen = torch.Generator().manual_seed(5)
     num_blocks, block_size, kv_heads, head_dim, num_tokens = 6, 4, 2, 16, 9
     key = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(DEVICE)
@@ -55,11 +56,10 @@ def test_store_kv_into_head_major_pages():
     want_k = torch.zeros(num_blocks, block_size, kv_heads, head_dim, device=DEVICE)
     want_v = torch.zeros_like(want_k)
     store_kv_ref(key, value, want_k, want_v, slots)
-    for store in (store_kv, store_kv_ref):
-        k_cache = torch.zeros(num_blocks, kv_heads, block_size, head_dim, device=DEVICE).transpose(1, 2)
-        v_cache = torch.zeros(num_blocks, kv_heads, block_size, head_dim, device=DEVICE).transpose(1, 2)
-        store(key, value, k_cache, v_cache, slots)
-        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    k_cache = torch.zeros(num_blocks, kv_heads, block_size, head_dim, device=DEVICE).transpose(1, 2)
+    v_cache = torch.zeros(num_blocks, kv_heads, block_size, head_dim, device=DEVICE).transpose(1, 2)
+    store_kv(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
 
 def test_store_kv_int32_slots_and_empty():
