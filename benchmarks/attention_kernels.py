@@ -21,6 +21,7 @@ import os
 import random
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -30,6 +31,7 @@ from rollout.kernels.attention_ref import paged_attention_ref
 from rollout.kernels.decode_attention import DecodeConfig, decode_attention, default_decode_config
 from rollout.kernels.prefill_attention import ExtendConfig, default_extend_config, extend_attention
 from rollout.kernels.store_kv import store_kv
+from rollout.models.layers.attention import decode_order
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -70,13 +72,22 @@ def decode_problem(
     )
 
 
-def graph_ms_per_launch(p: dict, config: DecodeConfig | None = None) -> float:
+def graph_ms_per_launch(
+    p: dict, config: DecodeConfig | None = None, order: torch.Tensor | None = None
+) -> float:
     """Median time of one captured graph that runs the decode kernel once per instance."""
 
     def run_all():
         for table in p["tables"]:
             decode_attention(
-                p["q"], p["k_cache"], p["v_cache"], table, p["seq_lens"], p["scale"], config=config
+                p["q"],
+                p["k_cache"],
+                p["v_cache"],
+                table,
+                p["seq_lens"],
+                p["scale"],
+                config=config,
+                order=order,
             )
 
     run_all()
@@ -91,9 +102,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def decode_fn(p: dict, config: DecodeConfig | None = None):
+def decode_fn(p: dict, config: DecodeConfig | None = None, order: torch.Tensor | None = None):
     args = (p["q"], p["k_cache"], p["v_cache"], p["block_tables"], p["seq_lens"], p["scale"])
-    return lambda: decode_attention(*args, config=config)
+    return lambda: decode_attention(*args, config=config, order=order)
 
 
 def torch_decode_fn(p: dict):
@@ -202,34 +213,39 @@ def sweep_ragged(ceiling: float, seed: int = 3) -> list[dict]:
             list(range(batch + 1)), p["scale"],
         )  # fmt: skip
         default = default_decode_config(batch, KV_HEADS, p["q"].device)
-        grid = [(splits, bn, st) for splits in (1, 2, 3, 4, 6) for bn in (64, 128) for st in (2, 3)]
+        grid = [(splits, bn, st) for splits in (1, 2, 3, 4) for bn in (64, 128) for st in (2, 3)]
         configs = [None] + [DecodeConfig(splits, bn, True, 4, st) for splits, bn, st in grid]
+        longest_first = torch.from_numpy(decode_order(np.array(lens))).int().cuda()
         for cfg in configs:
-            try:
-                err = rel_err(decode_fn(p, cfg)(), ref)
-                ms = graph_ms_per_launch(p, cfg)
-            except Exception as exc:  # a config that fails to compile is a data point, not a crash
-                rows.append(dict(batch=batch, config=repr(cfg), error=repr(exc)[:300]))
-                continue
-            rows.append(
-                dict(
-                    batch=batch,
-                    config=(cfg or default).__dict__,
-                    default=cfg is None,
-                    graph_ms=ms,
-                    frac_copy=kv_bytes / ms / 1e6 / ceiling,
-                    err=err,
+            for order in (None, longest_first):
+                try:
+                    err = rel_err(decode_fn(p, cfg, order)(), ref)
+                    ms = graph_ms_per_launch(p, cfg, order)
+                except Exception as exc:  # a config that fails to compile is a data point, not a crash
+                    rows.append(dict(batch=batch, config=repr(cfg), error=repr(exc)[:300]))
+                    continue
+                rows.append(
+                    dict(
+                        batch=batch,
+                        config=(cfg or default).__dict__,
+                        default=cfg is None,
+                        longest_first=order is not None,
+                        graph_ms=ms,
+                        frac_copy=kv_bytes / ms / 1e6 / ceiling,
+                        err=err,
+                    )
                 )
+        for ordered in (False, True):
+            mine = [r for r in rows if r.get("batch") == batch and r.get("longest_first") == ordered]
+            best = min(mine, key=lambda r: r["graph_ms"])
+            dflt = next(r for r in mine if r["default"])
+            name = f"ragged batch {batch}{' longest-first' if ordered else ''}"
+            d_us, b_us = dflt["graph_ms"] * 1e3, best["graph_ms"] * 1e3
+            print(
+                f"{name}: default {dflt['config']} {d_us:.1f} us ({100 * dflt['frac_copy']:.1f}% copy);"
+                f" best {best['config']} {b_us:.1f} us ({100 * best['frac_copy']:.1f}%)",
+                flush=True,
             )
-        mine = [r for r in rows if r.get("batch") == batch and "graph_ms" in r]
-        best = min(mine, key=lambda r: r["graph_ms"])
-        dflt = next(r for r in mine if r["default"])
-        print(
-            f"ragged batch {batch}: default {dflt['config']} {dflt['graph_ms'] * 1e3:.1f} us"
-            f" ({100 * dflt['frac_copy']:.1f}% copy); best {best['config']} {best['graph_ms'] * 1e3:.1f} us"
-            f" ({100 * best['frac_copy']:.1f}%)",
-            flush=True,
-        )
         del p, ref
         torch.cuda.empty_cache()
     return rows

@@ -8,6 +8,11 @@ sequence's pages in tiles of ``block_n`` positions with an online softmax in fp3
 writes the normalized output (one split) or a partial output + log-sum-exp that a second small
 kernel merges. The grid and every launch argument depend only on shapes and the number of SMs, so
 a launch can be captured in a CUDA graph and replayed with other sequence lengths.
+
+The grid is one axis, a sequence's programs adjacent (KV heads, then splits). Programs start in
+grid order, so with ``order`` (the rows by descending length) the longest sequences start first
+and the launch ends on short ones (longest-first scheduling) instead of on whichever long
+sequence happened to come last.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ def default_decode_config(batch: int, num_kv_heads: int, device: torch.device) -
 # Not specialized: values that change between steps (see kernels/sampling.py).
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(
+    order_ptr,
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
@@ -103,10 +109,15 @@ def _decode_split_kernel(
     USE_DOT: tl.constexpr,
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HAS_ORDER: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    kv_head = (pid // num_splits) % NUM_KV_HEADS
+    b = pid // (num_splits * NUM_KV_HEADS)
+    if HAS_ORDER:
+        b = tl.load(order_ptr + b)
     seq_len = tl.load(seq_lens_ptr + b)
     lo = 0
     if HAS_WINDOW:
@@ -160,7 +171,7 @@ def _decode_split_kernel(
     has_keys = l_i > 0.0  # false for padding rows (seq_len 0) and empty splits
     o = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
     if SPLIT:
-        row = (b * tl.num_programs(1) * GROUP + heads).to(tl.int64) * num_splits + split
+        row = (b * NUM_KV_HEADS * GROUP + heads).to(tl.int64) * num_splits + split
         tl.store(
             part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=head_mask[:, None] & d_mask[None, :]
         )
@@ -215,6 +226,7 @@ def decode_attention(
     sliding_window: int | None = None,
     config: DecodeConfig | None = None,
     out: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged KV: ``q`` [B, Hq, D] -> [B, Hq, D]
     (written into ``out`` when given, e.g. the leading rows of a mixed step's output).
@@ -224,6 +236,10 @@ def decode_attention(
     are already stored. Rows with ``seq_lens[b] == 0`` (padding) produce zeros and read nothing.
     Head h of q uses KV head ``h // (Hq // Hkv)``. Graph-safe: nothing here reads device values
     on the host.
+
+    ``order`` (int32 [B], optional) is a permutation of the rows, the order in which sequences'
+    programs start: longest first (``models.layers.attention.decode_order``) shortens the tail of
+    ragged batches. The output is the same in any order.
     """
     _, _, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
     check_rows("q", q, None, head_dim, k_cache.device)
@@ -235,6 +251,8 @@ def decode_attention(
     check_index("block_tables", block_tables, (batch, -1), k_cache.device)
     check_index("seq_lens", seq_lens, (batch,), k_cache.device)
     check_window(sliding_window)
+    if order is not None:
+        check_index("order", order, (batch,), k_cache.device)
     group = num_heads // num_kv_heads
     if config is None:
         config = default_decode_config(batch, num_kv_heads, q.device)
@@ -257,7 +275,8 @@ def decode_attention(
         part_lse = torch.empty(batch, num_heads, config.num_splits, dtype=torch.float32, device=q.device)
     else:  # unused: the kernel writes the final output directly
         part_out = part_lse = out
-    _decode_split_kernel[(batch, num_kv_heads, config.num_splits)](
+    _decode_split_kernel[(batch * num_kv_heads * config.num_splits,)](
+        order if order is not None else seq_lens,
         q,
         k_cache,
         v_cache,
@@ -287,6 +306,8 @@ def decode_attention(
         USE_DOT=config.use_dot,
         SPLIT=split,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        NUM_KV_HEADS=num_kv_heads,
+        HAS_ORDER=order is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

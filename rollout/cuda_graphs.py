@@ -76,6 +76,7 @@ class DecodeGraphs:
         self.slots = torch.full((n,), -1, dtype=torch.long, device=device)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        self.order = torch.arange(n, dtype=torch.int32, device=device)  # decode kernel start order
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # size -> (hidden, logits)
@@ -90,6 +91,7 @@ class DecodeGraphs:
             query_start_loc_host=list(range(size + 1)),
             max_seq_len=self.max_seq_len,
             max_query_len=1,
+            decode_order=self.order[:size],
         )
 
     @torch.inference_mode()
@@ -127,10 +129,12 @@ class DecodeGraphs:
         slots: torch.Tensor,
         seq_lens: torch.Tensor,
         block_tables: torch.Tensor,
+        order: torch.Tensor,
         fill: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the graph of ``size`` on inputs of ``size`` rows (padding rows already marked; host or
-        device tensors, any integer dtype); ``block_tables`` may be narrower than max_blocks.
+        device tensors, any integer dtype); ``block_tables`` may be narrower than max_blocks;
+        ``order`` is a permutation of the rows (``AttentionMetadata.decode_order``).
         ``fill = (rows, ids)`` then overwrites those rows' input ids on the device (tokens sampled
         by a step still in flight). Returns hidden states [size, hidden] and logits [size, vocab]
         in the model dtype (padding rows hold garbage)."""
@@ -141,5 +145,6 @@ class DecodeGraphs:
         self.slots[:size].copy_(slots, non_blocking=True)
         self.seq_lens[:size].copy_(seq_lens, non_blocking=True)
         self.block_tables[:size, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
+        self.order[:size].copy_(order, non_blocking=True)
         self.graphs[size].replay()
         return self.outputs[size]

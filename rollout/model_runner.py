@@ -4,6 +4,7 @@ computes logits only for rows that need them, and samples."""
 from __future__ import annotations
 
 import gc
+import math
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -13,7 +14,7 @@ import torch
 from rollout.config import CacheConfig, RunnerConfig, SchedulerConfig
 from rollout.cuda_graphs import DecodeGraphs, eager_token_sizes, padded_rows, padded_tokens
 from rollout.models.config import ModelConfig
-from rollout.models.layers.attention import AttentionMetadata
+from rollout.models.layers.attention import AttentionMetadata, decode_order
 from rollout.models.loader import load_model
 from rollout.piecewise_graphs import PiecewiseGraphs
 from rollout.request import Request
@@ -71,11 +72,7 @@ class ModelRunner:
             layer.backend = backend
         # Eager steps of the triton backend run the forward on a padded token count (padding rows:
         # slot -1, no sequence), at most the profiled step's; the torch attention path has none.
-        self._eager_token_cap = (
-            min(scheduler_config.max_num_batched_tokens, model_config.max_model_len)
-            if backend == "triton"
-            else None
-        )
+        self._eager_token_cap = scheduler_config.max_num_batched_tokens if backend == "triton" else None
         if backend == "triton" and self.runner_config.fused_ops:
             for module in self.model.modules():
                 if hasattr(module, "fused"):
@@ -163,7 +160,17 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
         mc = self.model_config
         shape = (mc.num_layers, 2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.device.type != "cuda":
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # A segment of its own, so that sleep gives all of it back: with the cache emptied first
+        # the allocator cannot carve the KV cache out of a cached segment that other tensors then
+        # share, and sized to a whole number of the allocator's 2 MiB pages it leaves no remainder
+        # that a later tensor could take (either would pin the segment after the cache is freed).
+        torch.cuda.empty_cache()
+        numel = math.prod(shape)
+        page = (2 << 20) // self.dtype.itemsize
+        flat = torch.zeros(-(-numel // page) * page, dtype=self.dtype, device=self.device)
+        return flat[:numel].view(shape)
 
     def _bind_kv_cache(self, kv_cache: torch.Tensor | None) -> None:
         """Point every attention layer at its slice of ``kv_cache`` (None: drop the references)."""
@@ -189,9 +196,9 @@ class ModelRunner:
     def _profile_gpu_blocks(self) -> int:
         """Run the largest step once on a scratch cache, then give the KV cache what memory is left
         under ``gpu_memory_utilization`` of the card."""
-        sc = self.scheduler_config
-        num_tokens = min(sc.max_num_batched_tokens, self.model_config.max_model_len)
-        scratch_blocks = -(-num_tokens // self.block_size)
+        num_tokens = self.scheduler_config.max_num_batched_tokens
+        layout = _profile_meta(num_tokens, self.model_config.max_model_len, self.block_size)
+        scratch_blocks = layout.num_blocks
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         self._bind_kv_cache(self._allocate_kv_cache(scratch_blocks))
@@ -209,14 +216,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile_step(self, num_tokens: int) -> SamplerOutput:
-        """The most memory-hungry step, for the KV budget's profile: one ``num_tokens`` prompt
-        through the forward on the bound cache, then ``max_num_seqs`` rows sampled the torch
-        sampler's costliest way: top-p's full sort, min-p, penalties ([rows, vocab] counts and seen
-        masks) and processed top logprobs, each a [rows, vocab] fp32 temporary or more."""
+        """The most memory-hungry step, for the KV budget's profile: ``num_tokens`` prompt tokens
+        (prompts of at most ``max_model_len`` tokens: a step holds several) through the forward on
+        the bound cache, then ``max_num_seqs`` rows sampled the torch sampler's costliest way:
+        top-p's full sort, min-p, penalties ([rows, vocab] counts and seen masks) and processed top
+        logprobs, each a [rows, vocab] fp32 temporary or more."""
         n = min(self.scheduler_config.max_num_seqs, num_tokens)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        meta = _single_sequence_meta(num_tokens, self.block_size, self.device)
-        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), meta)
+        profile = _profile_meta(num_tokens, self.model_config.max_model_len, self.block_size)
+        meta = profile.metadata(self.device)
+        positions = torch.tensor(profile.positions, device=self.device)
+        hidden = self.model(ids, positions, meta)
         logits = self.model.compute_logits(hidden[:n])
         del hidden
         params = SamplingParams(
@@ -274,6 +284,7 @@ class ModelRunner:
                 v["slots"],
                 v["seq_lens"],
                 v["block_tables"],
+                v["decode_order"],
                 fill=fill,
             )
         else:
@@ -475,6 +486,8 @@ class ModelRunner:
             max_query_len = int(lens.max())
             not_one = np.flatnonzero(lens != 1)
             host.num_decodes = int(not_one[0]) if len(not_one) else num_seqs
+        nd = padded_seqs if decode_only else host.num_decodes
+        v["decode_order"][:nd] = decode_order(v["seq_lens"][:nd])
         if ph_dst:
             v["placeholder_dst"][:] = rows_of[[-1 - d for d in ph_dst]]
             v["placeholder_src"][:] = ph_src
@@ -497,6 +510,7 @@ class ModelRunner:
             max_seq_len=max(host.seq_lens_host),
             max_query_len=host.max_query_len,
             num_decodes=host.num_decodes,
+            decode_order=v["decode_order"].to(torch.int32),
         )
         return v["input_ids"], v["positions"], meta
 
@@ -640,6 +654,7 @@ _FIELDS = (
     "logits_rows",
     "placeholder_dst",
     "placeholder_src",
+    "decode_order",
 )
 
 
@@ -679,6 +694,7 @@ class _HostInputs:
             (num_logits_rows,),  # logits_rows
             (num_placeholders,),  # placeholder_dst
             (num_placeholders,),  # placeholder_src
+            (padded_seqs,),  # decode_order (its leading num_decodes entries in a mixed step)
         )
         layout = {}
         offset = 0
@@ -723,16 +739,43 @@ def _top_dicts(
     return [dict(zip(ids_l[i][:k], lp_l[i][:k], strict=True)) if k else None for i, k in enumerate(wanted)]
 
 
-def _single_sequence_meta(num_tokens: int, block_size: int, device: torch.device) -> AttentionMetadata:
-    """Metadata for one sequence of ``num_tokens`` fresh tokens in blocks 0..n-1 (profiling)."""
-    num_blocks = -(-num_tokens // block_size)
-    return AttentionMetadata(
-        slot_mapping=torch.arange(num_tokens, device=device),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
-        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
-        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
-        seq_lens_host=[num_tokens],
-        query_start_loc_host=[0, num_tokens],
-        max_seq_len=num_tokens,
-        max_query_len=num_tokens,
-    )
+@dataclass
+class _ProfileStep:
+    """Prompts of ``lens`` fresh tokens, sequence i in the next ``ceil(lens[i] / block_size)``
+    blocks: the profile step's layout."""
+
+    lens: list[int]
+    block_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(-(-n // self.block_size) for n in self.lens)
+
+    @property
+    def positions(self) -> list[int]:
+        return [p for n in self.lens for p in range(n)]
+
+    def metadata(self, device: torch.device) -> AttentionMetadata:
+        bs, lens = self.block_size, self.lens
+        per_seq = [-(-n // bs) for n in lens]
+        width, first = max(per_seq), np.cumsum([0, *per_seq[:-1]])
+        tables = [[f + j if j < k else 0 for j in range(width)] for f, k in zip(first, per_seq, strict=True)]
+        slots = [(f * bs) + p for f, n in zip(first, lens, strict=True) for p in range(n)]
+        starts = np.cumsum([0, *lens]).tolist()
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=device),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens_host=list(lens),
+            query_start_loc_host=starts,
+            max_seq_len=max(lens),
+            max_query_len=max(lens),
+        )
+
+
+def _profile_meta(num_tokens: int, max_model_len: int, block_size: int) -> _ProfileStep:
+    """``num_tokens`` as prompts of ``max_model_len`` tokens (the last one shorter): a step's token
+    budget may exceed the longest sequence, and a step of that budget holds several."""
+    full, rest = divmod(num_tokens, max_model_len)
+    return _ProfileStep([max_model_len] * full + ([rest] if rest else []), block_size)

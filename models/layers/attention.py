@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +30,16 @@ class AttentionMetadata:
     # triton backend runs them through the decode kernel (K/V read once per GQA group, split KV)
     # and only the rest through the extend kernel, whose query tiles would be 1/16-1/128 used.
     num_decodes: int = 0
+    # int32 [num_decodes, or num_seqs in a decode step]: the decode rows by descending KV length,
+    # the order the decode kernel starts them in (``decode_order``); None: row order
+    decode_order: torch.Tensor | None = None
+
+
+def decode_order(seq_lens: np.ndarray) -> np.ndarray:
+    """The rows of a decode batch by descending KV length, ties in row order. The decode kernel
+    starts sequences in this order, so a ragged batch's launch ends on its shortest sequences
+    (longest-processing-time-first) instead of on a long one that happened to come last."""
+    return np.argsort(-seq_lens, kind="stable")
 
 
 class Attention(nn.Module):
@@ -124,6 +135,7 @@ class Attention(nn.Module):
                 meta.seq_lens,
                 self.scale,
                 self.sliding_window,
+                order=meta.decode_order,
             )
         nd = meta.num_decodes if meta.num_decodes < meta.seq_lens.shape[0] else 0
         # whole tensors plus an offset, not slices: a sliced pointer's alignment would make Triton
@@ -150,5 +162,6 @@ class Attention(nn.Module):
                 self.scale,
                 self.sliding_window,
                 out=out[:nd],
+                order=None if meta.decode_order is None else meta.decode_order[:nd],
             )
         return out

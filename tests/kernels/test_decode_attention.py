@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from rollout.kernels.decode_attention import DecodeConfig, decode_attention, default_decode_config
+from rollout.models.layers.attention import decode_order
 from tests.kernels.paged_case import make_case, poisoned_empty, reference, rel_err
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -66,6 +68,24 @@ def test_more_splits_than_tiles_and_all_padding():
         assert run(pad, None, DecodeConfig(num_splits=splits, block_n=16)).eq(0).all()
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_order_gives_the_same_output(splits):
+    """Longest-first start order only reorders the programs: every row's output is unchanged."""
+    lens = [9, 0, 33, 1, 17, 33]
+    case = make_case(lens, [1] * len(lens), 8, 2, 16, 4, torch.float32, DEVICE, seed=21)
+    order = decode_order(np.array(lens)).astype(np.int32)
+    assert order.tolist() == [2, 5, 4, 0, 3, 1]  # descending, ties in row order, padding last
+    config = DecodeConfig(num_splits=splits, block_n=16)
+    plain = run(case, None, config)
+    with poisoned_empty():
+        ordered = decode_attention(
+            case.q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens, case.scale,
+            config=config, order=torch.from_numpy(order).to(DEVICE),
+        )  # fmt: skip
+    assert torch.equal(ordered, plain)
+    assert rel_err(ordered, reference(case, None)) < 1e-5
+
+
 def test_default_config_depends_on_shapes_only():
     cfg = default_decode_config(256, 8, torch.device("cpu"))
     assert cfg.num_splits == 1 and cfg.use_dot
@@ -86,6 +106,10 @@ def test_decode_rejects_bad_arguments():
         decode_attention(case.q[:, :3], *args[1:])
     with pytest.raises(ValueError, match="sliding_window"):
         decode_attention(*args, sliding_window=0)
+    with pytest.raises(ValueError, match="order"):
+        decode_attention(*args, order=torch.tensor([0], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="order"):
+        decode_attention(*args, order=torch.tensor([1, 0], device=DEVICE))
     with pytest.raises(ValueError, match="power of two"):
         bad = case.k_cache[:, :3]
         decode_attention(case.q, bad, bad, *args[3:])
