@@ -58,8 +58,9 @@ class RunnerConfig:
     # graphs of everything but the attention (see rollout/piecewise_graphs.py); 0: off. On the
     # H200 they cut W2's makespan 27.5-28.2 -> 24.2 s and W1's 8,192-token admission steps from
     # 24-38 ms (host-bound, erratic) to 19-23 ms. They are captured at start-up and at every
-    # wake_up (1.2-1.5 s with a limit of 2,048): a colocated trainer with short rollouts may
-    # prefer 0.
+    # wake_up (all graphs of Qwen3-0.6B on the H200: 2.7-2.9 s with this limit, 2.1-2.7 s with
+    # 2,048; their pools take ~0.5 GiB from the KV cache): a colocated trainer with short
+    # rollouts may prefer 0.
     max_piecewise_tokens: int = 8192
     fused_ops: bool = True  # Triton kernels for add+RMSNorm, q/k norm+RoPE, SiLU-and-mul (triton backend)
 

@@ -197,8 +197,7 @@ class ModelRunner:
         """Run the largest step once on a scratch cache, then give the KV cache what memory is left
         under ``gpu_memory_utilization`` of the card."""
         num_tokens = self.scheduler_config.max_num_batched_tokens
-        layout = _profile_meta(num_tokens, self.model_config.max_model_len, self.block_size)
-        scratch_blocks = layout.num_blocks
+        scratch_blocks = _profile_blocks(num_tokens, self.model_config.max_model_len, self.block_size)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         self._bind_kv_cache(self._allocate_kv_cache(scratch_blocks))
@@ -223,9 +222,9 @@ class ModelRunner:
         logprobs, each a [rows, vocab] fp32 temporary or more."""
         n = min(self.scheduler_config.max_num_seqs, num_tokens)
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        profile = _profile_meta(num_tokens, self.model_config.max_model_len, self.block_size)
-        meta = profile.metadata(self.device)
-        positions = torch.tensor(profile.positions, device=self.device)
+        meta, positions = _profile_step_meta(
+            num_tokens, self.model_config.max_model_len, self.block_size, self.device
+        )
         hidden = self.model(ids, positions, meta)
         logits = self.model.compute_logits(hidden[:n])
         del hidden
@@ -739,43 +738,37 @@ def _top_dicts(
     return [dict(zip(ids_l[i][:k], lp_l[i][:k], strict=True)) if k else None for i, k in enumerate(wanted)]
 
 
-@dataclass
-class _ProfileStep:
-    """Prompts of ``lens`` fresh tokens, sequence i in the next ``ceil(lens[i] / block_size)``
-    blocks: the profile step's layout."""
-
-    lens: list[int]
-    block_size: int
-
-    @property
-    def num_blocks(self) -> int:
-        return sum(-(-n // self.block_size) for n in self.lens)
-
-    @property
-    def positions(self) -> list[int]:
-        return [p for n in self.lens for p in range(n)]
-
-    def metadata(self, device: torch.device) -> AttentionMetadata:
-        bs, lens = self.block_size, self.lens
-        per_seq = [-(-n // bs) for n in lens]
-        width, first = max(per_seq), np.cumsum([0, *per_seq[:-1]])
-        tables = [[f + j if j < k else 0 for j in range(width)] for f, k in zip(first, per_seq, strict=True)]
-        slots = [(f * bs) + p for f, n in zip(first, lens, strict=True) for p in range(n)]
-        starts = np.cumsum([0, *lens]).tolist()
-        return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens_host=list(lens),
-            query_start_loc_host=starts,
-            max_seq_len=max(lens),
-            max_query_len=max(lens),
-        )
+def _profile_blocks(num_tokens: int, max_model_len: int, block_size: int) -> int:
+    """Blocks the profile step's prompts fill (see ``_profile_step_meta``)."""
+    seq_len = min(num_tokens, max_model_len)
+    full, rest = divmod(num_tokens, seq_len)
+    return full * -(-seq_len // block_size) + -(-rest // block_size)
 
 
-def _profile_meta(num_tokens: int, max_model_len: int, block_size: int) -> _ProfileStep:
-    """``num_tokens`` as prompts of ``max_model_len`` tokens (the last one shorter): a step's token
-    budget may exceed the longest sequence, and a step of that budget holds several."""
-    full, rest = divmod(num_tokens, max_model_len)
-    return _ProfileStep([max_model_len] * full + ([rest] if rest else []), block_size)
+def _profile_step_meta(
+    num_tokens: int, max_model_len: int, block_size: int, device: torch.device
+) -> tuple[AttentionMetadata, torch.Tensor]:
+    """Metadata and positions of ``num_tokens`` fresh tokens as prompts of ``max_model_len`` tokens
+    (the last one shorter), prompt i in the next blocks after prompt i - 1's: a step's token budget
+    may exceed the longest sequence, and a step of that budget holds several prompts."""
+    seq_len = min(num_tokens, max_model_len)
+    full, rest = divmod(num_tokens, seq_len)
+    lens = [seq_len] * full + ([rest] if rest else [])
+    per_seq = -(-seq_len // block_size)
+    tokens = torch.arange(num_tokens, device=device)
+    positions = tokens % seq_len
+    tables = torch.arange(len(lens) * per_seq, dtype=torch.int32, device=device).view(len(lens), per_seq)
+    # the last prompt may fill fewer blocks: its table's tail points at block 0 (never read)
+    tables.masked_fill_(tables >= _profile_blocks(num_tokens, max_model_len, block_size), 0)
+    starts = [i * seq_len for i in range(len(lens))] + [num_tokens]
+    meta = AttentionMetadata(
+        slot_mapping=tokens // seq_len * (per_seq * block_size) + positions,
+        block_tables=tables,
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens_host=lens,
+        query_start_loc_host=starts,
+        max_seq_len=seq_len,
+        max_query_len=seq_len,
+    )
+    return meta, positions

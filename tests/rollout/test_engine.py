@@ -344,19 +344,19 @@ def test_memory_profile_step_above_max_model_len_runs_several_prompts():
     """A step's token budget may exceed max_model_len (many sequences share a step): the profile
     step then runs prompts of at most max_model_len tokens, each in its own blocks, with positions
     restarting per prompt (the rotary table ends at max_model_len)."""
-    from rollout.model_runner import _profile_meta
+    from rollout.model_runner import _profile_blocks, _profile_step_meta
 
-    layout = _profile_meta(100, 40, 16)
-    assert layout.lens == [40, 40, 20] and layout.num_blocks == 3 + 3 + 2
-    meta = layout.metadata(torch.device("cpu"))
+    num_blocks = _profile_blocks(100, 40, 16)
+    meta, positions = _profile_step_meta(100, 40, 16, torch.device("cpu"))
+    assert meta.seq_lens_host == [40, 40, 20] and num_blocks == 3 + 3 + 2
     assert meta.block_tables.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 0]]
     assert meta.slot_mapping[[0, 39, 40, 80, 99]].tolist() == [0, 39, 48, 96, 115]
-    assert layout.positions[40] == 0 and max(layout.positions) == 39
+    assert positions[40] == 0 and positions.max() == 39
     llm = LLM(
         "tiny",
         device="cpu",
         max_model_len=40,
-        cache_config=CacheConfig(num_blocks=layout.num_blocks, block_size=16),
+        cache_config=CacheConfig(num_blocks=num_blocks, block_size=16),
         scheduler_config=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=100),
     )
     out = llm.engine.runner.profile_step(100)
