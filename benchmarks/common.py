@@ -13,13 +13,28 @@ import torch
 from rollout.config import RunnerConfig
 
 
-def add_piecewise_tokens_arg(parser: argparse.ArgumentParser) -> None:
-    """``--piecewise-tokens``: ``RunnerConfig.max_piecewise_tokens`` of the engine under test."""
+def add_graph_args(parser: argparse.ArgumentParser) -> None:
+    """``--piecewise-tokens`` / ``--mixed-graph-tokens``: the eager steps' graphs of the engine
+    under test (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens``)."""
+    defaults = RunnerConfig()
     parser.add_argument(
         "--piecewise-tokens",
         type=int,
-        default=RunnerConfig().max_piecewise_tokens,
+        default=defaults.max_piecewise_tokens,
         help="RunnerConfig.max_piecewise_tokens (0: no piecewise graphs)",
+    )
+    parser.add_argument(
+        "--mixed-graph-tokens",
+        type=int,
+        default=defaults.max_mixed_graph_tokens,
+        help="RunnerConfig.max_mixed_graph_tokens (0: no whole mixed-step graphs)",
+    )
+
+
+def graph_config(args: argparse.Namespace) -> RunnerConfig:
+    """The RunnerConfig of ``add_graph_args``' options."""
+    return RunnerConfig(
+        max_piecewise_tokens=args.piecewise_tokens, max_mixed_graph_tokens=args.mixed_graph_tokens
     )
 
 

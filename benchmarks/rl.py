@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from rollout import LLM, RunnerConfig, SamplingParams
-from rollout.benchmarks.common import add_piecewise_tokens_arg
+from rollout import LLM, SamplingParams
+from rollout.benchmarks.common import add_graph_args, graph_config
 
 
 def step_kinds(llm: LLM) -> list[tuple[float, bool, int]]:
@@ -69,15 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-prompts", type=int, default=128)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    add_piecewise_tokens_arg(p)
+    add_graph_args(p)
     args = p.parse_args(argv)
     rng = random.Random(0)
     prompts = [
         [rng.randrange(100, 10000) for _ in range(rng.randint(256, 512))] for _ in range(args.num_prompts)
     ]
     lengths = [min(4096, 64 + int(rng.expovariate(1 / 700))) for _ in prompts]
-    runner = RunnerConfig(max_piecewise_tokens=args.piecewise_tokens)
-    llm = LLM(args.model, load_format="dummy", runner_config=runner)
+    llm = LLM(args.model, load_format="dummy", runner_config=graph_config(args))
     llm.generate(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     before = llm.stats()
     params = [
@@ -102,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         computed_fraction=computed / submitted,
         preemptions=after.num_preemptions - before.num_preemptions,
         piecewise_tokens=args.piecewise_tokens,
+        mixed_graph_tokens=args.mixed_graph_tokens,
         steps=summarize_steps(steps, start),  # decode-only (graphs) vs mixed (eager) steps
     )
     Path(args.out).mkdir(parents=True, exist_ok=True)

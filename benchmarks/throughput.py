@@ -18,10 +18,11 @@ from pathlib import Path
 from rollout.benchmarks.common import (
     GcStats,
     KernelCompiles,
-    add_piecewise_tokens_arg,
+    add_graph_args,
     cprofile_text,
     export_trace,
     gpu_trace_summary,
+    graph_config,
     measure_ceilings,
     model_bytes,
     print_gpu_summary,
@@ -33,13 +34,13 @@ from rollout.benchmarks.workloads import WORKLOADS, Workload, decode_roofline_to
 def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
     import torch
 
-    from rollout import LLM, RunnerConfig, SamplingParams, SchedulerConfig
+    from rollout import LLM, SamplingParams, SchedulerConfig
 
     llm = LLM(
         model,
         load_format="dummy",
         scheduler_config=SchedulerConfig(max_num_batched_tokens=args.max_batched),
-        runner_config=RunnerConfig(max_piecewise_tokens=args.piecewise_tokens),
+        runner_config=graph_config(args),
     )
     warm = [SamplingParams(max_tokens=16, ignore_eos=True)] * 8
     llm.generate(work.prompts[:8], warm, use_tqdm=False)
@@ -227,6 +228,8 @@ def _run_child(args: argparse.Namespace, engine: str, wl: str, result_file: Path
         str(args.max_batched),
         "--piecewise-tokens",
         str(args.piecewise_tokens),
+        "--mixed-graph-tokens",
+        str(args.mixed_graph_tokens),
         *(["--trace"] if args.trace else []),
         *(["--gc-freeze"] if args.gc_freeze else []),
         *(["--profile"] if args.profile else []),
@@ -300,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--repeats", type=int, default=1, help="runs of ours per workload; the median is kept")
     p.add_argument("--max-batched", type=int, default=8192)
-    add_piecewise_tokens_arg(p)
+    add_graph_args(p)
     p.add_argument("--trace", action="store_true", help="record per-step times by batch size (ours)")
     p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() before the timed generate (ours)")
     p.add_argument("--profile", action="store_true", help="cProfile the timed generate (ours): *.profile.txt")

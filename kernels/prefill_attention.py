@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -239,8 +240,10 @@ def extend_attention(
     config: ExtendConfig | None = None,
     first_seq: int = 0,
     tiles: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of ragged query chunks over their paged KV: ``q`` [T, Hq, D] -> [T, Hq, D].
+    """Causal attention of ragged query chunks over their paged KV: ``q`` [T, Hq, D] -> [T, Hq, D]
+    (written into ``out`` when given; rows the launch does not compute keep what they held).
 
     With ``tiles`` (int32 [N, 2] from ``extend_tiles``, built for the same ``config``, which must
     then be given) the grid is one program per entry and head group, whatever the chunk lengths:
@@ -280,7 +283,13 @@ def extend_attention(
         if config is None:
             raise ValueError("tiles need the config they were built for (config=None given)")
         first_seq = 0
-    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
+        raise ValueError(
+            f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with unit inner stride, got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device} strides {out.stride()}"
+        )
     if batch == first_seq or num_tokens == 0 or max_query_len == 0:
         return out
     group = num_heads // num_kv_heads
@@ -338,17 +347,23 @@ def extend_tiles(query_lens: Sequence[int], first_seq: int, positions: int, capa
     ``tiles`` (host int32 [capacity, 2]; ``positions`` from ``extend_tile_positions``): each
     sequence's latest tiles first (they see the most keys), the rest padding (-1, 0). At most
     ``cdiv(T, positions) + B`` entries for T query rows over B sequences."""
+    out = np.empty((capacity, 2), dtype=np.int32)
+    fill_extend_tiles(np.asarray(query_lens, dtype=np.int64), first_seq, positions, out)
+    return torch.from_numpy(out)
+
+
+def fill_extend_tiles(query_lens: np.ndarray, first_seq: int, positions: int, out: np.ndarray) -> None:
+    """``extend_tiles`` written into ``out`` ([capacity, 2], any integer dtype; e.g. a view of a
+    step's packed host inputs), with array ops."""
     if positions < 1:
         raise ValueError(f"positions must be >= 1, got {positions}")
-    entries = [
-        (b, m)
-        for b in range(first_seq, len(query_lens))
-        for m in reversed(range(-(-query_lens[b] // positions)))
-    ]
-    if len(entries) > capacity:
-        raise ValueError(f"{len(entries)} query tiles do not fit in {capacity} entries")
-    out = torch.full((capacity, 2), -1, dtype=torch.int32)
-    out[:, 1] = 0
-    if entries:
-        out[: len(entries)] = torch.tensor(entries, dtype=torch.int32)
-    return out
+    counts = -(-query_lens[first_seq:] // positions)
+    total = int(counts.sum())
+    if total > out.shape[0]:
+        raise ValueError(f"{total} query tiles do not fit in {out.shape[0]} entries")
+    ends = np.cumsum(counts)  # entry i of sequence s counts down from its last tile
+    seqs = np.repeat(np.arange(first_seq, len(query_lens)), counts)
+    out[:total, 0] = seqs
+    out[:total, 1] = np.repeat(ends, counts) - 1 - np.arange(total)
+    out[total:, 0] = -1
+    out[total:, 1] = 0

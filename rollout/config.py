@@ -62,6 +62,10 @@ class RunnerConfig:
     # 2,048; their pools take ~0.5 GiB from the KV cache): a colocated trainer with short
     # rollouts may prefer 0.
     max_piecewise_tokens: int = 8192
+    # Steps with prompt tokens of up to this many (padded) tokens replay one graph of the whole
+    # forward instead, attention included (see rollout/mixed_graphs.py); 0: off. Off by default
+    # until measured on a GPU.
+    max_mixed_graph_tokens: int = 0
     fused_ops: bool = True  # Triton kernels for add+RMSNorm, q/k norm+RoPE, SiLU-and-mul (triton backend)
 
     def __post_init__(self) -> None:
@@ -73,3 +77,5 @@ class RunnerConfig:
             raise ValueError(f"max_graph_batch must be >= 1, got {self.max_graph_batch}")
         if self.max_piecewise_tokens < 0:
             raise ValueError(f"max_piecewise_tokens must be >= 0, got {self.max_piecewise_tokens}")
+        if self.max_mixed_graph_tokens < 0:
+            raise ValueError(f"max_mixed_graph_tokens must be >= 0, got {self.max_mixed_graph_tokens}")

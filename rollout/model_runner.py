@@ -13,6 +13,7 @@ import torch
 
 from rollout.config import CacheConfig, RunnerConfig, SchedulerConfig
 from rollout.cuda_graphs import DecodeGraphs, eager_token_sizes, padded_rows, padded_tokens
+from rollout.mixed_graphs import MixedGraphs, MixedLayout
 from rollout.models.config import ModelConfig
 from rollout.models.layers.attention import AttentionMetadata, decode_order
 from rollout.models.loader import load_model
@@ -87,6 +88,7 @@ class ModelRunner:
         self._bind_kv_cache(self.kv_cache)
         self.graphs: DecodeGraphs | None = None
         self.pieces: PiecewiseGraphs | None = None
+        self.mixed: MixedGraphs | None = None
         if self.attention_backend == "triton" and device.type == "cuda":
             self._compile_extend_kernels()
         self.capture_graphs()
@@ -98,22 +100,31 @@ class ModelRunner:
             gc.freeze()
 
     def capture_graphs(self) -> None:
-        """Capture the decode graphs and the eager steps' piecewise graphs (when enabled) over the
-        current weights and KV cache storage."""
+        """Capture the decode graphs and the eager steps' mixed and piecewise graphs (when enabled)
+        over the current weights and KV cache storage. Mixed graphs are built on any device with the
+        triton backend (without CUDA they run uncaptured: the CPU tests' path)."""
         self.release_graphs()
-        on_gpu = self.device.type == "cuda"
-        if self.attention_backend == "triton" and self.runner_config.cuda_graphs and on_gpu:
-            max_len = self.model_config.max_model_len
-            max_blocks = -(-max_len // self.block_size)
-            max_batch = min(self.runner_config.max_graph_batch, self.scheduler_config.max_num_seqs)
-            self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, max_len, self.device)
-            self.graphs.capture()
-            limit = self.runner_config.max_piecewise_tokens
-            assert self._eager_token_cap is not None
-            sizes = [s for s in eager_token_sizes(self._eager_token_cap) if s <= limit]
-            if sizes:
-                self.pieces = PiecewiseGraphs(self.model, sizes, self.device)
-                self.pieces.capture()
+        rc = self.runner_config
+        if self.attention_backend != "triton" or not rc.cuda_graphs:
+            return
+        max_len = self.model_config.max_model_len
+        max_blocks = -(-max_len // self.block_size)
+        assert self._eager_token_cap is not None
+        sizes = eager_token_sizes(self._eager_token_cap)
+        mixed_sizes = [s for s in sizes if 2 <= s <= rc.max_mixed_graph_tokens]
+        if mixed_sizes:
+            max_seqs = self.scheduler_config.max_num_seqs
+            self.mixed = MixedGraphs(self.model, mixed_sizes, max_seqs, max_blocks, max_len, self.device)
+            self.mixed.capture()
+        if self.device.type != "cuda":
+            return
+        max_batch = min(rc.max_graph_batch, self.scheduler_config.max_num_seqs)
+        self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, max_len, self.device)
+        self.graphs.capture()
+        piece_sizes = [s for s in sizes if s <= rc.max_piecewise_tokens and s not in mixed_sizes]
+        if piece_sizes:
+            self.pieces = PiecewiseGraphs(self.model, piece_sizes, self.device)
+            self.pieces.capture()
 
     @torch.inference_mode()
     def _compile_extend_kernels(self) -> None:
@@ -146,6 +157,7 @@ class ModelRunner:
         """Drop every captured graph (their memory pools go with them)."""
         self.graphs = None
         self.pieces = None
+        self.mixed = None
 
     @property
     def attention_backend(self) -> str:
@@ -266,7 +278,10 @@ class ModelRunner:
         num_rows = graph_size or batch.num_tokens
         if graph_size is None and self._eager_token_cap is not None:  # and the forward (see __init__)
             num_rows = padded_tokens(num_rows, self._eager_token_cap)
-        host = self._prepare(batch, num_rows, prev, pad_rows)
+        mixed = None  # a step with prompt tokens of a mixed graph's size
+        if self.mixed is not None and batch.num_tokens > len(batch.requests):
+            mixed = self.mixed.layout(num_rows)
+        host = self._prepare(batch, num_rows, prev, pad_rows, mixed)
         ints = host.ints.to(dev, non_blocking=True)
         v = host.views(ints)
         fill = None
@@ -286,6 +301,9 @@ class ModelRunner:
                 v["decode_order"],
                 fill=fill,
             )
+        elif mixed is not None:
+            assert self.mixed is not None
+            hidden = self.mixed.forward(num_rows, v, fill)
         else:
             ids, positions, meta = self._to_device(host, v)
             if fill is not None:
@@ -408,14 +426,21 @@ class ModelRunner:
         return rows, prompt_rows
 
     def _prepare(
-        self, batch: ScheduledBatch, num_rows: int, prev: StepHandle | None = None, pad_rows: bool = False
+        self,
+        batch: ScheduledBatch,
+        num_rows: int,
+        prev: StepHandle | None = None,
+        pad_rows: bool = False,
+        mixed: MixedLayout | None = None,
     ) -> _HostInputs:
         """Host arrays of the step, packed in one (pinned on CUDA) int64 buffer. With num_rows >
         num_tokens the extra rows are padding: token 0 at position 0, stored nowhere (slot -1); in a
         decode-only step (a graph's padded size, or an eager one) each is also a padding sequence of
         length 0, in a mixed step no sequence owns them (the attention kernels leave them
         unwritten). With ``pad_rows`` the logits rows are padded to ``padded_rows`` entries
-        (repeating row 0) and never marked as leading."""
+        (repeating row 0) and never marked as leading. With ``mixed`` (a step with prompt tokens for
+        a mixed graph) the decode rows' lengths and order cover ``mixed.decode_rows`` rows and the
+        extend kernel's tile list is built."""
         bs = self.block_size
         reqs = batch.requests
         num_seqs = len(reqs)
@@ -436,7 +461,14 @@ class ModelRunner:
                     ph_dst.append(-1 - i)  # fixed up below, once row offsets are known
         num_logits_rows = padded_rows(num_samples) if pad_rows and num_samples else num_samples
         host = _HostInputs.allocate(
-            num_rows, padded_seqs, num_seqs, max_blocks, num_logits_rows, len(ph_dst), self.device
+            num_rows,
+            padded_seqs,
+            num_seqs,
+            max_blocks,
+            num_logits_rows,
+            len(ph_dst),
+            self.device,
+            mixed,
         )
         host.num_samples = num_samples  # the padding rows (row 0 again) are sliced off the logits
         v = host.views_np()
@@ -485,6 +517,13 @@ class ModelRunner:
             max_query_len = int(lens.max())
             not_one = np.flatnonzero(lens != 1)
             host.num_decodes = int(not_one[0]) if len(not_one) else num_seqs
+            if mixed is not None:  # decode rows past the decodes: length 0, in row order
+                from rollout.kernels.prefill_attention import fill_extend_tiles  # (imports Triton)
+
+                nd = host.num_decodes
+                v["decode_lens"][:nd] = v["seq_lens"][:nd]
+                v["decode_order"][nd:] = np.arange(nd, mixed.decode_rows)
+                fill_extend_tiles(lens, nd, mixed.tile_positions, v["tiles"])
         nd = padded_seqs if decode_only else host.num_decodes
         v["decode_order"][:nd] = decode_order(v["seq_lens"][:nd])
         if ph_dst:
@@ -654,6 +693,8 @@ _FIELDS = (
     "placeholder_dst",
     "placeholder_src",
     "decode_order",
+    "decode_lens",
+    "tiles",
 )
 
 
@@ -682,7 +723,9 @@ class _HostInputs:
         num_logits_rows: int,
         num_placeholders: int,
         device: torch.device,
+        mixed: MixedLayout | None = None,
     ) -> _HostInputs:
+        order_rows = mixed.decode_rows if mixed is not None else padded_seqs
         shapes = (
             (num_rows,),  # input_ids
             (num_rows,),  # positions
@@ -693,7 +736,9 @@ class _HostInputs:
             (num_logits_rows,),  # logits_rows
             (num_placeholders,),  # placeholder_dst
             (num_placeholders,),  # placeholder_src
-            (padded_seqs,),  # decode_order (its leading num_decodes entries in a mixed step)
+            (order_rows,),  # decode_order (its leading num_decodes entries in a mixed step)
+            (mixed.decode_rows if mixed is not None else 0,),  # decode_lens (mixed graphs)
+            (mixed.tiles, 2) if mixed is not None else (0,),  # tiles (mixed graphs)
         )
         layout = {}
         offset = 0
@@ -719,6 +764,7 @@ class _HostInputs:
         parts = torch.split_with_sizes(ints, [n for _, n, _ in self.layout.values()])
         v = dict(zip(self.layout, parts, strict=True))
         v["block_tables"] = v["block_tables"].view(self.layout["block_tables"][2])
+        v["tiles"] = v["tiles"].view(self.layout["tiles"][2])
         return v
 
 

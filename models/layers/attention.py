@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from rollout.kernels.attention_ref import paged_attention_ref, store_kv_ref
+
+if TYPE_CHECKING:
+    from rollout.kernels.prefill_attention import ExtendConfig
 
 
 @dataclass
@@ -33,6 +37,14 @@ class AttentionMetadata:
     # int32 [num_decodes, or num_seqs in a decode step]: the decode rows by descending KV length,
     # the order the decode kernel starts them in (``decode_order``); None: row order
     decode_order: torch.Tensor | None = None
+    # A mixed step in one CUDA graph (``rollout.mixed_graphs``): grids that do not depend on the
+    # step. The decode kernel runs over the leading ``len(decode_seq_lens)`` rows (int32; 0 past
+    # the step's decodes: those rows are written with zeros, then by the extend kernel) in
+    # ``decode_order`` (a permutation of those rows), and the extend kernel over ``extend_tiles``
+    # (int32 [capacity, 2], see ``kernels.prefill_attention.extend_tiles``) with ``extend_config``.
+    decode_seq_lens: torch.Tensor | None = None
+    extend_tiles: torch.Tensor | None = None
+    extend_config: ExtendConfig | None = None
 
 
 def decode_order(seq_lens: np.ndarray) -> np.ndarray:
@@ -126,6 +138,35 @@ class Attention(nn.Module):
         from rollout.kernels.prefill_attention import extend_attention
 
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
+        if meta.extend_tiles is not None:  # a mixed step's graph: decode rows first, then the tiles
+            assert meta.decode_seq_lens is not None
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            rows = meta.decode_seq_lens.shape[0]
+            decode_attention(
+                q[:rows],
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables[:rows],
+                meta.decode_seq_lens,
+                self.scale,
+                self.sliding_window,
+                out=out[:rows],
+                order=meta.decode_order,
+            )
+            return extend_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                meta.query_start_loc,
+                meta.max_query_len,
+                self.scale,
+                self.sliding_window,
+                config=meta.extend_config,
+                tiles=meta.extend_tiles,
+                out=out,
+            )
         if meta.max_query_len == 1:  # one query row per sequence, rows in batch order
             return decode_attention(
                 q,

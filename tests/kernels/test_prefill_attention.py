@@ -206,6 +206,14 @@ def test_extend_tile_list_matches_the_chunk_grid(heads, kv_heads, config):
     assert listed[0].isnan().all()  # sequence 0 is not in the list
     end = sum(q_lens[:4])
     assert torch.equal(partial[1:end], grid[1:end]) and partial[end:].isnan().all()
+    # into a given output (a mixed graph's decode rows are already there): the rest is kept
+    into = torch.full_like(case.q, 7.0)
+    got = extend_attention(
+        *args, case.max_query_len, case.scale, config=config, tiles=tiles.to(DEVICE), out=into
+    )
+    assert got is into and torch.equal(into[1:], grid[1:]) and (into[0] == 7.0).all()
+    with pytest.raises(ValueError, match="out must be"):
+        extend_attention(*args, case.max_query_len, case.scale, out=into[:, :1])
 
 
 def test_extend_tiles_rejects_what_does_not_fit():

@@ -1,6 +1,7 @@
-"""Piecewise CUDA graphs of the eager steps (run on the device machine): an engine that replays
-them around eager attention gives what the eager forward gives, on steps that mix decodes,
-prompt chunks and prefix-cache hits."""
+"""CUDA graphs of the eager steps (run on the device machine): an engine that replays the piecewise
+graphs around eager attention, or whole mixed-step graphs with graph-safe attention
+(rollout/mixed_graphs.py), gives what the eager forward gives, on steps that mix decodes, prompt
+chunks and prefix-cache hits."""
 
 from __future__ import annotations
 
@@ -14,15 +15,24 @@ pytestmark = pytest.mark.gpu
 
 
 def counted(forward, calls: list[int]):
-    def wrapper(ids, positions, meta):
-        calls.append(len(ids))
-        return forward(ids, positions, meta)
+    """``forward`` (of the pieces: ids first; of the mixed graphs: the size first) noting its sizes."""
+
+    def wrapper(first, *args):
+        calls.append(first if isinstance(first, int) else len(first))
+        return forward(first, *args)
 
     return wrapper
 
 
+GRAPHS = {  # the eager steps' graphs under test: RunnerConfig fields
+    "pieces": dict(max_piecewise_tokens=2048),
+    "mixed": dict(max_mixed_graph_tokens=2048, max_piecewise_tokens=0),
+}
+
+
+@pytest.mark.parametrize("graphs", ["pieces", "mixed"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_piecewise_graphs_match_the_eager_forward(tmp_path, dtype):
+def test_eager_step_graphs_match_the_eager_forward(tmp_path, dtype, graphs):
     family, overrides, block_size = CASES["qwen3"]
     save_tiny_checkpoint(tmp_path, family, **overrides)
     prompts = random_seqs([3, 9, 17, 33, 64, 5, 70, 12, 40, 2, 50, 90], seed=5)
@@ -38,27 +48,29 @@ def test_piecewise_graphs_match_the_eager_forward(tmp_path, dtype):
         for i in range(len(prompts))
     ]
     results, used = {}, {}
-    for limit in (0, 2048):
+    for mode in ("eager", graphs):
         llm = LLM(
             str(tmp_path),
             device="cuda",
             dtype=dtype,
-            runner_config=RunnerConfig(max_piecewise_tokens=limit, max_graph_batch=8),
+            runner_config=RunnerConfig(max_graph_batch=8, **GRAPHS.get(mode, dict(max_piecewise_tokens=0))),
             cache_config=CacheConfig(block_size, num_blocks=512),
             # 48-token steps: prompts arrive in chunks beside running decodes
             scheduler_config=SchedulerConfig(max_num_batched_tokens=48, max_num_seqs=12),
         )
         runner = llm.engine.runner
-        assert (runner.pieces is not None) == bool(limit)
+        assert (runner.pieces is not None) == (mode == "pieces")
+        assert (runner.mixed is not None) == (mode == "mixed")
         calls: list[int] = []
-        if runner.pieces is not None:
-            runner.pieces.forward = counted(runner.pieces.forward, calls)
-        results[limit] = llm.generate(prompts, params, use_tqdm=False)
-        used[limit] = calls
+        for step_graphs in (runner.pieces, runner.mixed):
+            if step_graphs is not None:
+                step_graphs.forward = counted(step_graphs.forward, calls)
+        results[mode] = llm.generate(prompts, params, use_tqdm=False)
+        used[mode] = calls
         assert llm.stats().num_free_blocks == 512
-    assert len(used[2048]) > 10 and max(used[2048]) == 48  # steps of up to 48 tokens went through them
+    assert len(used[graphs]) > 10 and max(used[graphs]) == 48  # steps of up to 48 tokens went through them
     tol = 1e-4 if dtype == "float32" else 0.05
-    for a, b in zip(results[0], results[2048], strict=True):
+    for a, b in zip(results["eager"], results[graphs], strict=True):
         for ca, cb in zip(a.outputs, b.outputs, strict=True):
             if dtype == "float32":
                 assert ca.token_ids == cb.token_ids
@@ -72,30 +84,38 @@ def test_piecewise_graphs_match_the_eager_forward(tmp_path, dtype):
             assert (pa - pb).abs().max() <= tol
 
 
-def test_piecewise_graphs_on_steps_above_2048_tokens(tmp_path):
-    """The default limit covers whole admission steps (thousands of tokens): pieces there give the
-    eager forward's tokens and logprobs."""
+@pytest.mark.parametrize("graphs", ["pieces", "mixed"])
+def test_eager_step_graphs_on_steps_above_2048_tokens(tmp_path, graphs):
+    """Whole admission steps (thousands of tokens; the pieces' default limit covers them) through
+    the graphs give the eager forward's tokens and logprobs."""
     family, overrides, block_size = CASES["qwen3"]
     save_tiny_checkpoint(tmp_path, family, **overrides)
     prompts = random_seqs([60 + (7 * i) % 50 for i in range(64)], seed=7)  # ~5,400 prompt tokens
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
-    default_limit = RunnerConfig().max_piecewise_tokens
+    limit = RunnerConfig().max_piecewise_tokens
+    configs = {
+        "eager": RunnerConfig(max_piecewise_tokens=0),
+        "pieces": RunnerConfig(),
+        "mixed": RunnerConfig(max_mixed_graph_tokens=limit),
+    }
     results, used = {}, {}
-    for limit in (0, default_limit):
+    for mode in ("eager", graphs):
         llm = LLM(
             str(tmp_path),
             device="cuda",
-            runner_config=RunnerConfig(max_piecewise_tokens=limit),
+            runner_config=configs[mode],
             cache_config=CacheConfig(block_size, num_blocks=2048),
             scheduler_config=SchedulerConfig(max_num_batched_tokens=4096, max_num_seqs=64),
         )
+        runner = llm.engine.runner
         calls: list[int] = []
-        if llm.engine.runner.pieces is not None:
-            llm.engine.runner.pieces.forward = counted(llm.engine.runner.pieces.forward, calls)
-        results[limit] = llm.generate(prompts, params, use_tqdm=False)
-        used[limit] = calls
-    assert max(used[default_limit]) > 2048  # a step of thousands of tokens replayed the pieces
-    for a, b in zip(results[0], results[default_limit], strict=True):
+        for step_graphs in (runner.pieces, runner.mixed):
+            if step_graphs is not None:
+                step_graphs.forward = counted(step_graphs.forward, calls)
+        results[mode] = llm.generate(prompts, params, use_tqdm=False)
+        used[mode] = calls
+    assert max(used[graphs]) > 2048  # a step of thousands of tokens replayed the graphs
+    for a, b in zip(results["eager"], results[graphs], strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         la, lb = torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs)
         assert (la - lb).abs().max() <= 1e-4
