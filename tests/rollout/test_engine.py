@@ -344,10 +344,10 @@ def test_memory_profile_step_above_max_model_len_runs_several_prompts():
     """A step's token budget may exceed max_model_len (many sequences share a step): the profile
     step then runs prompts of at most max_model_len tokens, each in its own blocks, with positions
     restarting per prompt (the rotary table ends at max_model_len)."""
-    from rollout.model_runner import _profile_blocks, _profile_step_meta
+    from rollout.step_inputs import profile_blocks, profile_step_meta
 
-    num_blocks = _profile_blocks(100, 40, 16)
-    meta, positions = _profile_step_meta(100, 40, 16, torch.device("cpu"))
+    num_blocks = profile_blocks(100, 40, 16)
+    meta, positions = profile_step_meta(100, 40, 16, torch.device("cpu"))
     assert meta.seq_lens_host == [40, 40, 20] and num_blocks == 3 + 3 + 2
     assert meta.block_tables.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 0]]
     assert meta.slot_mapping[[0, 39, 40, 80, 99]].tolist() == [0, 39, 48, 96, 115]
