@@ -14,8 +14,9 @@ from rollout.config import RunnerConfig
 
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
-    """``--piecewise-tokens`` / ``--mixed-graph-tokens``: the eager steps' graphs of the engine
-    under test (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens``)."""
+    """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--prefetch-programs``: the graphs of
+    the engine under test (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens`` /
+    ``prefetch_weights`` and ``prefetch_programs``)."""
     defaults = RunnerConfig()
     parser.add_argument(
         "--piecewise-tokens",
@@ -29,12 +30,21 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_mixed_graph_tokens,
         help="RunnerConfig.max_mixed_graph_tokens (0: no whole mixed-step graphs)",
     )
+    parser.add_argument(
+        "--prefetch-programs",
+        type=int,
+        default=0,
+        help="RunnerConfig.prefetch_programs with prefetch_weights on (0: no L2 prefetch of weights)",
+    )
 
 
 def graph_config(args: argparse.Namespace) -> RunnerConfig:
     """The RunnerConfig of ``add_graph_args``' options."""
     return RunnerConfig(
-        max_piecewise_tokens=args.piecewise_tokens, max_mixed_graph_tokens=args.mixed_graph_tokens
+        max_piecewise_tokens=args.piecewise_tokens,
+        max_mixed_graph_tokens=args.mixed_graph_tokens,
+        prefetch_weights=args.prefetch_programs > 0,
+        prefetch_programs=max(1, args.prefetch_programs),
     )
 
 

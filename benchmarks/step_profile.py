@@ -24,8 +24,10 @@ from torch.profiler import ProfilerActivity, profile
 from rollout import LLM, SamplingParams
 from rollout.benchmarks.common import (
     PhaseTimer,
+    add_graph_args,
     export_trace,
     gpu_trace_summary,
+    graph_config,
     print_gpu_summary,
     prompts_pending,
 )
@@ -58,10 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-overlap", action="store_true", help="the plain loop instead of the overlapped")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    add_graph_args(p)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    llm = LLM(args.model, load_format="dummy", device=args.device)
+    llm = LLM(args.model, load_format="dummy", device=args.device, runner_config=graph_config(args))
     engine = llm.engine
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     engine.overlap = engine.overlap and not args.no_overlap
