@@ -47,20 +47,30 @@ def step_kinds(llm: LLM) -> list[tuple[float, bool, int]]:
     return steps
 
 
+# Decode-only steps by batch (the tail of a long-tailed rollout runs small batches): label, lowest
+_BATCH_BUCKETS = (("129+", 129), ("33-128", 33), ("9-32", 9), ("1-8", 1))
+
+
 def summarize_steps(steps: list[tuple[float, bool, int]], start: float) -> dict:
-    """Steps, seconds and mean ms of the decode-only and the mixed steps (a step's time: from the
-    previous step's end; with the overlapped loop it also waits for the step before it)."""
-    out = {kind: {"steps": 0, "seconds": 0.0, "tokens": 0} for kind in ("decode_only", "mixed")}
+    """Steps, seconds and mean ms of the decode-only and the mixed steps, and of the decode-only
+    steps by batch size ("decode_batch_1-8", ..., those that occurred). A step's time: from the
+    previous step's end (with the overlapped loop it also waits for the step before it)."""
+    kinds = ["decode_only", "mixed"] + [f"decode_batch_{label}" for label, _ in reversed(_BATCH_BUCKETS)]
+    out = {kind: {"steps": 0, "seconds": 0.0, "tokens": 0} for kind in kinds}
     prev = start
     for end, decode_only, tokens in steps:
-        row = out["decode_only" if decode_only else "mixed"]
-        row["steps"] += 1
-        row["seconds"] += end - prev
-        row["tokens"] += tokens
+        rows = [out["decode_only" if decode_only else "mixed"]]
+        if decode_only:  # one token per sequence
+            label = next(label for label, lowest in _BATCH_BUCKETS if tokens >= lowest)
+            rows.append(out[f"decode_batch_{label}"])
+        for row in rows:
+            row["steps"] += 1
+            row["seconds"] += end - prev
+            row["tokens"] += tokens
         prev = end
     for row in out.values():
         row["mean_ms"] = 1e3 * row["seconds"] / row["steps"] if row["steps"] else 0.0
-    return out
+    return {kind: row for kind, row in out.items() if row["steps"] or not kind.startswith("decode_batch")}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,5 @@
 """The RL bench's step breakdown: each engine step is counted as decode-only or mixed by the batch it
-launched, and every token a step computed is counted once."""
+launched (decode-only steps also by batch size), and every token a step computed is counted once."""
 
 from __future__ import annotations
 
@@ -26,3 +26,7 @@ def test_rl_bench_splits_steps_into_decode_only_and_mixed():
     # computed tokens: every prompt token once, then one per output token after the first
     assert s["mixed"]["tokens"] + s["decode_only"]["tokens"] == 29 + 2 * 6 - 2
     assert all(s[k]["seconds"] > 0 and s[k]["mean_ms"] > 0 for k in s)
+    # two sequences decode together: every decode-only step is in the smallest batch bucket
+    assert s["decode_batch_1-8"]["steps"] == s["decode_only"]["steps"]
+    assert s["decode_batch_1-8"]["seconds"] == s["decode_only"]["seconds"]
+    assert set(s) == {"decode_only", "mixed", "decode_batch_1-8"}
