@@ -73,7 +73,10 @@ def decode_problem(
 
 
 def graph_ms_per_launch(
-    p: dict, config: DecodeConfig | None = None, order: torch.Tensor | None = None
+    p: dict,
+    config: DecodeConfig | None = None,
+    order: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> float:
     """Median time of one captured graph that runs the decode kernel once per instance."""
 
@@ -88,6 +91,7 @@ def graph_ms_per_launch(
                 p["scale"],
                 config=config,
                 order=order,
+                counters=counters,
             )
 
     run_all()
@@ -197,6 +201,36 @@ def sweep_decode(ceiling: float) -> list[dict]:
         del p, ref
         torch.cuda.empty_cache()
     return rows
+
+
+def bench_merge() -> list[dict]:
+    """Split decode at small batches, the merge kernel vs the in-kernel merge (``counters``): per
+    launch in a graph, the way the decode graphs run them (one launch per layer)."""
+    rows = []
+    for batch in (1, 2, 4, 8, 16, 32):
+        for ctx in (1024, 4096):
+            kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * 2
+            p = decode_problem(batch, ctx, copies=min(64, triton.cdiv(256 << 20, kv_bytes)))
+            config = default_decode_config(batch, KV_HEADS, p["q"].device)
+            counters = torch.zeros(batch * KV_HEADS, dtype=torch.int32, device="cuda")
+            plain = decode_fn(p)()
+            fused = decode_attention(*_args(p), config=config, counters=counters)
+            row = dict(
+                batch=batch,
+                ctx=ctx,
+                splits=config.num_splits,
+                merge_kernel_us=1e3 * graph_ms_per_launch(p),
+                fused_merge_us=1e3 * graph_ms_per_launch(p, counters=counters),
+                rel_err=rel_err(fused, plain),
+                counters_zero=not bool(counters.any()),
+            )
+            rows.append(row)
+            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    return rows
+
+
+def _args(p: dict) -> tuple:
+    return (p["q"], p["k_cache"], p["v_cache"], p["block_tables"], p["seq_lens"], p["scale"])
 
 
 def sweep_ragged(ceiling: float, seed: int = 3) -> list[dict]:
@@ -376,6 +410,9 @@ def main() -> None:
         "--ragged", action="store_true", help="only the ragged-length decode sweep (W1's decode phase)"
     )
     parser.add_argument("--extend", action="store_true", help="only the extend (prefill) kernel timings")
+    parser.add_argument(
+        "--merge", action="store_true", help="only split decode's merge kernel vs the in-kernel merge"
+    )
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     t0 = time.time()
@@ -390,6 +427,12 @@ def main() -> None:
         result["decode_ragged"] = sweep_ragged(ceiling)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "attention_ragged.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        return
+    if args.merge:
+        result["decode_merge"] = bench_merge()
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "attention_merge.json"), "w") as f:
             json.dump(result, f, indent=1)
         return
     if args.extend:

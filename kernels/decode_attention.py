@@ -50,6 +50,13 @@ class DecodeConfig:
     num_stages: int = 2
 
 
+def _split_chunk(group: int, head_dim: int, num_splits: int) -> int:
+    """Splits the fused merge loads at once: [group, chunk, head_dim] fp32 partials, at most 4K
+    values (registers: 32 per thread at 4 warps)."""
+    p2 = triton.next_power_of_2
+    return max(1, min(p2(num_splits), 4096 // (p2(group) * p2(head_dim))))
+
+
 @functools.cache
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -73,6 +80,56 @@ def default_decode_config(batch: int, num_kv_heads: int, device: torch.device) -
     return DecodeConfig(num_splits=1, block_n=64, num_stages=3)
 
 
+@triton.jit
+def _merge_group(
+    part_out_ptr, part_lse_ptr, out_ptr, b, kv_head, num_splits, stride_ob, stride_oh,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Merge the splits' partials of one (sequence, KV head), every query head of the group: what
+    ``_merge_splits_kernel`` computes, in chunks of SPLIT_CHUNK splits. The partials come from
+    other programs: loaded with .cg (L2), never from this SM's L1."""
+    g = tl.arange(0, GROUP_P2)
+    g_mask = g < GROUP
+    heads = kv_head * GROUP + g
+    base = (b * NUM_KV_HEADS * GROUP + heads).to(tl.int64) * num_splits
+    s = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(
+        part_lse_ptr + base[:, None] + s[None, :],
+        mask=g_mask[:, None] & (s < num_splits)[None, :],
+        other=float("-inf"),
+        cache_modifier=".cg",
+    )
+    m = tl.max(lse, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (seq_len 0): weights all 0
+    denom = tl.sum(tl.exp2(lse - m[:, None]), axis=1)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    c = tl.arange(0, SPLIT_CHUNK)
+    acc = tl.zeros([GROUP_P2, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        sj = s0 + c
+        gs_mask = g_mask[:, None] & (sj < num_splits)[None, :]
+        lse_j = tl.load(
+            part_lse_ptr + base[:, None] + sj[None, :],
+            mask=gs_mask,
+            other=float("-inf"),
+            cache_modifier=".cg",
+        )
+        w = tl.exp2(lse_j - m[:, None])
+        rows = base[:, None, None] + sj[None, :, None]
+        part = tl.load(
+            part_out_ptr + rows * HEAD_DIM + d[None, None, :],
+            mask=gs_mask[:, :, None] & d_mask[None, None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        acc += tl.sum(w[:, :, None] * part, axis=1)
+    o = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
+    dst = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
+    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
 # Not specialized: values that change between steps (see kernels/sampling.py).
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(
@@ -85,6 +142,7 @@ def _decode_split_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    counters_ptr,
     scale_log2,
     window,
     num_splits,
@@ -111,6 +169,10 @@ def _decode_split_kernel(
     PRECISION: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HAS_ORDER: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,  # the last split program of each (sequence, KV head) merges them
+    GROUP_P2: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = pid % num_splits
@@ -177,6 +239,18 @@ def _decode_split_kernel(
         )
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=head_mask)
+        if FUSED_MERGE:
+            # Count this split done; the program that completes the count merges. The barrier
+            # orders every thread's partial stores before the counting thread's release.
+            tl.debug_barrier()
+            counter = counters_ptr + b * NUM_KV_HEADS + kv_head
+            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:
+                tl.store(counter, 0)  # zero again for the next launch
+                _merge_group(
+                    part_out_ptr, part_lse_ptr, out_ptr, b, kv_head, num_splits, stride_ob, stride_oh,
+                    GROUP, GROUP_P2, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD, SPLIT_CHUNK,
+                )  # fmt: skip
     else:
         dst = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & d_mask[None, :])
@@ -227,6 +301,7 @@ def decode_attention(
     config: DecodeConfig | None = None,
     out: torch.Tensor | None = None,
     order: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged KV: ``q`` [B, Hq, D] -> [B, Hq, D]
     (written into ``out`` when given, e.g. the leading rows of a mixed step's output).
@@ -240,6 +315,12 @@ def decode_attention(
     ``order`` (int32 [B], optional) is a permutation of the rows, the order in which sequences'
     programs start: longest first (``models.layers.attention.decode_order``) shortens the tail of
     ragged batches. The output is the same in any order.
+
+    ``counters`` (int32, at least B * Hkv entries, all zero; optional) lets a split launch merge
+    its splits itself: the last program to finish a (sequence, KV head) merges them and zeroes
+    its counter again, so no merge kernel follows (one launch fewer per layer at small batches).
+    The buffer must outlive the launch (CUDA graphs: a static buffer) and serve one launch at a
+    time.
     """
     _, _, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
     check_rows("q", q, None, head_dim, k_cache.device)
@@ -253,6 +334,12 @@ def decode_attention(
     check_window(sliding_window)
     if order is not None:
         check_index("order", order, (batch,), k_cache.device)
+    if counters is not None:
+        check_index("counters", counters, (-1,), k_cache.device)
+        if counters.numel() < batch * num_kv_heads:
+            raise ValueError(
+                f"counters has {counters.numel()} entries, fewer than {batch} rows x {num_kv_heads} KV heads"
+            )
     group = num_heads // num_kv_heads
     if config is None:
         config = default_decode_config(batch, num_kv_heads, q.device)
@@ -268,6 +355,7 @@ def decode_attention(
     if batch == 0:
         return out
     split = config.num_splits > 1
+    fused_merge = split and counters is not None
     if split:
         part_out = torch.empty(
             batch, num_heads, config.num_splits, head_dim, dtype=torch.float32, device=q.device
@@ -285,6 +373,7 @@ def decode_attention(
         out,
         part_out,
         part_lse,
+        counters if counters is not None else seq_lens,  # unused without FUSED_MERGE
         scale * _LOG2E,
         sliding_window or 0,
         config.num_splits,
@@ -308,10 +397,14 @@ def decode_attention(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         NUM_KV_HEADS=num_kv_heads,
         HAS_ORDER=order is not None,
+        FUSED_MERGE=fused_merge,
+        GROUP_P2=triton.next_power_of_2(group),
+        SPLITS_PAD=triton.next_power_of_2(config.num_splits),
+        SPLIT_CHUNK=_split_chunk(group, head_dim, config.num_splits),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if split:
+    if split and not fused_merge:
         _merge_splits_kernel[(batch, num_heads)](
             part_out,
             part_lse,

@@ -70,6 +70,9 @@ class RunnerConfig:
     # rollout/prefetch.py), with this many programs; off by default until measured on a GPU.
     prefetch_weights: bool = False
     prefetch_programs: int = 32
+    # Split decode attention merges its splits in the kernel, one launch fewer per layer at small
+    # batches (see kernels/decode_attention.py); off by default until measured on a GPU.
+    fused_decode_merge: bool = False
     fused_ops: bool = True  # Triton kernels for add+RMSNorm, q/k norm+RoPE, SiLU-and-mul (triton backend)
 
     def __post_init__(self) -> None:

@@ -61,9 +61,17 @@ class DecodeGraphs:
     """Captured forwards and LM heads of ``model`` for decode batches up to ``max_batch`` sequences."""
 
     def __init__(
-        self, model: nn.Module, max_batch: int, max_blocks: int, max_seq_len: int, device: torch.device
+        self,
+        model: nn.Module,
+        max_batch: int,
+        max_blocks: int,
+        max_seq_len: int,
+        device: torch.device,
+        split_counters: torch.Tensor | None = None,
     ) -> None:
+        """``split_counters``: see ``AttentionMetadata.split_counters`` (None: merge kernels)."""
         self.model = model
+        self.split_counters = split_counters
         self.sizes = graph_batch_sizes(max_batch)
         self.max_batch = self.sizes[-1]
         self.max_blocks = max_blocks
@@ -92,6 +100,7 @@ class DecodeGraphs:
             max_seq_len=self.max_seq_len,
             max_query_len=1,
             decode_order=self.order[:size],
+            split_counters=self.split_counters,
         )
 
     @torch.inference_mode()

@@ -49,7 +49,9 @@ class MixedGraphs:
         max_blocks: int,
         max_seq_len: int,
         device: torch.device,
+        split_counters: torch.Tensor | None = None,
     ) -> None:
+        """``split_counters``: see ``AttentionMetadata.split_counters`` (None: merge kernels)."""
         from rollout.kernels.prefill_attention import default_extend_config, extend_tile_positions
 
         if not sizes or min(sizes) < 2:  # a step with a prompt chunk has two tokens or more
@@ -57,6 +59,7 @@ class MixedGraphs:
         if max_seqs < 1 or max_blocks < 1:
             raise ValueError(f"need max_seqs >= 1 and max_blocks >= 1, got {max_seqs}, {max_blocks}")
         self.model = model
+        self.split_counters = split_counters
         self.sizes = sorted(set(sizes))
         self.max_seq_len = max_seq_len
         self.device = device
@@ -108,6 +111,7 @@ class MixedGraphs:
             decode_seq_lens=self.decode_lens[: layout.decode_rows],
             extend_tiles=self.tiles[: layout.tiles],
             extend_config=self.configs[size],
+            split_counters=self.split_counters,
         )
 
     def _forward(self, size: int) -> torch.Tensor:

@@ -77,6 +77,11 @@ class ModelRunner:
             for module in self.model.modules():
                 if hasattr(module, "fused"):
                     module.fused = True
+        self.split_counters: torch.Tensor | None = None  # see AttentionMetadata.split_counters
+        if backend == "triton" and self.runner_config.fused_decode_merge:
+            rows = max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)
+            size = rows * model_config.num_kv_heads  # any launch's decode rows x KV heads
+            self.split_counters = torch.zeros(size, dtype=torch.int32, device=device)
         self.vocab_size = model_config.vocab_size
         self._values = ValuesCache(self.vocab_size)  # each params object's effective values
         # the last sampling step's rows, tensors and sampled tokens (see _sampling_tensors)
@@ -114,12 +119,16 @@ class ModelRunner:
         mixed_sizes = [s for s in sizes if 2 <= s <= rc.max_mixed_graph_tokens]
         if mixed_sizes:
             max_seqs = self.scheduler_config.max_num_seqs
-            self.mixed = MixedGraphs(self.model, mixed_sizes, max_seqs, max_blocks, max_len, self.device)
+            self.mixed = MixedGraphs(
+                self.model, mixed_sizes, max_seqs, max_blocks, max_len, self.device, self.split_counters
+            )
             self.mixed.capture()
         if self.device.type != "cuda":
             return
         max_batch = min(rc.max_graph_batch, self.scheduler_config.max_num_seqs)
-        self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, max_len, self.device)
+        self.graphs = DecodeGraphs(
+            self.model, max_batch, max_blocks, max_len, self.device, self.split_counters
+        )
         if rc.prefetch_weights:  # kept while the graphs live: they write its sink
             self.prefetch = WeightPrefetch(self.model, self.device, rc.prefetch_programs)
         with self.prefetch.hooks() if self.prefetch is not None else contextlib.nullcontext():
@@ -404,7 +413,7 @@ class ModelRunner:
     def _to_device(
         self, host: HostInputs, v: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        return device_metadata(host, v)
+        return device_metadata(host, v, self.split_counters)
 
     def _sampling_tensors(self, rows: SamplingRows, prev: StepHandle | None) -> SamplingTensors:
         """The step's sampling tensors. A steady decode batch (the same requests as the previous

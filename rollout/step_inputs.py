@@ -131,7 +131,7 @@ def prepare_inputs(
 
 
 def device_metadata(
-    host: HostInputs, v: dict[str, torch.Tensor]
+    host: HostInputs, v: dict[str, torch.Tensor], split_counters: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """Input ids, positions and attention metadata of an eager step from its inputs' device copy
     (``HostInputs.views``)."""
@@ -147,6 +147,7 @@ def device_metadata(
         max_query_len=host.max_query_len,
         num_decodes=host.num_decodes,
         decode_order=v["decode_order"].to(torch.int32),
+        split_counters=split_counters,
     )
     return v["input_ids"], v["positions"], meta
 

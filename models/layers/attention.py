@@ -45,6 +45,10 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None = None
     extend_tiles: torch.Tensor | None = None
     extend_config: ExtendConfig | None = None
+    # int32 zeros, at least num_seqs * num_kv_heads (the runner's, kept across steps): split decode
+    # launches merge their splits in the kernel (``decode_attention``'s ``counters``); None: a
+    # merge kernel follows
+    split_counters: torch.Tensor | None = None
 
 
 def decode_order(seq_lens: np.ndarray) -> np.ndarray:
@@ -152,6 +156,7 @@ class Attention(nn.Module):
                 self.sliding_window,
                 out=out[:rows],
                 order=meta.decode_order,
+                counters=meta.split_counters,
             )
             return extend_attention(
                 q,
@@ -177,6 +182,7 @@ class Attention(nn.Module):
                 self.scale,
                 self.sliding_window,
                 order=meta.decode_order,
+                counters=meta.split_counters,
             )
         nd = meta.num_decodes if meta.num_decodes < meta.seq_lens.shape[0] else 0
         # whole tensors plus an offset, not slices: a sliced pointer's alignment would make Triton
@@ -204,5 +210,6 @@ class Attention(nn.Module):
                 self.sliding_window,
                 out=out[:nd],
                 order=None if meta.decode_order is None else meta.decode_order[:nd],
+                counters=meta.split_counters,
             )
         return out

@@ -86,6 +86,32 @@ def test_decode_order_gives_the_same_output(splits):
     assert rel_err(ordered, reference(case, None)) < 1e-5
 
 
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "splits"), [(8, 2, 16, 5), (4, 4, 32, 3), (8, 1, 64, 9)]
+)
+def test_fused_merge_matches_the_merge_kernel(heads, kv_heads, dim, splits):
+    """With counters the last split program of each (row, KV head) merges the splits: the same
+    output as the merge kernel (up to summation order; padding rows zeros), the counters zero
+    again, and the next launch on them right too. 9 splits over a 64-wide head at MQA: chunks."""
+    lens = [40, 0, 1, 23, 64, 7]
+    case = make_case(lens, [1] * len(lens), heads, kv_heads, dim, 4, torch.float32, DEVICE, seed=splits)
+    config = DecodeConfig(num_splits=splits, block_n=16)
+    counters = torch.zeros(len(lens) * kv_heads + 3, dtype=torch.int32, device=DEVICE)
+    order = torch.from_numpy(decode_order(np.array(lens)).astype(np.int32)).to(DEVICE)
+    plain = run(case, None, config)
+    args = (case.q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens, case.scale)
+    for _ in range(2):
+        with poisoned_empty():
+            fused = decode_attention(*args, config=config, order=order, counters=counters)
+        assert rel_err(fused, plain) < 1e-6 and fused[1].eq(0).all()
+        assert rel_err(fused, reference(case, None)) < 1e-5
+        assert not counters.any()
+    with pytest.raises(ValueError, match="counters has 5 entries"):
+        decode_attention(*args, config=config, counters=counters[:5])
+    with pytest.raises(ValueError, match="counters"):
+        decode_attention(*args, config=config, counters=counters.long())
+
+
 def test_default_config_depends_on_shapes_only():
     cfg = default_decode_config(256, 8, torch.device("cpu"))
     assert cfg.num_splits == 1 and cfg.use_dot

@@ -15,7 +15,25 @@ from tests.models.tiny_models import CASES, random_seqs, save_tiny_checkpoint
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
-def test_mixed_graphs_match_the_torch_backend(tmp_path):
+class CountedLaunches:
+    """A Triton kernel whose launches (``kernel[grid](...)``) are counted."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+# fused_merge: split decode launches merge in the kernel (RunnerConfig.fused_decode_merge), in the
+# mixed graphs' decode rows and in the eager decode-only steps alike
+@pytest.mark.parametrize("fused_merge", [False, True])
+def test_mixed_graphs_match_the_torch_backend(tmp_path, monkeypatch, fused_merge):
+    from rollout.kernels import decode_attention
+
+    merges = CountedLaunches(decode_attention._merge_splits_kernel)
+    monkeypatch.setattr(decode_attention, "_merge_splits_kernel", merges)
     family, overrides, block_size = CASES["mistral_sliding"]  # window 8, blocks of 4
     save_tiny_checkpoint(tmp_path, family, **overrides)
     prompts = random_seqs([30, 7, 19, 12], seed=6)
@@ -27,7 +45,9 @@ def test_mixed_graphs_match_the_torch_backend(tmp_path):
             device="cpu",
             cache_config=CacheConfig(block_size=block_size, num_blocks=128),
             scheduler_config=SchedulerConfig(max_num_batched_tokens=20, max_num_seqs=6, overlap=True),
-            runner_config=RunnerConfig(attention_backend=backend, max_mixed_graph_tokens=20),
+            runner_config=RunnerConfig(
+                attention_backend=backend, max_mixed_graph_tokens=20, fused_decode_merge=fused_merge
+            ),
         )
         runner = llm.engine.runner
         if backend == "triton":
@@ -50,6 +70,12 @@ def test_mixed_graphs_match_the_torch_backend(tmp_path):
     assert calls and any(d for _, d, _ in calls) and any(not d for _, d, _ in calls), calls
     assert any(fill for *_, fill in calls), calls
     assert all(size <= 20 for size, *_ in calls)
+    counters = llm.engine.runner.split_counters
+    assert (counters is not None) == fused_merge
+    if fused_merge:  # no merge kernel ran, and every counter is back to zero
+        assert merges.launches == 0 and not counters.any()
+    else:
+        assert merges.launches > 0
 
 
 def test_mixed_graph_layouts_and_bad_sizes(tmp_path):
