@@ -69,7 +69,7 @@ class RunnerConfig:
     # Decode graphs read each GEMM's weights into L2 one phase ahead, on a side stream (see
     # rollout/prefetch.py), with this many programs; off by default until measured on a GPU.
     prefetch_weights: bool = False
-    prefetch_programs: int = 32
+    prefetch_programs: int = 128
     # Split decode attention merges its splits in the kernel, one launch fewer per layer at small
     # batches (see kernels/decode_attention.py); off by default until measured on a GPU.
     fused_decode_merge: bool = False

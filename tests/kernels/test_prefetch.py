@@ -24,8 +24,8 @@ def wrapped_sum(words: torch.Tensor) -> int:
 
 @pytest.mark.parametrize(("numel", "dtype", "programs"), [
     (10, torch.float32, 4),  # fewer words than one block: one program
-    (3 * 4096 + 5, torch.int32, 2),  # two programs, ragged end
-    (20000, torch.bfloat16, 3),  # bf16 read as words
+    (3 * 8192 + 5, torch.int32, 2),  # two programs, ragged end
+    (40000, torch.bfloat16, 3),  # bf16 read as words
 ])  # fmt: skip
 def test_prefetch_reads_every_word(numel, dtype, programs):
     gen = torch.Generator().manual_seed(numel)
@@ -35,7 +35,7 @@ def test_prefetch_reads_every_word(numel, dtype, programs):
     words = tensor.view(torch.int32)
     assert 1 <= launched <= programs
     assert wrapped_sum(sink[:launched]) == wrapped_sum(words)
-    assert launched == min(programs, -(-words.numel() // 4096))
+    assert launched == min(programs, -(-words.numel() // 8192))
 
 
 def test_prefetch_refuses_bad_tensors():
