@@ -207,12 +207,15 @@ def test_validation_raises_before_sending(llm):
 
 def test_duplicate_request_id_is_refused(llm):
     async def main():
-        params = SamplingParams(max_tokens=20, ignore_eos=True)
-        first = asyncio.create_task(consume(llm, "dup", [1, 2], params))
-        await asyncio.sleep(0.05)
+        # The duplicate comes once the first request has produced a token, with hundreds more to
+        # go: a fixed sleep let the tiny model finish all of them first on a fast machine.
+        params = SamplingParams(max_tokens=300, ignore_eos=True)
+        first = llm.generate([1, 2], params, request_id="dup")
+        assert len((await anext(first)).outputs[0].token_ids) < 300
         with pytest.raises(ValueError, match="already in use"):
             await consume(llm, "dup", [1, 2], params)
-        assert len((await first).outputs[0].token_ids) == 20
+        last = [out async for out in first][-1]
+        assert len(last.outputs[0].token_ids) == 300 and last.finished
 
     run(main())
 
