@@ -119,3 +119,34 @@ def test_eager_step_graphs_on_steps_above_2048_tokens(tmp_path, graphs):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         la, lb = torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs)
         assert (la - lb).abs().max() <= 1e-4
+
+
+def test_mixed_graphs_are_made_again_on_wake(tmp_path):
+    """sleep drops the graphs with the KV cache; wake_up captures the mixed graphs again over the
+    new storage, and they give the same tokens as before."""
+    family, overrides, block_size = CASES["qwen3"]
+    save_tiny_checkpoint(tmp_path, family, **overrides)
+    prompts = random_seqs([3, 30, 64, 9, 45], seed=9)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+    llm = LLM(
+        str(tmp_path),
+        device="cuda",
+        dtype="float32",
+        runner_config=RunnerConfig(max_mixed_graph_tokens=2048),
+        cache_config=CacheConfig(block_size, num_blocks=256),
+        scheduler_config=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8),
+    )
+    runner = llm.engine.runner
+    before = llm.generate(prompts, params, use_tqdm=False)
+    llm.sleep(1)
+    assert runner.mixed is None
+    llm.wake_up()
+    assert runner.mixed is not None and runner.pieces is None
+    calls: list[int] = []
+    runner.mixed.forward = counted(runner.mixed.forward, calls)
+    after = llm.generate(prompts, params, use_tqdm=False)
+    assert calls  # steps with prompt tokens replayed the new graphs
+    for a, b in zip(before, after, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la, lb = torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs)
+        assert (la - lb).abs().max() <= 1e-4
