@@ -3,9 +3,9 @@
 A decode step's GEMMs are small (4-12 MB of weights per GEMM for Qwen3-0.6B) and reach only
 0.8-1.6 TB/s from DRAM: too few bytes in flight per SM for their short lifetime. Read into L2 a
 little earlier, by a few programs on a side stream while attention runs, their weights come from
-L2 instead (``rollout/prefetch.py`` schedules it). The loads skip L1 (``.cg``) and carry the
-``evict_last`` policy, so the streams of KV-cache lines that pass through L2 meanwhile are evicted
-before them.
+L2 instead (``rollout/prefetch.py`` schedules it). The loads carry the ``evict_last`` policy (which
+PTX does not combine with ``.cg``), so the streams of KV-cache lines that pass through L2
+meanwhile are evicted before them.
 
 Each program folds the words it read into one int32 sum stored in ``sink``: the loads have a use,
 so the compiler keeps them, and a test can check that every word was read.
@@ -31,9 +31,7 @@ def _prefetch_kernel(src_ptr, sink_ptr, num_words, per_program, BLOCK: tl.conste
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for off in range(start, end, BLOCK):
         idx = off + tl.arange(0, BLOCK)
-        acc += tl.load(
-            src_ptr + idx, mask=idx < end, other=0, cache_modifier=".cg", eviction_policy="evict_last"
-        )
+        acc += tl.load(src_ptr + idx, mask=idx < end, other=0, eviction_policy="evict_last")
     tl.store(sink_ptr + pid, tl.sum(acc, axis=0))
 
 
