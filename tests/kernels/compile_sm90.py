@@ -1,101 +1,173 @@
-"""Compile Triton kernel variants for an H100/H200 (sm_90) without a GPU: Triton's NVIDIA backend
-and its bundled ptxas run on any machine. It catches what the interpreter cannot: PTX that ptxas
-refuses (e.g. a cache modifier with an eviction policy), unsupported shapes, register blow-ups.
+"""Compile every Triton kernel launch of the engine's launchers for an H100/H200 (sm_90) without a
+GPU: Triton's NVIDIA backend and its bundled ptxas run on any machine. It catches what the
+interpreter cannot: PTX that ptxas refuses (e.g. a cache modifier with an eviction policy),
+unsupported layouts, a constexpr combination that does not lower.
 
-Run as ``python -m tests.kernels.compile_sm90`` in a process without ``TRITON_INTERPRET`` (the
-interpreter replaces the kernels when they are defined); prints one JSON object per variant.
+The launchers run as usual on small CPU tensors (their checks, configs and constexprs are the
+real ones); each ``kernel[grid](...)`` is compiled for sm_90 from the arguments it was given
+instead of launched. Run as ``python -m tests.kernels.compile_sm90`` in a process without
+``TRITON_INTERPRET`` (the interpreter replaces the kernels when they are defined); it prints one
+JSON object per launch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
+from collections.abc import Iterator
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-from rollout.kernels import decode_attention, prefetch, prefill_attention
+from triton.runtime.jit import JITFunction
 
 _TARGET = GPUTarget("cuda", 90, 32)
+_DTYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
-def compile_variant(kernel, types: dict[str, str], constexprs: dict, warps: int = 4, stages: int = 2):
-    """``kernel`` (a ``triton.jit`` function) compiled for sm_90; arguments not in ``types`` or
-    ``constexprs`` are i32 scalars."""
-    names = kernel.arg_names
-    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    values = {(names.index(n),): v for n, v in constexprs.items()}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=values)
-    return triton.compile(source, target=_TARGET, options={"num_warps": warps, "num_stages": stages})
+def _type(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
-def variants():
-    """(name, kernel, argument types, constexprs, warps, stages) of the variants checked."""
-    bf16, i32p, f32p = "*bf16", "*i32", "*fp32"
-    decode_types = dict(
-        order_ptr=i32p, q_ptr=bf16, k_cache_ptr=bf16, v_cache_ptr=bf16, block_tables_ptr=i32p,
-        seq_lens_ptr=i32p, out_ptr=bf16, part_out_ptr=f32p, part_lse_ptr=f32p, counters_ptr=i32p,
-        scale_log2="fp32",
+def compile_launch(kernel: JITFunction, args: tuple, kwargs: dict) -> dict:
+    """Compile one launch's kernel for sm_90; a JSON-able summary (ok, error or the atomics)."""
+    options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
+    values = dict(zip(kernel.arg_names, args, strict=False)) | kwargs
+    signature, constexprs = {}, {}
+    for i, param in enumerate(kernel.params):
+        value = values.get(param.name, param.default)
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[(i,)] = value
+        else:
+            signature[param.name] = _type(value)
+    name = kernel.fn.__name__
+    try:
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        ptx = triton.compile(source, target=_TARGET, options=options).asm["ptx"]
+    except Exception as e:  # noqa: BLE001 - reported: every launch gets checked
+        return dict(kernel=name, ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
+    return dict(kernel=name, ok=True, atomics=sorted(set(re.findall(r"atom\.[a-z0-9_.]+", ptx))))
+
+
+@contextlib.contextmanager
+def compiled_not_launched() -> Iterator[list[dict]]:
+    """Within the block, ``kernel[grid](...)`` compiles for sm_90 instead of launching; the list
+    fills with ``compile_launch`` summaries."""
+    results: list[dict] = []
+    run = JITFunction.run
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        results.append(compile_launch(self, args, kwargs))
+
+    JITFunction.run = compile_instead
+    try:
+        yield results
+    finally:
+        JITFunction.run = run
+
+
+def launch_all() -> None:
+    """Every launcher of the engine on small bf16 CPU tensors, in the variants the engine uses."""
+    from rollout.kernels.decode_attention import DecodeConfig, decode_attention
+    from rollout.kernels.fused_ops import qk_norm_rope_store, rms_norm, silu_and_mul
+    from rollout.kernels.prefetch import prefetch_l2
+    from rollout.kernels.prefill_attention import ExtendConfig, extend_attention, extend_tiles
+    from rollout.kernels.store_kv import store_kv
+
+    bf16, i32 = torch.bfloat16, torch.int32
+    heads, kv_heads, dim, block, blocks, batch = 16, 8, 128, 16, 64, 4
+    k_cache = torch.zeros(blocks, block, kv_heads, dim, dtype=bf16)
+    v_cache = torch.zeros_like(k_cache)
+    tables = torch.zeros(batch, 8, dtype=i32)
+    lens = torch.full((batch,), 100, dtype=i32)
+    q = torch.zeros(batch, heads, dim, dtype=bf16)
+    order = torch.arange(batch, dtype=i32)
+    counters = torch.zeros(batch * kv_heads, dtype=i32)
+    split, whole = DecodeConfig(16, 128), DecodeConfig(1, 64, num_stages=3)  # the two default shapes
+    for window in (None, 64):
+        decode_attention(q, k_cache, v_cache, tables, lens, 0.1, window, split, order=order)  # + merge
+        decode_attention(q, k_cache, v_cache, tables, lens, 0.1, window, whole, order=order)
+        decode_attention(q, k_cache, v_cache, tables, lens, 0.1, window, split, counters=counters)
+    rows = 64
+    qx = torch.zeros(rows, heads, dim, dtype=bf16)
+    starts = torch.tensor([0, 1, 40, rows], dtype=i32)
+    lens3 = torch.tensor([50, 60, 24], dtype=i32)
+    tables3 = torch.zeros(3, 8, dtype=i32)
+    extend_attention(qx, k_cache, v_cache, tables3, lens3, starts, 39, 0.1, first_seq=1)
+    config = ExtendConfig(block_m=128, pack_gqa=True)
+    tiles = extend_tiles([1, 39, 24], 1, 64, 8)
+    extend_attention(qx, k_cache, v_cache, tables3, lens3, starts, rows, 0.1, 64, config, tiles=tiles)
+    big = ExtendConfig(block_m=256, block_n=64, num_warps=8, num_stages=3, pack_gqa=True)
+    extend_attention(qx, k_cache, v_cache, tables3, lens3, starts, 39, 0.1, config=big)
+    kv = torch.zeros(rows, kv_heads, dim, dtype=bf16)
+    store_kv(kv, kv, k_cache, v_cache, torch.arange(rows))
+    hidden = torch.zeros(rows, 1024, dtype=bf16)
+    weight = torch.ones(1024, dtype=bf16)
+    rms_norm(hidden, weight, 1e-6)
+    rms_norm(hidden, weight, 1e-6, hidden.clone())
+    silu_and_mul(torch.zeros(rows, 2 * 3072, dtype=bf16))
+    qkv = torch.zeros(rows, (heads + 2 * kv_heads) * dim, dtype=bf16)
+    table = torch.zeros(4096, dim, dtype=torch.float32)
+    norm_w = torch.ones(dim, dtype=bf16)
+    qk_norm_rope_store(
+        qkv, torch.arange(rows), table, heads, kv_heads, dim, k_cache, v_cache, torch.arange(rows),
+        norm_w, norm_w, 1e-6,
     )  # fmt: skip
-    for group, window, fused in ((2, False, True), (8, True, True), (2, True, False)):
-        splits = 32
-        c = dict(
-            GROUP=group, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128,
-            HAS_WINDOW=window, USE_DOT=True, SPLIT=True, PRECISION="tf32", NUM_KV_HEADS=8,
-            HAS_ORDER=True, FUSED_MERGE=fused, GROUP_P2=group, SPLITS_PAD=splits,
-            SPLIT_CHUNK=decode_attention._split_chunk(group, 128, splits),
-        )  # fmt: skip
-        yield (
-            f"decode_g{group}_w{int(window)}_fused{int(fused)}",
-            decode_attention._decode_split_kernel,
-            decode_types,
-            c,
-            4,
-            2,
-        )
-    merge_types = dict(part_out_ptr=f32p, part_lse_ptr=f32p, out_ptr=bf16)
-    yield (
-        "merge",
-        decode_attention._merge_splits_kernel,
-        merge_types,
-        dict(HEAD_DIM=128, BLOCK_D=128, SPLITS_PAD=32),
-        4,
-        2,
-    )
-    extend_types = dict(
-        q_ptr=bf16, k_cache_ptr=bf16, v_cache_ptr=bf16, block_tables_ptr=i32p, seq_lens_ptr=i32p,
-        query_start_ptr=i32p, out_ptr=bf16, scale_log2="fp32", tiles_ptr=i32p,
-    )  # fmt: skip
-    c = dict(GROUP=2, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_M=64, BLOCK_N=32, HAS_WINDOW=False,
-             PRECISION="tf32", PACK=2, TILE_LIST=True)  # fmt: skip
-    yield "extend_tiles", prefill_attention._extend_kernel, extend_types, c, 4, 3
-    prefetch_types = dict(src_ptr=i32p, sink_ptr=i32p)
-    yield (
-        "prefetch",
-        prefetch._prefetch_kernel,
-        prefetch_types,
-        dict(BLOCK=prefetch._BLOCK),
-        prefetch._WARPS,
-        2,
-    )
+    prefetch_l2(torch.zeros(1 << 16, dtype=bf16), torch.zeros(8, dtype=i32))
+    _launch_sampling()
+
+
+def _launch_sampling() -> None:
+    from rollout.kernels import sampling
+
+    batch, vocab = 4, 5000
+    logits = torch.zeros(batch, vocab, dtype=torch.bfloat16)
+    temperature = torch.ones(batch)
+    flags = torch.zeros(batch, dtype=torch.bool)
+    seeds, offsets = torch.zeros(batch, dtype=torch.int64), torch.zeros(batch, dtype=torch.int64)
+    bans = torch.tensor([1, 2], dtype=torch.int64)
+    none = torch.zeros(0, dtype=torch.int64)
+    check = sampling._check
+    sampling._check = lambda *args: None  # it refuses CPU logits outside the interpreter
+    try:
+        args = (logits, temperature, flags, seeds, offsets, flags)
+        sampling.fused_sample(*args, bans, bans, all_greedy=False, any_processed=True, write_source=True)
+        sampling.fused_sample(*args, none, none, all_greedy=True, any_processed=False)
+    finally:
+        sampling._check = check
+    sampling.race_noise(seeds, offsets, 300)
 
 
 def main() -> int:
-    failed = 0
-    for name, kernel, types, constexprs, warps, stages in variants():
-        try:
-            ptx = compile_variant(kernel, types, constexprs, warps, stages).asm["ptx"]
-            atomics = sorted(set(re.findall(r"atom\.[a-z0-9_.]+", ptx)))
-            print(json.dumps(dict(name=name, ok=True, atomics=atomics)), flush=True)
-        except Exception as e:  # noqa: BLE001 - reported, not raised: every variant gets checked
-            failed += 1
-            print(
-                json.dumps(dict(name=name, ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")),
-                flush=True,
-            )
-    return 1 if failed else 0
+    with compiled_not_launched() as results:
+        launch_all()
+    for r in results:
+        print(json.dumps(r), flush=True)
+    return 0 if results and all(r["ok"] for r in results) else 1
 
 
 if __name__ == "__main__":
