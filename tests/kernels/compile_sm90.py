@@ -56,17 +56,24 @@ def compile_launch(kernel: JITFunction, args: tuple, kwargs: dict) -> dict:
     """Compile one launch's kernel for sm_90; a JSON-able summary (ok, error or the atomics)."""
     options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
     values = dict(zip(kernel.arg_names, args, strict=False)) | kwargs
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(kernel.params):
         value = values.get(param.name, param.default)
         if param.is_constexpr:
             signature[param.name] = "constexpr"
             constexprs[(i,)] = value
-        else:
-            signature[param.name] = _type(value)
+            continue
+        signature[param.name] = _type(value)
+        # Triton's launch specializes on 16-byte alignment: pointers (the CUDA allocator aligns to
+        # 256) and ints divisible by 16 unless marked do_not_specialize
+        aligned = isinstance(value, torch.Tensor) or (
+            type(value) is int and value % 16 == 0 and not param.do_not_specialize
+        )
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
     name = kernel.fn.__name__
     try:
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         ptx = triton.compile(source, target=_TARGET, options=options).asm["ptx"]
     except Exception as e:  # noqa: BLE001 - reported: every launch gets checked
         return dict(kernel=name, ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
