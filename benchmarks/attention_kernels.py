@@ -357,6 +357,7 @@ def bench_extend(sweep: bool, shapes=EXTEND_SHAPES[:1]) -> list[dict]:
                 ExtendConfig(128, 64, 8, 3),
                 # pack_gqa: the tile holds block_m // group positions of each head of a GQA group
                 ExtendConfig(128, 32, 4, 3, pack_gqa=True),
+                ExtendConfig(128, 32, 8, 3, pack_gqa=True),  # no register spills (4 warps: 40 B)
                 ExtendConfig(128, 64, 4, 3, pack_gqa=True),
                 ExtendConfig(256, 32, 8, 3, pack_gqa=True),
                 ExtendConfig(256, 64, 8, 3, pack_gqa=True),
