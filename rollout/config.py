@@ -71,7 +71,7 @@ class RunnerConfig:
     prefetch_weights: bool = False
     prefetch_programs: int = 128
     # Split decode attention merges its splits in the kernel, one launch fewer per layer at small
-    # batches (see kernels/decode_attention.py); off by default until measured on a GPU.
+    # batches (see rollout/kernels/decode_attention.py); off by default until measured on a GPU.
     fused_decode_merge: bool = False
     fused_ops: bool = True  # Triton kernels for add+RMSNorm, q/k norm+RoPE, SiLU-and-mul (triton backend)
 
