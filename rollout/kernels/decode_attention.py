@@ -86,9 +86,10 @@ def _merge_group(
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """Merge the splits' partials of one (sequence, KV head), every query head of the group: what
-    ``_merge_splits_kernel`` computes, in chunks of SPLIT_CHUNK splits. The partials come from
-    other programs: loaded with .cg (L2), never from this SM's L1."""
+    """Merge the splits' partials of one (sequence, KV head), every query head of the group, in
+    chunks of SPLIT_CHUNK splits: weights exp2(lse - max lse), all 0 for a padding row (every
+    split empty). The partials come from other programs: loaded with .cg (L2), never from this
+    SM's L1."""
     g = tl.arange(0, GROUP_P2)
     g_mask = g < GROUP
     heads = kv_head * GROUP + g
@@ -258,36 +259,15 @@ def _decode_split_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
-    part_out_ptr,
-    part_lse_ptr,
-    out_ptr,
-    num_splits,
-    stride_ob,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
-):
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    s = tl.arange(0, SPLITS_PAD)
-    s_mask = s < num_splits
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
-    row = (b * tl.num_programs(1) + head).to(tl.int64) * num_splits
-    lse = tl.load(part_lse_ptr + row + s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (seq_len 0): weights all 0
-    w = tl.exp2(lse - m)
-    denom = tl.sum(w, axis=0)
-    part = tl.load(
-        part_out_ptr + (row + s)[:, None] * HEAD_DIM + d[None, :],
-        mask=s_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
-    o = tl.sum(w[:, None] * part, axis=0) / tl.where(denom > 0.0, denom, 1.0)
-    dst = out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + d
-    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=d_mask)
+    part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """The splits' merge as a launch of its own: one program per (sequence, KV head)."""
+    _merge_group(
+        part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), num_splits, stride_ob,
+        stride_oh, GROUP, GROUP_P2, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD, SPLIT_CHUNK,
+    )  # fmt: skip
 
 
 def decode_attention(
@@ -356,6 +336,15 @@ def decode_attention(
         return out
     split = config.num_splits > 1
     fused_merge = split and counters is not None
+    merge_args = dict(  # the merge's constexprs (in the split kernel's last program, or its own launch)
+        GROUP=group,
+        GROUP_P2=triton.next_power_of_2(group),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        SPLITS_PAD=triton.next_power_of_2(config.num_splits),
+        SPLIT_CHUNK=_split_chunk(group, head_dim, config.num_splits),
+    )
     if split:
         part_out = torch.empty(
             batch, num_heads, config.num_splits, head_dim, dtype=torch.float32, device=q.device
@@ -398,23 +387,21 @@ def decode_attention(
         NUM_KV_HEADS=num_kv_heads,
         HAS_ORDER=order is not None,
         FUSED_MERGE=fused_merge,
-        GROUP_P2=triton.next_power_of_2(group),
-        SPLITS_PAD=triton.next_power_of_2(config.num_splits),
-        SPLIT_CHUNK=_split_chunk(group, head_dim, config.num_splits),
+        GROUP_P2=merge_args["GROUP_P2"],
+        SPLITS_PAD=merge_args["SPLITS_PAD"],
+        SPLIT_CHUNK=merge_args["SPLIT_CHUNK"],
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
     if split and not fused_merge:
-        _merge_splits_kernel[(batch, num_heads)](
+        _merge_splits_kernel[(batch, num_kv_heads)](
             part_out,
             part_lse,
             out,
             config.num_splits,
             out.stride(0),
             out.stride(1),
-            HEAD_DIM=head_dim,
-            BLOCK_D=triton.next_power_of_2(head_dim),
-            SPLITS_PAD=triton.next_power_of_2(config.num_splits),
+            **merge_args,
             num_warps=4,
         )
     return out
