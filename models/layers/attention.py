@@ -138,56 +138,55 @@ class Attention(nn.Module):
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
     def _attend_triton(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        from rollout.kernels.decode_attention import decode_attention
-        from rollout.kernels.prefill_attention import extend_attention
-
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
         if meta.extend_tiles is not None:  # a mixed step's graph: decode rows first, then the tiles
             assert meta.decode_seq_lens is not None
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             rows = meta.decode_seq_lens.shape[0]
-            decode_attention(
-                q[:rows],
-                self.k_cache,
-                self.v_cache,
-                meta.block_tables[:rows],
-                meta.decode_seq_lens,
-                self.scale,
-                self.sliding_window,
-                out=out[:rows],
-                order=meta.decode_order,
-                counters=meta.split_counters,
-            )
-            return extend_attention(
-                q,
-                self.k_cache,
-                self.v_cache,
-                meta.block_tables,
-                meta.seq_lens,
-                meta.query_start_loc,
-                meta.max_query_len,
-                self.scale,
-                self.sliding_window,
-                config=meta.extend_config,
-                tiles=meta.extend_tiles,
-                out=out,
-            )
+            tables = meta.block_tables[:rows]
+            self._decode(q[:rows], tables, meta.decode_seq_lens, meta.decode_order, meta, out[:rows])
+            return self._extend(q, meta, config=meta.extend_config, tiles=meta.extend_tiles, out=out)
         if meta.max_query_len == 1:  # one query row per sequence, rows in batch order
-            return decode_attention(
-                q,
-                self.k_cache,
-                self.v_cache,
-                meta.block_tables,
-                meta.seq_lens,
-                self.scale,
-                self.sliding_window,
-                order=meta.decode_order,
-                counters=meta.split_counters,
-            )
+            return self._decode(q, meta.block_tables, meta.seq_lens, meta.decode_order, meta)
         nd = meta.num_decodes if meta.num_decodes < meta.seq_lens.shape[0] else 0
         # whole tensors plus an offset, not slices: a sliced pointer's alignment would make Triton
         # compile new specializations mid-run
-        out = extend_attention(
+        out = self._extend(q, meta, first_seq=nd)
+        if nd:  # rows 0..nd-1: one query each, in the decode kernel
+            order = None if meta.decode_order is None else meta.decode_order[:nd]
+            self._decode(q[:nd], meta.block_tables[:nd], meta.seq_lens[:nd], order, meta, out[:nd])
+        return out
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        order: torch.Tensor | None,
+        meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The decode kernel on these rows (one query each) of this layer's cache."""
+        from rollout.kernels.decode_attention import decode_attention
+
+        return decode_attention(
+            q,
+            self.k_cache,
+            self.v_cache,
+            block_tables,
+            seq_lens,
+            self.scale,
+            self.sliding_window,
+            out=out,
+            order=order,
+            counters=meta.split_counters,
+        )
+
+    def _extend(self, q: torch.Tensor, meta: AttentionMetadata, **launch) -> torch.Tensor:
+        """The extend kernel on the step's query chunks (``launch``: its keyword arguments)."""
+        from rollout.kernels.prefill_attention import extend_attention
+
+        return extend_attention(
             q,
             self.k_cache,
             self.v_cache,
@@ -197,19 +196,5 @@ class Attention(nn.Module):
             meta.max_query_len,
             self.scale,
             self.sliding_window,
-            first_seq=nd,
+            **launch,
         )
-        if nd:  # rows 0..nd-1: one query each, in the decode kernel
-            decode_attention(
-                q[:nd],
-                self.k_cache,
-                self.v_cache,
-                meta.block_tables[:nd],
-                meta.seq_lens[:nd],
-                self.scale,
-                self.sliding_window,
-                out=out[:nd],
-                order=None if meta.decode_order is None else meta.decode_order[:nd],
-                counters=meta.split_counters,
-            )
-        return out
