@@ -3,9 +3,13 @@ comparison of what two engines compute on the same prompts."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch.multiprocessing as mp
 
 from rollout import SamplingParams
 from tests.models.tiny_models import save_tiny_checkpoint
@@ -38,3 +42,29 @@ def assert_same(a, b, atol: float = 1e-5) -> None:
 def write_dir(path: Path, model) -> str:
     model.save_pretrained(path)
     return str(path)
+
+
+@contextlib.contextmanager
+def two_ranks(target: Callable, *args: object) -> Iterator[object]:
+    """Two spawned processes run ``target(rank, port, *args, results)`` (rank 0 hosts the default
+    group on a free ``port``); the block gets the ``results`` queue. When it ends both must have
+    exited with status 0; a rank still alive then (its peer failed and left it waiting in a
+    collective) is terminated."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=target, args=(rank, port, *args, results)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        yield results
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(10)

@@ -7,15 +7,20 @@ trained weights computes."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from rollout import LLM, CacheConfig
 from rollout.weight_sync import WeightSender
-from tests.weight_sync.helpers import GREEDY, PROMPTS, assert_same, checkpoints, fingerprint  # noqa: F401
+from tests.weight_sync.helpers import (  # noqa: F401
+    GREEDY,
+    PROMPTS,
+    assert_same,
+    checkpoints,
+    fingerprint,
+    two_ranks,
+)
 
 CACHE = CacheConfig(num_blocks=64)
 BATCH = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82, 81, 82, 84, 59, 4]])
@@ -81,12 +86,6 @@ FSDP1_WRAPS = {  # name -> (wrap the root too, use_orig_params, SGD learning rat
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fsdp1_rank(rank: int, port: int, old: str, new: str, out_dir: str, results) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -133,27 +132,12 @@ def _fsdp1_rank(rank: int, port: int, old: str, new: str, out_dir: str, results)
 
 
 def test_fsdp1_trainer_gathers_on_every_rank_and_rank0_sends(checkpoints, tmp_path):  # noqa: F811
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    args = (port, checkpoints["old"], checkpoints["new_dir"], str(tmp_path), results)
-    procs = [ctx.Process(target=_fsdp1_rank, args=(r, *args)) for r in range(2)]
-    for p in procs:
-        p.start()
     got = {}
-    try:
+    with two_ranks(_fsdp1_rank, checkpoints["old"], checkpoints["new_dir"], str(tmp_path)) as results:
         for _ in FSDP1_WRAPS:
             name, version, transport, prints = results.get(timeout=180)
             assert name in FSDP1_WRAPS, (name, version)
             got[name] = (version, transport, prints)
-        for p in procs:
-            p.join(60)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:  # a failed rank leaves its peer waiting in a collective
-            if p.is_alive():
-                p.terminate()
-                p.join(10)
     first = engine_fingerprint(checkpoints["new_dir"])
     for i, name in enumerate(FSDP1_WRAPS, start=1):
         version, transport, prints = got[name]

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from rollout import LLM, AsyncLLM, CacheConfig, SamplingParams
 from rollout.weight_sync import WeightSender
-from tests.weight_sync.helpers import GREEDY, PROMPTS, assert_same, checkpoints, fingerprint  # noqa: F401
+from tests.weight_sync.helpers import (  # noqa: F401
+    GREEDY,
+    PROMPTS,
+    assert_same,
+    checkpoints,
+    fingerprint,
+    two_ranks,
+)
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 CACHE = CacheConfig(num_blocks=128)
@@ -146,12 +151,6 @@ def test_updates_during_live_generation_in_each_pause_mode(checkpoints):  # noqa
 
 
 # ---- a sharded trainer: FSDP2 over two ranks, rank 0 sends ----------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fsdp_rank(rank: int, port: int, old: str, new: str, results) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -189,24 +188,7 @@ def _fsdp_rank(rank: int, port: int, old: str, new: str, results) -> None:
 
 
 def test_fsdp2_trainer_gathers_on_every_rank_and_rank0_sends(checkpoints, expected):  # noqa: F811
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_fsdp_rank, args=(r, port, checkpoints["old"], checkpoints["new_dir"], results))
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    try:
+    with two_ranks(_fsdp_rank, checkpoints["old"], checkpoints["new_dir"]) as results:
         version, transport, got = results.get(timeout=240)
-        for p in procs:
-            p.join(60)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:  # a failed rank leaves its peer waiting in a collective
-            if p.is_alive():
-                p.terminate()
-                p.join(10)
     assert version == 3 and transport == "gloo", (version, transport)
     assert_same(got, expected)
