@@ -14,14 +14,22 @@ from tests.models.tiny_models import CASES, random_seqs, save_tiny_checkpoint
 pytestmark = pytest.mark.gpu
 
 
-def counted(forward, calls: list[int]):
-    """``forward`` (of the pieces: ids first; of the mixed graphs: the size first) noting its sizes."""
+def count_replays(runner) -> list[int]:
+    """The token counts of the steps that replay the runner's eager-step graphs (pieces or mixed),
+    noted from now on: their ``forward`` takes the ids (pieces) or the size (mixed) first."""
+    calls: list[int] = []
 
-    def wrapper(first, *args):
-        calls.append(first if isinstance(first, int) else len(first))
-        return forward(first, *args)
+    def counted(forward):
+        def wrapper(first, *args):
+            calls.append(first if isinstance(first, int) else len(first))
+            return forward(first, *args)
 
-    return wrapper
+        return wrapper
+
+    for step_graphs in (runner.pieces, runner.mixed):
+        if step_graphs is not None:
+            step_graphs.forward = counted(step_graphs.forward)
+    return calls
 
 
 GRAPHS = {  # the eager steps' graphs under test: RunnerConfig fields
@@ -61,10 +69,7 @@ def test_eager_step_graphs_match_the_eager_forward(tmp_path, dtype, graphs):
         runner = llm.engine.runner
         assert (runner.pieces is not None) == (mode == "pieces")
         assert (runner.mixed is not None) == (mode == "mixed")
-        calls: list[int] = []
-        for step_graphs in (runner.pieces, runner.mixed):
-            if step_graphs is not None:
-                step_graphs.forward = counted(step_graphs.forward, calls)
+        calls = count_replays(runner)
         results[mode] = llm.generate(prompts, params, use_tqdm=False)
         used[mode] = calls
         assert llm.stats().num_free_blocks == 512
@@ -108,10 +113,7 @@ def test_eager_step_graphs_on_steps_above_2048_tokens(tmp_path, graphs):
             scheduler_config=SchedulerConfig(max_num_batched_tokens=4096, max_num_seqs=64),
         )
         runner = llm.engine.runner
-        calls: list[int] = []
-        for step_graphs in (runner.pieces, runner.mixed):
-            if step_graphs is not None:
-                step_graphs.forward = counted(step_graphs.forward, calls)
+        calls = count_replays(runner)
         results[mode] = llm.generate(prompts, params, use_tqdm=False)
         used[mode] = calls
     assert max(used[graphs]) > 2048  # a step of thousands of tokens replayed the graphs
@@ -142,8 +144,7 @@ def test_mixed_graphs_are_made_again_on_wake(tmp_path):
     assert runner.mixed is None
     llm.wake_up()
     assert runner.mixed is not None and runner.pieces is None
-    calls: list[int] = []
-    runner.mixed.forward = counted(runner.mixed.forward, calls)
+    calls = count_replays(runner)
     after = llm.generate(prompts, params, use_tqdm=False)
     assert calls  # steps with prompt tokens replayed the new graphs
     for a, b in zip(before, after, strict=True):
