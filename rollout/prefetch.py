@@ -45,13 +45,11 @@ class WeightPrefetch:
     def _start(self, i: int) -> None:
         from rollout.kernels.prefetch import prefetch_l2
 
-        if self.stream is None:
-            for w in self._targets(i):
-                prefetch_l2(w.detach(), self.sink)
-                self.launches += 1
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
+        side = contextlib.nullcontext()  # without CUDA: inline
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            side = torch.cuda.stream(self.stream)
+        with side:
             for w in self._targets(i):
                 prefetch_l2(w.detach(), self.sink)
                 self.launches += 1
