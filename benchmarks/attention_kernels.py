@@ -106,8 +106,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def _args(p: dict) -> tuple:
+    """decode_attention's leading arguments for problem ``p``."""
+    return (p["q"], p["k_cache"], p["v_cache"], p["block_tables"], p["seq_lens"], p["scale"])
+
+
 def decode_fn(p: dict, config: DecodeConfig | None = None, order: torch.Tensor | None = None):
-    args = (p["q"], p["k_cache"], p["v_cache"], p["block_tables"], p["seq_lens"], p["scale"])
+    args = _args(p)
     return lambda: decode_attention(*args, config=config, order=order)
 
 
@@ -227,10 +232,6 @@ def bench_merge() -> list[dict]:
             rows.append(row)
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     return rows
-
-
-def _args(p: dict) -> tuple:
-    return (p["q"], p["k_cache"], p["v_cache"], p["block_tables"], p["seq_lens"], p["scale"])
 
 
 def sweep_ragged(ceiling: float, seed: int = 3) -> list[dict]:
