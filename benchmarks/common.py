@@ -14,9 +14,8 @@ from rollout.config import RunnerConfig
 
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
-    """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--prefetch-programs`` / ``--fused-merge``:
-    the graphs of the engine under test (``RunnerConfig.max_piecewise_tokens`` /
-    ``max_mixed_graph_tokens`` / ``prefetch_weights`` and ``prefetch_programs`` /
+    """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge``: the graphs of the engine
+    under test (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens`` /
     ``fused_decode_merge``)."""
     defaults = RunnerConfig()
     parser.add_argument(
@@ -32,12 +31,6 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         help="RunnerConfig.max_mixed_graph_tokens (0: no whole mixed-step graphs)",
     )
     parser.add_argument(
-        "--prefetch-programs",
-        type=int,
-        default=0,
-        help="RunnerConfig.prefetch_programs with prefetch_weights on (0: no L2 prefetch of weights)",
-    )
-    parser.add_argument(
         "--fused-merge", action="store_true", help="RunnerConfig.fused_decode_merge (in-kernel split merge)"
     )
 
@@ -47,8 +40,6 @@ def graph_config(args: argparse.Namespace) -> RunnerConfig:
     return RunnerConfig(
         max_piecewise_tokens=args.piecewise_tokens,
         max_mixed_graph_tokens=args.mixed_graph_tokens,
-        prefetch_weights=args.prefetch_programs > 0,
-        prefetch_programs=max(1, args.prefetch_programs),
         fused_decode_merge=args.fused_merge,
     )
 

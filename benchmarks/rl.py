@@ -60,7 +60,7 @@ def summarize_steps(steps: list[tuple[float, bool, int]], start: float) -> dict:
     prev = start
     for end, decode_only, tokens in steps:
         rows = [out["decode_only" if decode_only else "mixed"]]
-        if decode_only:  # one token per sequence
+        if decode_only and tokens:  # one token per sequence (0: a step that only collected)
             label = next(label for label, lowest in _BATCH_BUCKETS if tokens >= lowest)
             rows.append(out[f"decode_batch_{label}"])
         for row in rows:

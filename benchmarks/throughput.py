@@ -230,8 +230,6 @@ def _run_child(args: argparse.Namespace, engine: str, wl: str, result_file: Path
         str(args.piecewise_tokens),
         "--mixed-graph-tokens",
         str(args.mixed_graph_tokens),
-        "--prefetch-programs",
-        str(args.prefetch_programs),
         *(["--fused-merge"] if args.fused_merge else []),
         *(["--trace"] if args.trace else []),
         *(["--gc-freeze"] if args.gc_freeze else []),

@@ -66,10 +66,6 @@ class RunnerConfig:
     # forward instead, attention included (see rollout/mixed_graphs.py); 0: off. Off by default
     # until measured on a GPU.
     max_mixed_graph_tokens: int = 0
-    # Decode graphs read each GEMM's weights into L2 one phase ahead, on a side stream (see
-    # rollout/prefetch.py), with this many programs; off by default until measured on a GPU.
-    prefetch_weights: bool = False
-    prefetch_programs: int = 128
     # Split decode attention merges its splits in the kernel, one launch fewer per layer at small
     # batches (see rollout/kernels/decode_attention.py); off by default until measured on a GPU.
     fused_decode_merge: bool = False
@@ -84,7 +80,5 @@ class RunnerConfig:
             raise ValueError(f"max_graph_batch must be >= 1, got {self.max_graph_batch}")
         if self.max_piecewise_tokens < 0:
             raise ValueError(f"max_piecewise_tokens must be >= 0, got {self.max_piecewise_tokens}")
-        if self.prefetch_programs < 1:
-            raise ValueError(f"prefetch_programs must be >= 1, got {self.prefetch_programs}")
         if self.max_mixed_graph_tokens < 0:
             raise ValueError(f"max_mixed_graph_tokens must be >= 0, got {self.max_mixed_graph_tokens}")

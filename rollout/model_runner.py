@@ -3,7 +3,6 @@ computes logits only for rows that need them, and samples."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 from dataclasses import dataclass, field
@@ -17,7 +16,6 @@ from rollout.models.config import ModelConfig
 from rollout.models.layers.attention import AttentionMetadata
 from rollout.models.loader import load_model
 from rollout.piecewise_graphs import PiecewiseGraphs
-from rollout.prefetch import WeightPrefetch
 from rollout.samplers.params import MAX_LOGPROBS, SamplingParams
 from rollout.samplers.sampler import SamplerOutput, prompt_logprobs, sample
 from rollout.samplers.tensors import (
@@ -93,7 +91,6 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.pieces: PiecewiseGraphs | None = None
         self.mixed: MixedGraphs | None = None
-        self.prefetch: WeightPrefetch | None = None
         if self.attention_backend == "triton" and device.type == "cuda":
             self._compile_extend_kernels()
         self.capture_graphs()
@@ -129,10 +126,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(
             self.model, max_batch, max_blocks, max_len, self.device, self.split_counters
         )
-        if rc.prefetch_weights:  # kept while the graphs live: they write its sink
-            self.prefetch = WeightPrefetch(self.model, self.device, rc.prefetch_programs)
-        with self.prefetch.hooks() if self.prefetch is not None else contextlib.nullcontext():
-            self.graphs.capture()
+        self.graphs.capture()
         piece_sizes = [s for s in sizes if s <= rc.max_piecewise_tokens and s not in mixed_sizes]
         if piece_sizes:
             self.pieces = PiecewiseGraphs(self.model, piece_sizes, self.device)
@@ -170,7 +164,6 @@ class ModelRunner:
         self.graphs = None
         self.pieces = None
         self.mixed = None
-        self.prefetch = None
 
     @property
     def attention_backend(self) -> str:

@@ -30,3 +30,14 @@ def test_rl_bench_splits_steps_into_decode_only_and_mixed():
     assert s["decode_batch_1-8"]["steps"] == s["decode_only"]["steps"]
     assert s["decode_batch_1-8"]["seconds"] == s["decode_only"]["seconds"]
     assert set(s) == {"decode_only", "mixed", "decode_batch_1-8"}
+
+
+def test_steps_that_launched_nothing_count_in_no_batch_bucket():
+    """With the overlapped loop the last step launches nothing and only collects the step before it:
+    it counts as decode-only time, in no batch bucket."""
+    start = 0.0
+    steps = [(0.010, False, 40), (0.012, True, 3), (0.014, True, 0)]
+    s = summarize_steps(steps, start)
+    assert s["decode_only"]["steps"] == 2 and s["decode_only"]["tokens"] == 3
+    assert s["decode_batch_1-8"]["steps"] == 1
+    assert abs(s["decode_only"]["seconds"] - 0.004) < 1e-12

@@ -101,7 +101,6 @@ def launch_all() -> None:
     """Every launcher of the engine on small bf16 CPU tensors, in the variants the engine uses."""
     from rollout.kernels.decode_attention import DecodeConfig, decode_attention
     from rollout.kernels.fused_ops import qk_norm_rope_store, rms_norm, silu_and_mul
-    from rollout.kernels.prefetch import prefetch_l2
     from rollout.kernels.prefill_attention import ExtendConfig, extend_attention, extend_tiles
     from rollout.kernels.store_kv import store_kv
 
@@ -144,7 +143,6 @@ def launch_all() -> None:
         qkv, torch.arange(rows), table, heads, kv_heads, dim, k_cache, v_cache, torch.arange(rows),
         norm_w, norm_w, 1e-6,
     )  # fmt: skip
-    prefetch_l2(torch.zeros(1 << 16, dtype=bf16), torch.zeros(8, dtype=i32))
     _launch_sampling()
 
 

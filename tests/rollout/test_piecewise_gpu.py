@@ -116,11 +116,14 @@ def test_eager_step_graphs_on_steps_above_2048_tokens(tmp_path, graphs):
         calls = count_replays(runner)
         results[mode] = llm.generate(prompts, params, use_tqdm=False)
         used[mode] = calls
-    assert max(used[graphs]) > 2048  # a step of thousands of tokens replayed the graphs
-    for a, b in zip(results["eager"], results[graphs], strict=True):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert max(used[graphs]) > 2048, used[graphs]  # a step of thousands of tokens replayed the graphs
+    differ = []  # (sequence, eager tokens, graph tokens, largest logprob difference)
+    for i, (a, b) in enumerate(zip(results["eager"], results[graphs], strict=True)):
         la, lb = torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs)
-        assert (la - lb).abs().max() <= 1e-4
+        d = (la - lb).abs().max().item()
+        if a.outputs[0].token_ids != b.outputs[0].token_ids or d > 1e-4:
+            differ.append((i, a.outputs[0].token_ids, b.outputs[0].token_ids, d))
+    assert not differ, (len(differ), differ[:4])
 
 
 def test_mixed_graphs_are_made_again_on_wake(tmp_path):
@@ -134,7 +137,7 @@ def test_mixed_graphs_are_made_again_on_wake(tmp_path):
         str(tmp_path),
         device="cuda",
         dtype="float32",
-        runner_config=RunnerConfig(max_mixed_graph_tokens=2048),
+        runner_config=RunnerConfig(max_mixed_graph_tokens=2048, max_piecewise_tokens=0),
         cache_config=CacheConfig(block_size, num_blocks=256),
         scheduler_config=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8),
     )
