@@ -7,9 +7,9 @@ reference path, and CUDA-graph replays (launch overhead removed). Prefill: 64 x 
 through the extend kernel, TFLOP/s counting the causal half, against torch SDPA on the same
 problem laid out densely. ``--sweep`` also times decode config variants on a few shapes.
 
-    python benchmarks/attention_kernels.py [--sweep] [--out DIR]   (JSON to DIR or $OUT)
-    python benchmarks/attention_kernels.py --ragged   (decode configs on W1-like ragged lengths)
-    python benchmarks/attention_kernels.py --extend [--sweep]   (extend kernel: W4, an 8B-shape
+    python -m rollout.benchmarks.attention_kernels [--sweep] [--out DIR]   (JSON to DIR or $OUT)
+    python -m rollout.benchmarks.attention_kernels --ragged   (decode configs on W1-like ragged lengths)
+    python -m rollout.benchmarks.attention_kernels --extend [--sweep]   (extend kernel: W4, an 8B-shape
         GQA group of 4, a W1-like admission chunk mix; --sweep: packed and unpacked configs)
 """
 

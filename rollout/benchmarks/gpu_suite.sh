@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one call (the device machine has no internet: missing wheels,
-# pyzmq and msgpack, travel in .whl/). Usage: bash benchmarks/gpu_suite.sh [tests|kernels|bench|host|all]
+# pyzmq and msgpack, travel in .whl/). Usage: bash rollout/benchmarks/gpu_suite.sh [tests|kernels|bench|host|all]
 set -u
 what=${1:-all}
 out=${OUT:-bench-out}
@@ -16,9 +16,9 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = kernels ]; then
   timeout 150 python3 -m rollout.benchmarks.sampling_kernel --out "$out" 2>&1 | tail -14
-  timeout 300 python3 benchmarks/attention_kernels.py --sweep --no-torch --out "$out" 2>&1 | grep -E "^sweep|^extend|^\{'name'" | tail -40
-  timeout 150 python3 benchmarks/attention_kernels.py --extend --sweep --out "$out" 2>&1 | grep "name" | cut -c1-200
-  timeout 200 python3 benchmarks/attention_kernels.py --ragged --out "$out" 2>&1 | grep "^ragged"
+  timeout 300 python3 -m rollout.benchmarks.attention_kernels --sweep --no-torch --out "$out" 2>&1 | grep -E "^sweep|^extend|^\{'name'" | tail -40
+  timeout 150 python3 -m rollout.benchmarks.attention_kernels --extend --sweep --out "$out" 2>&1 | grep "name" | cut -c1-200
+  timeout 200 python3 -m rollout.benchmarks.attention_kernels --ragged --out "$out" 2>&1 | grep "^ragged"
 fi
 if [ "$what" = host ]; then  # host-bound decode: per-phase host time, then what it costs end to end
   timeout 200 python3 -m rollout.benchmarks.host_overhead --model qwen3-0.6b --load-format dummy \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Engine-speed checks on the device in one call: GPU tests of the changed paths, then W3 (b1/b256
 # x 1K, fused/overlap variants), W4, W1 and the core-process overhead (issue 3).
-# Usage: bash benchmarks/gpu_engine.sh [tests|bench|all]
+# Usage: bash rollout/benchmarks/gpu_engine.sh [tests|bench|all]
 set -u
 what=${1:-all}
 out=${OUT:-bench-out}
