@@ -181,6 +181,8 @@ def shared_prefix_decode(
     check_index("members", members, (-1, -1), k_cache.device)
     check_index("prefix_lens", prefix_lens, (members.shape[0],), k_cache.device)
     check_index("starts", starts, (batch,), k_cache.device)
+    if not members.is_contiguous():
+        raise ValueError(f"members must be contiguous, got strides {members.stride()}")
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if out is None:

@@ -82,3 +82,23 @@ def test_shared_prefix_groups_share_only_common_full_blocks():
     assert prefix.tolist() == [12, 8, 0] and starts.tolist() == [12, 12, 8, 0, 8]
     with pytest.raises(ValueError, match="max_members"):
         shared_prefix_groups(tables, lens, bs, max_members=0)
+
+
+def test_shared_prefix_decode_rejects_bad_arguments():
+    from rollout import RunnerConfig
+
+    with pytest.raises(ValueError, match="shared_prefix_members"):
+        RunnerConfig(shared_prefix_members=-1)
+    k_cache = torch.zeros(4, 4, 2, 16)
+    q = torch.zeros(2, 4, 16)
+    tables = torch.zeros(2, 2, dtype=torch.int32)
+    lens = torch.tensor([5, 6], dtype=torch.int32)
+    members = torch.tensor([[0, 1]], dtype=torch.int32)
+    prefix, starts = torch.tensor([4], dtype=torch.int32), torch.tensor([4, 4], dtype=torch.int32)
+    strided = torch.tensor([[0, -1, 9], [1, -1, 9]], dtype=torch.int32)[:, :2]  # rows 3 apart
+    with pytest.raises(ValueError, match="members must be contiguous"):
+        shared_prefix_decode(q, k_cache, k_cache, tables, lens, strided, prefix.repeat(2), starts, 0.1)
+    with pytest.raises(ValueError, match="prefix_lens must have shape"):
+        shared_prefix_decode(q, k_cache, k_cache, tables, lens, members, starts, starts, 0.1)
+    with pytest.raises(ValueError, match="block_n"):
+        shared_prefix_decode(q, k_cache, k_cache, tables, lens, members, prefix, starts, 0.1, block_n=24)
