@@ -31,6 +31,31 @@ def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, i
     return num_blocks, block_size, num_kv_heads, head_dim
 
 
+def check_query(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
+    """Attention queries ``q`` [rows, Hq, D] against a paged cache pair (Hq a multiple of the KV
+    heads, the cache's dtype and device); returns (block_size, num_kv_heads, head_dim)."""
+    _, block_size, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
+    check_rows("q", q, None, head_dim, k_cache.device)
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
+    if q.shape[1] % num_kv_heads:
+        raise ValueError(f"q has {q.shape[1]} heads, not a multiple of {num_kv_heads} KV heads")
+    return block_size, num_kv_heads, head_dim
+
+
+def output_like(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """An attention launch's output: ``out`` checked to be ``q``'s shape, dtype and device with a
+    unit inner stride, or a new tensor when None."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
+        raise ValueError(
+            f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with unit inner stride, got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device} strides {out.stride()}"
+        )
+    return out
+
+
 def check_rows(
     name: str, x: torch.Tensor, num_heads: int | None, head_dim: int, device: torch.device
 ) -> None:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rollout.kernels._checks import check_index, check_kv_cache, check_rows, check_window
+from rollout.kernels._checks import check_index, check_query, check_window, output_like
 
 _LOG2E = 1.4426950408889634
 # Enough resident programs to keep the memory system busy: splits are added until the grid has
@@ -78,6 +78,61 @@ def default_decode_config(batch: int, num_kv_heads: int, device: torch.device) -
     if num_splits > 1:
         return DecodeConfig(num_splits=num_splits, block_n=128)
     return DecodeConfig(num_splits=1, block_n=64, num_stages=3)
+
+
+@triton.jit
+def _attend_pages(
+    acc, m_i, l_i, q, table, kv_head, start, end, k_cache_ptr, v_cache_ptr, scale_log2,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Online softmax (fp32, log2 domain) of the query rows ``q`` [rows, BLOCK_D] of one KV head
+    over positions [start, end) of the pages listed at ``table``, in tiles of BLOCK_N positions:
+    the running (acc, max, sum) updated. Also the shared-prefix kernels' loop."""
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        in_page = pos % BLOCK_SIZE
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k_rows = k_cache_ptr + page * stride_kb + in_page * stride_ks + kv_head * stride_kh
+        k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if USE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        else:
+            qk = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
+        qk = tl.where(valid[None, :], qk * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_rows = v_cache_ptr + page * stride_vb + in_page * stride_vs + kv_head * stride_vh
+        v = tl.load(v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if USE_DOT:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        else:
+            pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _store_partial(part_out_ptr, part_lse_ptr, acc, m_i, l_i, row, mask, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr):  # fmt: skip
+    """A split's normalized partial output (fp32 rows of HEAD_DIM at ``row``) and its log2-sum-exp,
+    -inf (and zeros) for rows that saw no key: padding rows (seq_len 0) and empty splits."""
+    d = tl.arange(0, BLOCK_D)
+    has_keys = l_i > 0.0
+    o = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    tl.store(
+        part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=mask[:, None] & (d < HEAD_DIM)[None, :]
+    )
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(part_lse_ptr + row, lse, mask=mask)
 
 
 @triton.jit
@@ -204,42 +259,14 @@ def _decode_split_kernel(
     m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-    table = block_tables_ptr + b.to(tl.int64) * stride_bt
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        in_page = pos % BLOCK_SIZE
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k_rows = k_cache_ptr + page * stride_kb + in_page * stride_ks + kv_head * stride_kh
-        k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if USE_DOT:
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        else:
-            qk = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
-        qk = tl.where(valid[None, :], qk * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_rows = v_cache_ptr + page * stride_vb + in_page * stride_vs + kv_head * stride_vh
-        v = tl.load(v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if USE_DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        else:
-            pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-
-    has_keys = l_i > 0.0  # false for padding rows (seq_len 0) and empty splits
-    o = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    acc, m_i, l_i = _attend_pages(
+        acc, m_i, l_i, q, block_tables_ptr + b.to(tl.int64) * stride_bt, kv_head, start, end, k_cache_ptr,
+        v_cache_ptr, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, USE_DOT, PRECISION,
+    )  # fmt: skip
     if SPLIT:
         row = (b * NUM_KV_HEADS * GROUP + heads).to(tl.int64) * num_splits + split
-        tl.store(
-            part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=head_mask[:, None] & d_mask[None, :]
-        )
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse_ptr + row, lse, mask=head_mask)
+        _store_partial(part_out_ptr, part_lse_ptr, acc, m_i, l_i, row, head_mask, HEAD_DIM, BLOCK_D)
         if FUSED_MERGE:
             # Count this split done; the program that completes the count merges. The barrier
             # orders every thread's partial stores before the counting thread's release.
@@ -253,6 +280,8 @@ def _decode_split_kernel(
                     GROUP, GROUP_P2, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD, SPLIT_CHUNK,
                 )  # fmt: skip
     else:
+        has_keys = l_i > 0.0  # false for padding rows (seq_len 0)
+        o = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
         dst = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & d_mask[None, :])
 
@@ -302,13 +331,8 @@ def decode_attention(
     The buffer must outlive the launch (CUDA graphs: a static buffer) and serve one launch at a
     time.
     """
-    _, _, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
-    check_rows("q", q, None, head_dim, k_cache.device)
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
+    _, num_kv_heads, head_dim = check_query(q, k_cache, v_cache)
     batch, num_heads, _ = q.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"q has {num_heads} heads, not a multiple of {num_kv_heads} KV heads")
     check_index("block_tables", block_tables, (batch, -1), k_cache.device)
     check_index("seq_lens", seq_lens, (batch,), k_cache.device)
     check_window(sliding_window)
@@ -325,13 +349,7 @@ def decode_attention(
         config = default_decode_config(batch, num_kv_heads, q.device)
     if config.num_splits < 1 or config.block_n < 16 or config.block_n & (config.block_n - 1):
         raise ValueError(f"bad decode config {config}")
-    if out is None:
-        out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
-        raise ValueError(
-            f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with unit inner stride, got "
-            f"{tuple(out.shape)} {out.dtype} on {out.device} strides {out.stride()}"
-        )
+    out = output_like(q, out)
     if batch == 0:
         return out
     split = config.num_splits > 1

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rollout.kernels._checks import check_index, check_kv_cache, check_rows, check_window
+from rollout.kernels._checks import check_index, check_query, check_window, output_like
 
 _LOG2E = 1.4426950408889634
 
@@ -260,13 +260,8 @@ def extend_attention(
     ``(p - sliding_window, p]`` (all of ``[0, p]`` without a window). Rows of q past
     ``query_start_loc[B]`` are left unwritten.
     """
-    _, _, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
-    check_rows("q", q, None, head_dim, k_cache.device)
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
+    _, num_kv_heads, head_dim = check_query(q, k_cache, v_cache)
     num_tokens, num_heads, _ = q.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"q has {num_heads} heads, not a multiple of {num_kv_heads} KV heads")
     batch = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     check_index("seq_lens", seq_lens, (batch,), k_cache.device)
     check_index("block_tables", block_tables, (batch, -1), k_cache.device)
@@ -283,13 +278,7 @@ def extend_attention(
         if config is None:
             raise ValueError("tiles need the config they were built for (config=None given)")
         first_seq = 0
-    if out is None:
-        out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
-        raise ValueError(
-            f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with unit inner stride, got "
-            f"{tuple(out.shape)} {out.dtype} on {out.device} strides {out.stride()}"
-        )
+    out = output_like(q, out)
     if batch == first_seq or num_tokens == 0 or max_query_len == 0:
         return out
     group = num_heads // num_kv_heads

@@ -29,55 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from rollout.kernels._checks import check_index, check_kv_cache, check_rows
-from rollout.kernels.decode_attention import _merge_splits_kernel, _split_chunk
+from rollout.kernels._checks import check_index, check_query, output_like
+from rollout.kernels.decode_attention import _attend_pages, _merge_splits_kernel, _split_chunk, _store_partial
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _attend(
-    acc, m_i, l_i, q, table, kv_head, start, end, k_cache_ptr, v_cache_ptr, scale_log2,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Online softmax of the query rows ``q`` over positions [start, end) of the pages at ``table``."""
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        in_page = pos % BLOCK_SIZE
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k_rows = k_cache_ptr + page * stride_kb + in_page * stride_ks + kv_head * stride_kh
-        k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        qk = tl.where(valid[None, :], qk * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_rows = v_cache_ptr + page * stride_vb + in_page * stride_vs + kv_head * stride_vh
-        v = tl.load(v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _store_partial(part_out_ptr, part_lse_ptr, acc, m_i, l_i, row, mask, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr):  # fmt: skip
-    """Normalized partial output and its log2-sum-exp (-inf when no key was seen) at ``row``."""
-    d = tl.arange(0, BLOCK_D)
-    has_keys = l_i > 0.0
-    o = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
-    tl.store(
-        part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=mask[:, None] & (d < HEAD_DIM)[None, :]
-    )
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    tl.store(part_lse_ptr + row, lse, mask=mask)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -107,10 +62,10 @@ def _prefix_kernel(
     m_i = tl.full([ROWS_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([ROWS_PAD], dtype=tl.float32)
     acc = tl.zeros([ROWS_PAD, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _attend(
+    acc, m_i, l_i = _attend_pages(
         acc, m_i, l_i, q, block_tables_ptr + first * stride_bt, kv_head, 0, tl.load(prefix_lens_ptr + grp),
         k_cache_ptr, v_cache_ptr, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-        stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, PRECISION,
+        stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, PRECISION,
     )  # fmt: skip
     row = (b * NUM_KV_HEADS * GROUP + heads) * 2
     _store_partial(part_out_ptr, part_lse_ptr, acc, m_i, l_i, row, row_mask, HEAD_DIM, BLOCK_D)
@@ -139,10 +94,10 @@ def _suffix_kernel(
     m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _attend(
+    acc, m_i, l_i = _attend_pages(
         acc, m_i, l_i, q, block_tables_ptr + b * stride_bt, kv_head, tl.load(starts_ptr + b),
         tl.load(seq_lens_ptr + b), k_cache_ptr, v_cache_ptr, scale_log2, stride_kb, stride_ks,
-        stride_kh, stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, PRECISION,
+        stride_kh, stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, PRECISION,
     )  # fmt: skip
     row = (b * NUM_KV_HEADS * GROUP + heads) * 2 + 1
     _store_partial(part_out_ptr, part_lse_ptr, acc, m_i, l_i, row, head_mask, HEAD_DIM, BLOCK_D)
@@ -169,13 +124,8 @@ def shared_prefix_decode(
     block table of its first member; a multiple of the block size, below every member's length.
     ``starts`` (int32 [B]): each row's P. The rest as ``decode_attention`` (no window).
     """
-    _, block_size, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
-    check_rows("q", q, None, head_dim, k_cache.device)
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} != cache dtype {k_cache.dtype}")
+    block_size, num_kv_heads, head_dim = check_query(q, k_cache, v_cache)
     batch, num_heads, _ = q.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"q has {num_heads} heads, not a multiple of {num_kv_heads} KV heads")
     check_index("block_tables", block_tables, (batch, -1), k_cache.device)
     check_index("seq_lens", seq_lens, (batch,), k_cache.device)
     check_index("members", members, (-1, -1), k_cache.device)
@@ -185,10 +135,7 @@ def shared_prefix_decode(
         raise ValueError(f"members must be contiguous, got strides {members.stride()}")
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out.shape)}")
+    out = output_like(q, out)
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
