@@ -6,6 +6,7 @@ import argparse
 import collections
 import functools
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +51,21 @@ def graph_config(args: argparse.Namespace) -> RunnerConfig:
         fused_decode_merge=args.fused_merge,
         shared_prefix_members=args.shared_prefix_members,
     )
+
+
+def graph_ms(fn: Callable[[Any], object], items: Sequence[Any]) -> float:
+    """Median milliseconds per call of ``fn(item)``, every item's call captured in one CUDA graph
+    (calls over disjoint copies of a problem: none is served from L2 left by the one before)."""
+    from triton.testing import do_bench
+
+    for item in items:  # compile outside the capture
+        fn(item)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for item in items:
+            fn(item)
+    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / len(items)
 
 
 def measure_ceilings() -> dict:

@@ -15,8 +15,8 @@ import os
 import random
 
 import torch
-from triton.testing import do_bench
 
+from rollout.benchmarks.common import graph_ms
 from rollout.kernels.decode_attention import decode_attention
 from rollout.kernels.shared_prefix_decode import shared_prefix_decode, shared_prefix_groups
 
@@ -43,18 +43,6 @@ def grpo_tables(
     order = list(range(len(lens)))
     rng.shuffle(order)
     return [tables[i] for i in order], [lens[i] for i in order], used
-
-
-def graph_us(fn, copies: int) -> float:
-    """Median microseconds per launch of ``fn(copy)`` over every copy in one CUDA graph."""
-    for c in range(copies):
-        fn(c)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in range(copies):
-            fn(c)
-    return 1e3 * do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / copies
 
 
 def bench(prompts: int, samples: int, out_max: int, max_members: int) -> dict:
@@ -86,7 +74,7 @@ def bench(prompts: int, samples: int, out_max: int, max_members: int) -> dict:
         )
 
     want, got = plain(0).double(), shared(0).double()
-    plain_us, shared_us = graph_us(plain, copies), graph_us(shared, copies)
+    plain_us, shared_us = (1e3 * graph_ms(fn, range(copies)) for fn in (plain, shared))
     plain_bytes = sum(lens) * per_token
     shared_bytes = (sum(lens) - int(starts.sum()) + int(prefix_lens.sum())) * per_token
     return dict(
