@@ -68,10 +68,10 @@ class DecodeGraphs:
         max_seq_len: int,
         device: torch.device,
         split_counters: torch.Tensor | None = None,
-        prefix_members: int = 0,
+        shared_prefix_members: int = 0,
     ) -> None:
         """``split_counters``: see ``AttentionMetadata.split_counters`` (None: merge kernels).
-        ``prefix_members``: members per group of shared-prefix decoding (0: the decode kernel)."""
+        ``shared_prefix_members``: members per group of shared-prefix decoding (0: the decode kernel)."""
         self.model = model
         self.split_counters = split_counters
         self.sizes = graph_batch_sizes(max_batch)
@@ -89,8 +89,8 @@ class DecodeGraphs:
         self.order = torch.arange(n, dtype=torch.int32, device=device)  # decode kernel start order
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        if prefix_members:  # (members [G <= n, M], shared lengths [G], starts [n]): each row alone
-            members = torch.full((n, prefix_members), -1, dtype=torch.int32, device=device)
+        if shared_prefix_members:  # (members [G <= n, M], shared lengths [G], starts [n]): each row alone
+            members = torch.full((n, shared_prefix_members), -1, dtype=torch.int32, device=device)
             members[:, 0] = torch.arange(n, dtype=torch.int32, device=device)
             zeros = torch.zeros(n, dtype=torch.int32, device=device)
             self.prefix = (members, zeros, zeros.clone())

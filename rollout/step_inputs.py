@@ -27,7 +27,7 @@ def prepare_inputs(
     prev_row_of: Callable[[Request], int] | None = None,
     pad_rows: bool = False,
     mixed: MixedLayout | None = None,
-    prefix_members: int = 0,
+    shared_prefix_members: int = 0,
 ) -> HostInputs:
     """Host arrays of the step, packed in one (pinned on CUDA) int64 buffer. With num_rows >
     num_tokens the extra rows are padding: token 0 at position 0, stored nowhere (slot -1); in a
@@ -36,7 +36,7 @@ def prepare_inputs(
     unwritten). With ``pad_rows`` the logits rows are padded to ``padded_rows`` entries
     (repeating row 0) and never marked as leading. With ``mixed`` (a step with prompt tokens for
     a mixed graph) the decode rows' lengths and order cover ``mixed.decode_rows`` rows and the
-    extend kernel's tile list is built. With ``prefix_members`` a decode-only step groups its
+    extend kernel's tile list is built. With ``shared_prefix_members`` a decode-only step groups its
     sequences by the prompt blocks they share (``shared_prefix_groups``; each padding row a group
     of its own), for ``kernels.shared_prefix_decode``."""
     bs = block_size
@@ -67,7 +67,7 @@ def prepare_inputs(
         len(ph_dst),
         device,
         mixed,
-        prefix_members if decode_only else 0,
+        shared_prefix_members if decode_only else 0,
     )
     host.num_samples = num_samples  # the padding rows (row 0 again) are sliced off the logits
     v = host.views_np()
@@ -98,11 +98,13 @@ def prepare_inputs(
         else:
             v["logits_rows"][:num_samples] = [i for i, sample in enumerate(samples) if sample]
         max_query_len = 1
-        if prefix_members:
+        if shared_prefix_members:
             from rollout.kernels.shared_prefix_decode import shared_prefix_groups  # (imports Triton)
 
             lens = v["seq_lens"][:num_seqs].tolist()
-            members, prefix_lens, prefix_starts = shared_prefix_groups(block_lists, lens, bs, prefix_members)
+            members, prefix_lens, prefix_starts = shared_prefix_groups(
+                block_lists, lens, bs, shared_prefix_members
+            )
             groups = len(members)
             v["prefix_members"][:groups] = members
             v["prefix_members"][groups:] = -1
@@ -217,10 +219,11 @@ class HostInputs:
         num_placeholders: int,
         device: torch.device,
         mixed: MixedLayout | None = None,
-        prefix_members: int = 0,
+        shared_prefix_members: int = 0,
     ) -> HostInputs:
-        """``prefix_members``: members per group of a shared-prefix decode step (0: none)."""
+        """``shared_prefix_members``: members per group of a shared-prefix decode step (0: none)."""
         order_rows = mixed.decode_rows if mixed is not None else padded_seqs
+        prefix_rows = padded_seqs if shared_prefix_members else 0  # groups (at most one per row)
         shapes = (
             (num_rows,),  # input_ids
             (num_rows,),  # positions
@@ -234,9 +237,9 @@ class HostInputs:
             (order_rows,),  # decode_order (its leading num_decodes entries in a mixed step)
             (mixed.decode_rows if mixed is not None else 0,),  # decode_lens (mixed graphs)
             (mixed.tiles, 2) if mixed is not None else (0,),  # tiles (mixed graphs)
-            (padded_seqs, prefix_members) if prefix_members else (0,),  # prefix_members: [G <= rows, M]
-            (padded_seqs if prefix_members else 0,),  # prefix_lens
-            (padded_seqs if prefix_members else 0,),  # prefix_starts
+            (prefix_rows, shared_prefix_members) if prefix_rows else (0,),  # prefix_members [G <= rows, M]
+            (prefix_rows,),  # prefix_lens
+            (prefix_rows,),  # prefix_starts
         )
         layout = {}
         offset = 0
