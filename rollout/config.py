@@ -69,10 +69,6 @@ class RunnerConfig:
     # Split decode attention merges its splits in the kernel, one launch fewer per layer at small
     # batches (see rollout/kernels/decode_attention.py); off by default until measured on a GPU.
     fused_decode_merge: bool = False
-    # Decode steps group sequences that share prompt blocks (GRPO's n samples of a prompt, through
-    # prefix caching), up to this many per group, and read each group's shared blocks once (see
-    # rollout/kernels/shared_prefix_decode.py); 0: off. Off by default until measured on a GPU.
-    shared_prefix_members: int = 0
     fused_ops: bool = True  # Triton kernels for add+RMSNorm, q/k norm+RoPE, SiLU-and-mul (triton backend)
 
     def __post_init__(self) -> None:
@@ -84,7 +80,5 @@ class RunnerConfig:
             raise ValueError(f"max_graph_batch must be >= 1, got {self.max_graph_batch}")
         if self.max_piecewise_tokens < 0:
             raise ValueError(f"max_piecewise_tokens must be >= 0, got {self.max_piecewise_tokens}")
-        if self.shared_prefix_members < 0:
-            raise ValueError(f"shared_prefix_members must be >= 0, got {self.shared_prefix_members}")
         if self.max_mixed_graph_tokens < 0:
             raise ValueError(f"max_mixed_graph_tokens must be >= 0, got {self.max_mixed_graph_tokens}")

@@ -68,10 +68,8 @@ class DecodeGraphs:
         max_seq_len: int,
         device: torch.device,
         split_counters: torch.Tensor | None = None,
-        shared_prefix_members: int = 0,
     ) -> None:
-        """``split_counters``: see ``AttentionMetadata.split_counters`` (None: merge kernels).
-        ``shared_prefix_members``: members per group of shared-prefix decoding (0: the decode kernel)."""
+        """``split_counters``: see ``AttentionMetadata.split_counters`` (None: merge kernels)."""
         self.model = model
         self.split_counters = split_counters
         self.sizes = graph_batch_sizes(max_batch)
@@ -88,12 +86,6 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.order = torch.arange(n, dtype=torch.int32, device=device)  # decode kernel start order
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        if shared_prefix_members:  # (members [G <= n, M], shared lengths [G], starts [n]): each row alone
-            members = torch.full((n, shared_prefix_members), -1, dtype=torch.int32, device=device)
-            members[:, 0] = torch.arange(n, dtype=torch.int32, device=device)
-            zeros = torch.zeros(n, dtype=torch.int32, device=device)
-            self.prefix = (members, zeros, zeros.clone())
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # size -> (hidden, logits)
 
@@ -109,9 +101,6 @@ class DecodeGraphs:
             max_query_len=1,
             decode_order=self.order[:size],
             split_counters=self.split_counters,
-            prefix_members=self.prefix[0][:size] if self.prefix is not None else None,
-            prefix_lens=self.prefix[1][:size] if self.prefix is not None else None,
-            prefix_starts=self.prefix[2][:size] if self.prefix is not None else None,
         )
 
     @torch.inference_mode()
@@ -151,16 +140,13 @@ class DecodeGraphs:
         block_tables: torch.Tensor,
         order: torch.Tensor,
         fill: tuple[torch.Tensor, torch.Tensor] | None = None,
-        prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the graph of ``size`` on inputs of ``size`` rows (padding rows already marked; host or
         device tensors, any integer dtype); ``block_tables`` may be narrower than max_blocks;
         ``order`` is a permutation of the rows (``AttentionMetadata.decode_order``).
         ``fill = (rows, ids)`` then overwrites those rows' input ids on the device (tokens sampled
-        by a step still in flight). ``prefix``: the step's shared-prefix groups (members, shared
-        lengths, starts; ``size`` rows each) when the graphs were made with them. Returns hidden
-        states [size, hidden] and logits [size, vocab] in the model dtype (padding rows hold
-        garbage)."""
+        by a step still in flight). Returns hidden states [size, hidden] and logits [size, vocab]
+        in the model dtype (padding rows hold garbage)."""
         self.input_ids[:size].copy_(input_ids, non_blocking=True)
         if fill is not None:
             self.input_ids.index_copy_(0, fill[0], fill[1])
@@ -169,9 +155,5 @@ class DecodeGraphs:
         self.seq_lens[:size].copy_(seq_lens, non_blocking=True)
         self.block_tables[:size, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
         self.order[:size].copy_(order, non_blocking=True)
-        if self.prefix is not None:
-            assert prefix is not None, "graphs made for shared-prefix decoding need the groups"
-            for buf, src in zip(self.prefix, prefix, strict=True):
-                buf[:size].copy_(src, non_blocking=True)
         self.graphs[size].replay()
         return self.outputs[size]

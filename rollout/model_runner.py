@@ -80,8 +80,6 @@ class ModelRunner:
             rows = max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)
             size = rows * model_config.num_kv_heads  # any launch's decode rows x KV heads
             self.split_counters = torch.zeros(size, dtype=torch.int32, device=device)
-        # members per shared-prefix group in decode steps (see RunnerConfig.shared_prefix_members)
-        self.shared_prefix_members = self.runner_config.shared_prefix_members if backend == "triton" else 0
         self.vocab_size = model_config.vocab_size
         self._values = ValuesCache(self.vocab_size)  # each params object's effective values
         # the last sampling step's rows, tensors and sampled tokens (see _sampling_tensors)
@@ -121,9 +119,8 @@ class ModelRunner:
             # the pieces after them; whether the order was the cause is not yet measured.)
             max_batch = min(rc.max_graph_batch, self.scheduler_config.max_num_seqs)
             self.graphs = DecodeGraphs(
-                self.model, max_batch, max_blocks, max_len, self.device, self.split_counters,
-                self.shared_prefix_members,
-            )  # fmt: skip
+                self.model, max_batch, max_blocks, max_len, self.device, self.split_counters
+            )
             self.graphs.capture()
         mixed_sizes = [s for s in sizes if 2 <= s <= rc.max_mixed_graph_tokens]
         if mixed_sizes:
@@ -313,9 +310,6 @@ class ModelRunner:
                 v["block_tables"],
                 v["decode_order"],
                 fill=fill,
-                prefix=(v["prefix_members"], v["prefix_lens"], v["prefix_starts"])
-                if self.shared_prefix_members
-                else None,
             )
         elif mixed is not None:
             assert self.mixed is not None
@@ -411,9 +405,7 @@ class ModelRunner:
     ) -> HostInputs:
         """The step's host inputs (``step_inputs.prepare_inputs``)."""
         row_of = prev.row_of if prev is not None else None
-        return prepare_inputs(
-            batch, num_rows, self.block_size, self.device, row_of, pad_rows, mixed, self.shared_prefix_members
-        )
+        return prepare_inputs(batch, num_rows, self.block_size, self.device, row_of, pad_rows, mixed)
 
     def _to_device(
         self, host: HostInputs, v: dict[str, torch.Tensor]

@@ -27,7 +27,6 @@ def prepare_inputs(
     prev_row_of: Callable[[Request], int] | None = None,
     pad_rows: bool = False,
     mixed: MixedLayout | None = None,
-    shared_prefix_members: int = 0,
 ) -> HostInputs:
     """Host arrays of the step, packed in one (pinned on CUDA) int64 buffer. With num_rows >
     num_tokens the extra rows are padding: token 0 at position 0, stored nowhere (slot -1); in a
@@ -36,9 +35,7 @@ def prepare_inputs(
     unwritten). With ``pad_rows`` the logits rows are padded to ``padded_rows`` entries
     (repeating row 0) and never marked as leading. With ``mixed`` (a step with prompt tokens for
     a mixed graph) the decode rows' lengths and order cover ``mixed.decode_rows`` rows and the
-    extend kernel's tile list is built. With ``shared_prefix_members`` a decode-only step groups its
-    sequences by the prompt blocks they share (``shared_prefix_groups``; each padding row a group
-    of its own), for ``kernels.shared_prefix_decode``."""
+    extend kernel's tile list is built."""
     bs = block_size
     reqs = batch.requests
     num_seqs = len(reqs)
@@ -67,7 +64,6 @@ def prepare_inputs(
         len(ph_dst),
         device,
         mixed,
-        shared_prefix_members if decode_only else 0,
     )
     host.num_samples = num_samples  # the padding rows (row 0 again) are sliced off the logits
     v = host.views_np()
@@ -98,20 +94,6 @@ def prepare_inputs(
         else:
             v["logits_rows"][:num_samples] = [i for i, sample in enumerate(samples) if sample]
         max_query_len = 1
-        if shared_prefix_members:
-            from rollout.kernels.shared_prefix_decode import shared_prefix_groups  # (imports Triton)
-
-            lens = v["seq_lens"][:num_seqs].tolist()
-            members, prefix_lens, prefix_starts = shared_prefix_groups(
-                block_lists, lens, bs, shared_prefix_members
-            )
-            groups = len(members)
-            v["prefix_members"][:groups] = members
-            v["prefix_members"][groups:] = -1
-            pad = padded_seqs - num_seqs  # the padding rows: groups of one, sharing nothing
-            v["prefix_members"][groups : groups + pad, 0] = np.arange(num_seqs, padded_seqs)
-            v["prefix_lens"][:groups] = prefix_lens
-            v["prefix_starts"][:num_seqs] = prefix_starts
     else:  # whole-batch array ops; per sequence only its token slice is taken
         starts = np.fromiter((s.start for s in reqs), np.int64, num_seqs)
         lens = np.fromiter((s.num_new_tokens for s in reqs), np.int64, num_seqs)
@@ -154,7 +136,6 @@ def device_metadata(
     """Input ids, positions and attention metadata of an eager step from its inputs' device copy
     (``HostInputs.views``)."""
     qs = host.query_start_host
-    shared = bool(host.layout["prefix_lens"][1])  # a shared-prefix decode step
     meta = AttentionMetadata(
         slot_mapping=v["slots"],
         block_tables=v["block_tables"].to(torch.int32),
@@ -167,9 +148,6 @@ def device_metadata(
         num_decodes=host.num_decodes,
         decode_order=v["decode_order"].to(torch.int32),
         split_counters=split_counters,
-        prefix_members=v["prefix_members"].to(torch.int32) if shared else None,
-        prefix_lens=v["prefix_lens"].to(torch.int32) if shared else None,
-        prefix_starts=v["prefix_starts"].to(torch.int32) if shared else None,
     )
     return v["input_ids"], v["positions"], meta
 
@@ -187,9 +165,6 @@ _FIELDS = (
     "decode_order",
     "decode_lens",
     "tiles",
-    "prefix_members",
-    "prefix_lens",
-    "prefix_starts",
 )
 
 
@@ -219,11 +194,8 @@ class HostInputs:
         num_placeholders: int,
         device: torch.device,
         mixed: MixedLayout | None = None,
-        shared_prefix_members: int = 0,
     ) -> HostInputs:
-        """``shared_prefix_members``: members per group of a shared-prefix decode step (0: none)."""
         order_rows = mixed.decode_rows if mixed is not None else padded_seqs
-        prefix_rows = padded_seqs if shared_prefix_members else 0  # groups (at most one per row)
         shapes = (
             (num_rows,),  # input_ids
             (num_rows,),  # positions
@@ -237,9 +209,6 @@ class HostInputs:
             (order_rows,),  # decode_order (its leading num_decodes entries in a mixed step)
             (mixed.decode_rows if mixed is not None else 0,),  # decode_lens (mixed graphs)
             (mixed.tiles, 2) if mixed is not None else (0,),  # tiles (mixed graphs)
-            (prefix_rows, shared_prefix_members) if prefix_rows else (0,),  # prefix_members [G <= rows, M]
-            (prefix_rows,),  # prefix_lens
-            (prefix_rows,),  # prefix_starts
         )
         layout = {}
         offset = 0
@@ -266,7 +235,6 @@ class HostInputs:
         v = dict(zip(self.layout, parts, strict=True))
         v["block_tables"] = v["block_tables"].view(self.layout["block_tables"][2])
         v["tiles"] = v["tiles"].view(self.layout["tiles"][2])
-        v["prefix_members"] = v["prefix_members"].view(self.layout["prefix_members"][2])
         return v
 
 

@@ -15,10 +15,9 @@ from rollout.config import RunnerConfig
 
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
-    """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge`` /
-    ``--shared-prefix-members``: the graphs and kernels of the engine under test
-    (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens`` / ``fused_decode_merge`` /
-    ``shared_prefix_members``)."""
+    """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge``: the graphs of the engine
+    under test (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens`` /
+    ``fused_decode_merge``)."""
     defaults = RunnerConfig()
     parser.add_argument(
         "--piecewise-tokens",
@@ -35,12 +34,6 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fused-merge", action="store_true", help="RunnerConfig.fused_decode_merge (in-kernel split merge)"
     )
-    parser.add_argument(
-        "--shared-prefix-members",
-        type=int,
-        default=defaults.shared_prefix_members,
-        help="RunnerConfig.shared_prefix_members (0: decode steps read shared prompt blocks per sequence)",
-    )
 
 
 def graph_config(args: argparse.Namespace) -> RunnerConfig:
@@ -49,7 +42,6 @@ def graph_config(args: argparse.Namespace) -> RunnerConfig:
         max_piecewise_tokens=args.piecewise_tokens,
         max_mixed_graph_tokens=args.mixed_graph_tokens,
         fused_decode_merge=args.fused_merge,
-        shared_prefix_members=args.shared_prefix_members,
     )
 
 

@@ -231,8 +231,6 @@ def _run_child(args: argparse.Namespace, engine: str, wl: str, result_file: Path
         "--mixed-graph-tokens",
         str(args.mixed_graph_tokens),
         *(["--fused-merge"] if args.fused_merge else []),
-        "--shared-prefix-members",
-        str(args.shared_prefix_members),
         *(["--trace"] if args.trace else []),
         *(["--gc-freeze"] if args.gc_freeze else []),
         *(["--profile"] if args.profile else []),

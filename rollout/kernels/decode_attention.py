@@ -89,7 +89,7 @@ def _attend_pages(
 ):  # fmt: skip
     """Online softmax (fp32, log2 domain) of the query rows ``q`` [rows, BLOCK_D] of one KV head
     over positions [start, end) of the pages listed at ``table``, in tiles of BLOCK_N positions:
-    the running (acc, max, sum) updated. Also the shared-prefix kernels' loop."""
+    the running (acc, max, sum) updated."""
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):

@@ -102,7 +102,6 @@ def launch_all() -> None:
     from rollout.kernels.decode_attention import DecodeConfig, decode_attention
     from rollout.kernels.fused_ops import qk_norm_rope_store, rms_norm, silu_and_mul
     from rollout.kernels.prefill_attention import ExtendConfig, extend_attention, extend_tiles
-    from rollout.kernels.shared_prefix_decode import shared_prefix_decode
     from rollout.kernels.store_kv import store_kv
 
     bf16, i32 = torch.bfloat16, torch.int32
@@ -119,9 +118,6 @@ def launch_all() -> None:
         decode_attention(q, k_cache, v_cache, tables, lens, 0.1, window, split, order=order)  # + merge
         decode_attention(q, k_cache, v_cache, tables, lens, 0.1, window, whole, order=order)
         decode_attention(q, k_cache, v_cache, tables, lens, 0.1, window, split, counters=counters)
-    members = torch.tensor([[0, 1, 2], [3, -1, -1]], dtype=i32)  # 8 samples x group 2 rows: 16
-    prefix, starts = torch.tensor([64, 0], dtype=i32), torch.tensor([64, 64, 64, 0], dtype=i32)
-    shared_prefix_decode(q, k_cache, v_cache, tables, lens, members, prefix, starts, 0.1)
     rows = 64
     qx = torch.zeros(rows, heads, dim, dtype=bf16)
     starts = torch.tensor([0, 1, 40, rows], dtype=i32)

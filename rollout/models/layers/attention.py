@@ -49,13 +49,6 @@ class AttentionMetadata:
     # launches merge their splits in the kernel (``decode_attention``'s ``counters``); None: a
     # merge kernel follows
     split_counters: torch.Tensor | None = None
-    # A decode step whose sequences share prompt blocks in groups (``RunnerConfig.
-    # shared_prefix_members``; ``kernels.shared_prefix_decode``): int32 members [G, M] (-1 padding,
-    # every row in one group), the positions each group shares [G] and each row's start [num_seqs].
-    # Layers without a sliding window read each group's prefix once; None: the decode kernel.
-    prefix_members: torch.Tensor | None = None
-    prefix_lens: torch.Tensor | None = None
-    prefix_starts: torch.Tensor | None = None
 
 
 def decode_order(seq_lens: np.ndarray) -> np.ndarray:
@@ -154,8 +147,6 @@ class Attention(nn.Module):
             self._decode(q[:rows], tables, meta.decode_seq_lens, meta.decode_order, meta, out[:rows])
             return self._extend(q, meta, config=meta.extend_config, tiles=meta.extend_tiles, out=out)
         if meta.max_query_len == 1:  # one query row per sequence, rows in batch order
-            if meta.prefix_members is not None and self.sliding_window is None:
-                return self._shared_prefix_decode(q, meta)
             return self._decode(q, meta.block_tables, meta.seq_lens, meta.decode_order, meta)
         nd = meta.num_decodes if meta.num_decodes < meta.seq_lens.shape[0] else 0
         # whole tensors plus an offset, not slices: a sliced pointer's alignment would make Triton
@@ -189,23 +180,6 @@ class Attention(nn.Module):
             out=out,
             order=order,
             counters=meta.split_counters,
-        )
-
-    def _shared_prefix_decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The decode rows through the shared-prefix kernel (each group's prefix read once)."""
-        from rollout.kernels.shared_prefix_decode import shared_prefix_decode
-
-        assert meta.prefix_lens is not None and meta.prefix_starts is not None
-        return shared_prefix_decode(
-            q,
-            self.k_cache,
-            self.v_cache,
-            meta.block_tables,
-            meta.seq_lens,
-            meta.prefix_members,
-            meta.prefix_lens,
-            meta.prefix_starts,
-            self.scale,
         )
 
     def _extend(self, q: torch.Tensor, meta: AttentionMetadata, **launch) -> torch.Tensor:
