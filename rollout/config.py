@@ -54,20 +54,23 @@ class RunnerConfig:
     attention_backend: str = "auto"  # "triton" (CUDA), "torch" (CPU path), or "auto": triton on CUDA
     cuda_graphs: bool = True  # replay captured graphs for decode steps (triton backend on CUDA only)
     max_graph_batch: int = 256  # largest decode batch served by a graph; larger ones run eagerly
-    # Eager steps (prompt chunks, mixed batches) of up to this many (padded) tokens replay CUDA
-    # graphs of everything but the attention (see rollout/piecewise_graphs.py); 0: off. On the
-    # H200 they cut W2's makespan 27.5-28.2 -> 24.2 s and W1's 8,192-token admission steps from
-    # 24-38 ms (host-bound, erratic) to 19-23 ms. They are captured at start-up and at every
-    # wake_up (all graphs of Qwen3-0.6B on the H200: 2.7-2.9 s with this limit, 2.1-2.7 s with
-    # 2,048; their pools take ~0.5 GiB from the KV cache): a colocated trainer with short
-    # rollouts may prefer 0.
+    # Steps with prompt tokens (prompt chunks, mixed batches) of up to this many (padded) tokens
+    # replay one CUDA graph of the whole forward, attention included (see rollout/mixed_graphs.py);
+    # 0: off. On the H200, W2 (`rollout bench rl`) makespan 22.08 / 22.11 s with them against
+    # 22.59 / 23.28 s without (stop 20; 22.45 / 22.41 against 23.81 / 23.24 in stop 19), its
+    # mixed steps 6.8 ms against 11-14 ms; W1 25,620 / 25,501 against 25,434 / 25,488 tok/s; the
+    # steady decode step the same. Captured at start-up and at every wake_up.
+    max_mixed_graph_tokens: int = 8192
+    # Steps with prompt tokens that no mixed graph serves (max_mixed_graph_tokens below this)
+    # replay graphs of everything but the attention, which runs eagerly between them (see
+    # rollout/piecewise_graphs.py); 0: off. The fallback when mixed graphs are off: on the H200
+    # they cut W2's makespan 27.5-28.2 -> 24.2 s against fully eager steps. Either kind's pools
+    # take ~0.5 GiB from the KV cache (W1 on the H200: 68,369 blocks either way); a colocated
+    # trainer with short rollouts may prefer both at 0 (faster wake_up).
     max_piecewise_tokens: int = 8192
-    # Steps with prompt tokens of up to this many (padded) tokens replay one graph of the whole
-    # forward instead, attention included (see rollout/mixed_graphs.py); 0: off. Off by default
-    # until measured on a GPU.
-    max_mixed_graph_tokens: int = 0
     # Split decode attention merges its splits in the kernel, one launch fewer per layer at small
-    # batches (see rollout/kernels/decode_attention.py); off by default until measured on a GPU.
+    # batches (see rollout/kernels/decode_attention.py). Off: on the H200 the batch-1 step gained
+    # 3% and W1 did not (its admission steps were slower; attention_notes.md).
     fused_decode_merge: bool = False
     fused_ops: bool = True  # Triton kernels for add+RMSNorm, q/k norm+RoPE, SiLU-and-mul (triton backend)
 
