@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rollout import CacheConfig, SamplingParams
+from rollout import CacheConfig, RunnerConfig, SamplingParams
 from rollout.integrations.data import encode_prompt, load_prompt_dataset, prompt_batches
 from rollout.integrations.grpo import DigitTask, group_advantages, policy_loss
 from rollout.integrations.rollout_client import RolloutBatch, RolloutClient, sequence_logprobs
@@ -57,6 +57,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda", help="trainer and engine device: cuda or cpu")
     p.add_argument("--dtype", default=None, help="engine dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--no-sleep", action="store_true", help="keep the engine awake (no sleep/wake)")
+    p.add_argument(
+        "--sleep-keeps-graphs",
+        action="store_true",
+        help="RunnerConfig(sleep_keeps_graphs=True): wake maps memory back under the CUDA graphs",
+    )
     p.add_argument(
         "--random-rewards",
         action="store_true",
@@ -102,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if cuda:
         engine_kwargs["cache_config"] = CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization)
+        engine_kwargs["runner_config"] = RunnerConfig(sleep_keeps_graphs=args.sleep_keeps_graphs)
     else:
         # the two processes share the cores; oversubscribed OpenMP threads slow small CPU kernels a lot
         torch.set_num_threads(args.threads)

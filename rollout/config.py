@@ -73,6 +73,11 @@ class RunnerConfig:
     # 3% and W1 did not (its admission steps were slower; attention_notes.md).
     fused_decode_merge: bool = False
     fused_ops: bool = True  # Triton kernels for add+RMSNorm, q/k norm+RoPE, SiLU-and-mul (triton backend)
+    # CUDA: the weights and the KV cache live in address ranges that sleep keeps reserved while
+    # it gives their physical memory back (rollout/vmm.py), so wake_up maps new memory at the
+    # same addresses and the CUDA graphs stay valid instead of being captured again. The graphs'
+    # own pools stay allocated through a sleep. Off by default until measured on a GPU.
+    sleep_keeps_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "triton", "torch"):

@@ -6,6 +6,11 @@
 default); once both are back the decode graphs are captured again over the new storage, so every
 graph is valid after a wake. Parameters keep their identity (only their ``.data`` moves), so
 ``named_parameters()``, weight loaders and tied embeddings keep working.
+
+With ``RunnerConfig(sleep_keeps_graphs=True)`` on CUDA the weights (packed in one range) and the
+KV cache sit in ``rollout.vmm`` address ranges: sleep gives their physical memory back and keeps
+the ranges, wake maps new memory at the same addresses, and the CUDA graphs are kept instead of
+captured again (their own memory pools stay allocated through the sleep).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from torch import nn
 
 from rollout.model_runner import ModelRunner
+from rollout.vmm import parameter_layout
 
 TAGS = ("weights", "kv_cache")
 
@@ -62,32 +68,10 @@ class DeviceMemory:
         params = _unique_params(runner.model)
         kv_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
         weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
-        runner.release_graphs()  # frees the graphs' memory pools
-        runner.drop_step_state()
-        runner._bind_kv_cache(None)
-        runner.kv_cache = None
-        pin = runner.device.type == "cuda"
-        if level == 1:
-            # One pinned buffer, kept across sleeps: pinning host memory costs far more than the copy
-            # (seconds for an 8B model), and an RL loop sleeps every step.
-            need = sum(-(-p.numel() * p.element_size() // 256) * 256 for p in params.values())
-            if self._host is None or self._host.numel() < need:
-                self._host = None
-                self._host = torch.empty(need, dtype=torch.uint8, pin_memory=pin)
-        offset = 0
-        for name, p in params.items():
-            asleep.shapes[name] = (p.shape, p.dtype)
-            if level == 1:
-                assert self._host is not None
-                nbytes = p.numel() * p.element_size()
-                host = self._host[offset : offset + nbytes].view(p.dtype).view(p.shape)
-                offset += -(-nbytes // 256) * 256
-                host.copy_(p.data, non_blocking=pin)
-                asleep.host_weights[name] = host
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize(runner.device)  # the host copies are done before storage goes
-        for p in params.values():
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        if runner.weight_memory is not None:
+            self._release_in_place(asleep)
+        else:
+            self._release(asleep, params)
         asleep.released = set(TAGS)
         self._asleep = asleep
         if runner.device.type == "cuda":
@@ -101,6 +85,50 @@ class DeviceMemory:
             "device_free_bytes": after,
         }
 
+    def _host_buffer(self, nbytes: int, pin: bool) -> torch.Tensor:
+        """The (pinned) host buffer of level-1 sleeps, at least ``nbytes``. Kept across sleeps:
+        pinning host memory costs far more than the copy (seconds for an 8B model), and an RL loop
+        sleeps every step."""
+        if self._host is None or self._host.numel() < nbytes:
+            self._host = None
+            self._host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        return self._host
+
+    def _release_in_place(self, asleep: _Asleep) -> None:
+        """Sleep with the weights and the KV cache in ``rollout.vmm`` ranges: their physical memory
+        goes, their addresses, tensors and the graphs over them stay."""
+        runner = self.runner
+        assert runner.weight_memory is not None and runner.kv_memory is not None
+        runner.drop_step_state()
+        if asleep.level == 1:
+            packed = runner.weight_memory.tensor()[: runner.weight_bytes]
+            self._host_buffer(runner.weight_bytes, pin=True)[: runner.weight_bytes].copy_(packed)
+        torch.cuda.synchronize(runner.device)  # nothing in flight reads what goes
+        runner.kv_memory.release()
+        runner.weight_memory.release()
+
+    def _release(self, asleep: _Asleep, params: dict[str, nn.Parameter]) -> None:
+        """Sleep by freeing the graphs, the KV cache and every parameter's storage."""
+        runner = self.runner
+        runner.release_graphs()  # frees the graphs' memory pools
+        runner.drop_step_state()
+        runner._bind_kv_cache(None)
+        runner.kv_cache = None
+        pin = runner.device.type == "cuda"
+        offsets, need = parameter_layout(params)
+        host = self._host_buffer(need, pin) if asleep.level == 1 else None
+        for name, p in params.items():
+            asleep.shapes[name] = (p.shape, p.dtype)
+            if host is not None:
+                nbytes = p.numel() * p.element_size()
+                view = host[offsets[name] : offsets[name] + nbytes].view(p.dtype).view(p.shape)
+                view.copy_(p.data, non_blocking=pin)
+                asleep.host_weights[name] = view
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)  # the host copies are done before storage goes
+        for p in params.values():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
     @torch.no_grad()  # not inference_mode: the new storage must stay writable by weight updates
     def wake_up(self, tags: list[str] | None = None) -> dict[str, float]:
         """Restore ``tags`` (all by default); returns the device memory taken back."""
@@ -112,6 +140,15 @@ class DeviceMemory:
             return {"taken_bytes": 0.0, "recaptured": False}
         runner = self.runner
         before = _device_free(runner.device)
+        in_place = runner.weight_memory is not None
+        if "weights" in tags and "weights" in asleep.released and in_place:
+            assert runner.weight_memory is not None
+            runner.weight_memory.restore()  # the same addresses: parameters and graphs unchanged
+            if asleep.level == 1:
+                assert self._host is not None
+                packed = runner.weight_memory.tensor()[: runner.weight_bytes]
+                packed.copy_(self._host[: runner.weight_bytes], non_blocking=True)
+            asleep.released.discard("weights")
         if "weights" in tags and "weights" in asleep.released:
             for name, p in _unique_params(runner.model).items():
                 shape, dtype = asleep.shapes[name]
@@ -120,6 +157,11 @@ class DeviceMemory:
                     data.copy_(asleep.host_weights.pop(name), non_blocking=True)
                 p.data = data
             asleep.released.discard("weights")
+        if "kv_cache" in tags and "kv_cache" in asleep.released and in_place:
+            assert runner.kv_memory is not None and runner.kv_cache is not None
+            runner.kv_memory.restore()
+            runner.kv_cache.zero_()  # as a new cache would be
+            asleep.released.discard("kv_cache")
         if "kv_cache" in tags and "kv_cache" in asleep.released:
             runner.kv_cache = runner._allocate_kv_cache(runner.num_blocks)
             runner._bind_kv_cache(runner.kv_cache)
@@ -127,8 +169,9 @@ class DeviceMemory:
         recaptured = False
         if not asleep.released:
             self._asleep = None
-            runner.capture_graphs()
-            recaptured = runner.graphs is not None
+            if not in_place:  # new storage: the graphs are captured again over it
+                runner.capture_graphs()
+                recaptured = runner.graphs is not None
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)
         return {"taken_bytes": before - _device_free(runner.device), "recaptured": recaptured}

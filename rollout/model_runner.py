@@ -27,6 +27,7 @@ from rollout.samplers.tensors import (
 from rollout.sampling_rows import PromptRows, SamplingRows, ValuesCache, sampling_rows, top_dicts
 from rollout.scheduler import ScheduledBatch
 from rollout.step_inputs import HostInputs, device_metadata, prepare_inputs, profile_blocks, profile_step_meta
+from rollout.vmm import VirtualMemory, pack_parameters, parameter_layout
 
 
 @dataclass
@@ -63,6 +64,17 @@ class ModelRunner:
         self.dtype = model_config.dtype
         self.block_size = cache_config.block_size
         self.model = load_model(model_config, device, load_format=load_format, seed=seed)
+        # With RunnerConfig.sleep_keeps_graphs on CUDA: the weights packed in one address range
+        # (``weight_bytes`` of it used) and the KV cache in another, both kept across sleep.
+        self.weight_memory: VirtualMemory | None = None
+        self.weight_bytes = 0
+        self.kv_memory: VirtualMemory | None = None
+        if self.runner_config.sleep_keeps_graphs and device.type == "cuda":
+            params = dict(self.model.named_parameters())  # tied parameters appear once
+            offsets, self.weight_bytes = parameter_layout(params)
+            self.weight_memory = VirtualMemory(self.weight_bytes, device)
+            pack_parameters(params, offsets, self.weight_memory.tensor())
+            torch.cuda.empty_cache()  # the weights' first copies
         backend = self.runner_config.attention_backend
         if backend == "auto":
             backend = "triton" if device.type == "cuda" else "torch"
@@ -86,7 +98,7 @@ class ModelRunner:
         self._last_sampling: tuple[SamplingRows, SamplingTensors, torch.Tensor | None] | None = None
         self.profiled_step_bytes: int | None = None  # set by the GPU memory profile (bytes)
         self.num_blocks = self._decide_num_blocks()
-        self.kv_cache = self._allocate_kv_cache(self.num_blocks)
+        self.kv_cache = self._allocate_kv_cache(self.num_blocks, keep_address=self.weight_memory is not None)
         self._bind_kv_cache(self.kv_cache)
         self.graphs: DecodeGraphs | None = None
         self.pieces: PiecewiseGraphs | None = None
@@ -180,17 +192,22 @@ class ModelRunner:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * itemsize
 
-    def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
+    def _allocate_kv_cache(self, num_blocks: int, keep_address: bool = False) -> torch.Tensor:
+        """A zeroed KV cache; ``keep_address`` (CUDA): in ``self.kv_memory``, whose address range
+        outlives a sleep (see ``rollout.vmm``)."""
         mc = self.model_config
         shape = (mc.num_layers, 2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         if self.device.type != "cuda":
             return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        numel = math.prod(shape)
+        if keep_address:
+            self.kv_memory = VirtualMemory(numel * self.dtype.itemsize, self.device)
+            return self.kv_memory.tensor().view(self.dtype)[:numel].view(shape).zero_()
         # A segment of its own, so that sleep gives all of it back: with the cache emptied first
         # the allocator cannot carve the KV cache out of a cached segment that other tensors then
         # share, and sized to a whole number of the allocator's 2 MiB pages it leaves no remainder
         # that a later tensor could take (either would pin the segment after the cache is freed).
         torch.cuda.empty_cache()
-        numel = math.prod(shape)
         page = (2 << 20) // self.dtype.itemsize
         flat = torch.zeros(-(-numel // page) * page, dtype=self.dtype, device=self.device)
         return flat[:numel].view(shape)

@@ -32,8 +32,9 @@ def count_replays(runner) -> list[int]:
     return calls
 
 
+EAGER = dict(max_piecewise_tokens=0, max_mixed_graph_tokens=0)  # no graph for steps with prompts
 GRAPHS = {  # the eager steps' graphs under test: RunnerConfig fields
-    "pieces": dict(max_piecewise_tokens=2048),
+    "pieces": dict(max_piecewise_tokens=2048, max_mixed_graph_tokens=0),
     "mixed": dict(max_mixed_graph_tokens=2048, max_piecewise_tokens=0),
 }
 
@@ -61,7 +62,7 @@ def test_eager_step_graphs_match_the_eager_forward(tmp_path, dtype, graphs):
             str(tmp_path),
             device="cuda",
             dtype=dtype,
-            runner_config=RunnerConfig(max_graph_batch=8, **GRAPHS.get(mode, dict(max_piecewise_tokens=0))),
+            runner_config=RunnerConfig(max_graph_batch=8, **GRAPHS.get(mode, EAGER)),
             cache_config=CacheConfig(block_size, num_blocks=512),
             # 48-token steps: prompts arrive in chunks beside running decodes
             scheduler_config=SchedulerConfig(max_num_batched_tokens=48, max_num_seqs=12),
@@ -102,8 +103,8 @@ def test_eager_step_graphs_on_steps_above_2048_tokens(tmp_path, graphs):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     limit = RunnerConfig().max_piecewise_tokens
     configs = {
-        "eager": RunnerConfig(max_piecewise_tokens=0),
-        "pieces": RunnerConfig(),
+        "eager": RunnerConfig(**EAGER),
+        "pieces": RunnerConfig(max_mixed_graph_tokens=0),
         "mixed": RunnerConfig(max_mixed_graph_tokens=limit),
     }
     results, used = {}, {}

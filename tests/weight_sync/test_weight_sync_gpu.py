@@ -59,20 +59,56 @@ def test_sleep_releases_memory_and_wake_keeps_outputs_and_graphs(checkpoints):  
         device="cuda:0",
         dtype="bfloat16",
         cache_config=CacheConfig(num_blocks=4096),
-        runner_config=RunnerConfig(max_piecewise_tokens=512),  # their graphs go and come back too
+        runner_config=RunnerConfig(max_mixed_graph_tokens=512),  # their graphs go and come back too
     )
     before = fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
     runner = llm.engine.runner
     kv_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
     info = llm.sleep(1)
     assert info["freed_bytes"] >= 0.9 * kv_bytes  # measured with mem_get_info
-    assert runner.graphs is None and runner.pieces is None and runner.kv_cache is None
+    assert runner.graphs is None and runner.mixed is None and runner.kv_cache is None
     wake = llm.wake_up()
     assert wake["recaptured"] == (runner.runner_config.cuda_graphs and runner.attention_backend == "triton")
-    assert (runner.pieces is not None) == wake["recaptured"]
+    assert (runner.mixed is not None) == wake["recaptured"]
     assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), before, atol=0)
     llm.sleep(2)
     llm.wake_up(["weights"])
     llm.update_weights_from_disk(checkpoints["old"])
     llm.wake_up(["kv_cache"])
     assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), before, atol=0)
+
+
+def test_sleep_that_keeps_graphs_releases_memory_and_keeps_outputs(checkpoints):  # noqa: F811
+    """RunnerConfig(sleep_keeps_graphs=True): the same graphs (not captured again) give the same
+    outputs after a level-1 wake, and a fresh engine's after a level-2 wake and an update."""
+    kw = dict(
+        device="cuda:0",
+        dtype="bfloat16",
+        cache_config=CacheConfig(num_blocks=4096),
+        runner_config=RunnerConfig(max_mixed_graph_tokens=512, sleep_keeps_graphs=True),
+    )
+    fresh = LLM(checkpoints["new_dir"], **kw)
+    expected = fingerprint(fresh.generate(PROMPTS, GREEDY, use_tqdm=False))
+    del fresh
+    llm = LLM(checkpoints["old"], **kw)
+    before = fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    runner = llm.engine.runner
+    graphs, mixed, kv_ptr = runner.graphs, runner.mixed, runner.kv_cache.data_ptr()
+    weight_ptrs = {n: p.data_ptr() for n, p in runner.model.named_parameters()}
+    assert graphs is not None and mixed is not None
+    assert runner.weight_memory is not None and runner.kv_memory is not None
+    kv_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
+    info = llm.sleep(1)
+    assert info["freed_bytes"] >= 0.9 * (kv_bytes + runner.weight_bytes)  # measured with mem_get_info
+    assert not runner.kv_memory.mapped and not runner.weight_memory.mapped
+    wake = llm.wake_up()
+    assert wake["recaptured"] is False and wake["taken_bytes"] >= 0.9 * (kv_bytes + runner.weight_bytes)
+    assert runner.graphs is graphs and runner.mixed is mixed and runner.kv_cache.data_ptr() == kv_ptr
+    assert {n: p.data_ptr() for n, p in runner.model.named_parameters()} == weight_ptrs
+    assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), before, atol=0)
+    llm.sleep(2)
+    llm.wake_up(["weights"])
+    llm.update_weights_from_disk(checkpoints["new_dir"])
+    llm.wake_up(["kv_cache"])
+    assert runner.graphs is graphs
+    assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), expected, atol=0)
