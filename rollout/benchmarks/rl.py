@@ -24,25 +24,32 @@ from rollout.benchmarks.common import add_graph_args, graph_config
 
 
 def step_kinds(llm: LLM) -> list[tuple[float, bool, int]]:
-    """Record, per engine step, (end time, whether its launched batch was decode-only (a graph
-    replay on CUDA) or had prompt tokens (an eager mixed step), tokens in that batch)."""
-    engine = llm.engine
-    launch, step = engine.runner.launch, engine.step
-    steps: list[tuple[float, bool, int]] = []
-    launched: list[tuple[bool, int]] = []
+    """Record, per engine step, (end time, whether the batch it collected was decode-only (a graph
+    replay on CUDA) or had prompt tokens (a mixed step), tokens in that batch).
 
-    def traced_launch(batch, prev=None):
-        launched.append((batch.num_tokens == len(batch.requests), batch.num_tokens))
-        return launch(batch, prev)
+    A step is timed by the batch it collects, not the one it launches: with the overlapped loop a
+    step launches batch N+1 and then waits for batch N, so its wall time is N's device time when
+    the device is the bottleneck. (Timed by the launched batch, each mixed step's device time
+    landed in the decode step after it: W2's decode steps looked 0.3 ms slower with mixed graphs,
+    which the steady decode step of `rollout bench step_profile` did not show.)"""
+    engine = llm.engine
+    collect, step = engine.runner.collect, engine.step
+    steps: list[tuple[float, bool, int]] = []
+    collected: list[tuple[bool, int]] = []
+
+    def traced_collect(handle):
+        batch = handle.batch
+        collected.append((batch.num_tokens == len(batch.requests), batch.num_tokens))
+        return collect(handle)
 
     def traced_step():
         out = step()
-        decode_only, tokens = launched.pop() if launched else (True, 0)
-        launched.clear()
+        decode_only, tokens = collected.pop() if collected else (True, 0)
+        collected.clear()
         steps.append((time.perf_counter(), decode_only, tokens))
         return out
 
-    engine.runner.launch = traced_launch
+    engine.runner.collect = traced_collect
     engine.step = traced_step
     return steps
 
@@ -54,13 +61,13 @@ _BATCH_BUCKETS = (("129+", 129), ("33-128", 33), ("9-32", 9), ("1-8", 1))
 def summarize_steps(steps: list[tuple[float, bool, int]], start: float) -> dict:
     """Steps, seconds and mean ms of the decode-only and the mixed steps, and of the decode-only
     steps by batch size ("decode_batch_1-8", ..., those that occurred). A step's time: from the
-    previous step's end (with the overlapped loop it also waits for the step before it)."""
+    previous step's end (see ``step_kinds``: the step that collected the batch)."""
     kinds = ["decode_only", "mixed"] + [f"decode_batch_{label}" for label, _ in reversed(_BATCH_BUCKETS)]
     out = {kind: {"steps": 0, "seconds": 0.0, "tokens": 0} for kind in kinds}
     prev = start
     for end, decode_only, tokens in steps:
         rows = [out["decode_only" if decode_only else "mixed"]]
-        if decode_only and tokens:  # one token per sequence (0: a step that only collected)
+        if decode_only and tokens:  # one token per sequence (0: a step that collected nothing)
             label = next(label for label, lowest in _BATCH_BUCKETS if tokens >= lowest)
             rows.append(out[f"decode_batch_{label}"])
         for row in rows:
