@@ -73,6 +73,10 @@ class RunnerConfig:
     # 3% and W1 did not (its admission steps were slower; attention_notes.md).
     fused_decode_merge: bool = False
     fused_ops: bool = True  # Triton kernels for add+RMSNorm, q/k norm+RoPE, SiLU-and-mul (triton backend)
+    # Decode graphs of at least this many rows run their batch as two halves on two streams, one
+    # half's attention beside the other's GEMMs (rollout/cuda_graphs.py two_halves_forward); 0:
+    # off. Off by default until measured on a GPU.
+    two_stream_decode_min_batch: int = 0
     # CUDA: the weights and the KV cache live in address ranges that sleep keeps reserved while
     # it gives their physical memory back (rollout/vmm.py), so wake_up maps new memory at the
     # same addresses and the CUDA graphs stay valid instead of being captured again. The graphs'
@@ -88,5 +92,9 @@ class RunnerConfig:
             raise ValueError(f"max_graph_batch must be >= 1, got {self.max_graph_batch}")
         if self.max_piecewise_tokens < 0:
             raise ValueError(f"max_piecewise_tokens must be >= 0, got {self.max_piecewise_tokens}")
+        if self.two_stream_decode_min_batch < 0 or self.two_stream_decode_min_batch == 1:
+            raise ValueError(
+                f"two_stream_decode_min_batch must be 0 (off) or >= 2, got {self.two_stream_decode_min_batch}"
+            )
         if self.max_mixed_graph_tokens < 0:
             raise ValueError(f"max_mixed_graph_tokens must be >= 0, got {self.max_mixed_graph_tokens}")

@@ -15,9 +15,9 @@ from rollout.config import RunnerConfig
 
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
-    """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge``: the graphs of the engine
-    under test (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens`` /
-    ``fused_decode_merge``)."""
+    """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge`` / ``--two-stream-min``:
+    the graphs of the engine under test (``RunnerConfig.max_piecewise_tokens`` /
+    ``max_mixed_graph_tokens`` / ``fused_decode_merge`` / ``two_stream_decode_min_batch``)."""
     defaults = RunnerConfig()
     parser.add_argument(
         "--piecewise-tokens",
@@ -34,6 +34,12 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fused-merge", action="store_true", help="RunnerConfig.fused_decode_merge (in-kernel split merge)"
     )
+    parser.add_argument(
+        "--two-stream-min",
+        type=int,
+        default=defaults.two_stream_decode_min_batch,
+        help="RunnerConfig.two_stream_decode_min_batch (decode graphs of this many rows up: two halves)",
+    )
 
 
 def graph_config(args: argparse.Namespace) -> RunnerConfig:
@@ -42,6 +48,7 @@ def graph_config(args: argparse.Namespace) -> RunnerConfig:
         max_piecewise_tokens=args.piecewise_tokens,
         max_mixed_graph_tokens=args.mixed_graph_tokens,
         fused_decode_merge=args.fused_merge,
+        two_stream_decode_min_batch=args.two_stream_min,
     )
 
 

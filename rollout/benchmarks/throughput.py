@@ -231,6 +231,8 @@ def _run_child(args: argparse.Namespace, engine: str, wl: str, result_file: Path
         "--mixed-graph-tokens",
         str(args.mixed_graph_tokens),
         *(["--fused-merge"] if args.fused_merge else []),
+        "--two-stream-min",
+        str(args.two_stream_min),
         *(["--trace"] if args.trace else []),
         *(["--gc-freeze"] if args.gc_freeze else []),
         *(["--profile"] if args.profile else []),
