@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rollout import LLM, SamplingParams, SchedulerConfig
-from rollout.benchmarks.common import measure_ceilings
+from rollout.benchmarks.common import add_graph_args, graph_config, measure_ceilings
 
 
 def prefill_flops(llm: LLM, num_prompts: int, length: int) -> float:
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--max-batched", type=int, default=16384)
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    add_graph_args(p)
     args = p.parse_args(argv)
 
     ceil = measure_ceilings()
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model,
         load_format="dummy",
         scheduler_config=SchedulerConfig(max_num_batched_tokens=args.max_batched),
+        runner_config=graph_config(args),
     )
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 10000) for _ in range(args.length)] for _ in range(args.num_prompts)]
