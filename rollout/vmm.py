@@ -90,7 +90,7 @@ class VirtualMemory:
                 ctypes.c_size_t(0),
                 ctypes.c_uint64(0),
                 ctypes.c_uint64(0),
-            ),  # fmt: skip
+            ),
             "cuMemAddressReserve",
         )
         self._handle: ctypes.c_uint64 | None = None
