@@ -77,6 +77,10 @@ class RunnerConfig:
     # half's attention beside the other's GEMMs (rollout/cuda_graphs.py two_halves_forward); 0:
     # off. Off by default until measured on a GPU.
     two_stream_decode_min_batch: int = 0
+    # Steps of at most this many rows (<= 16) run each layer's projections as fused small-batch
+    # GEMVs, the RMSNorms and SiLU-and-mul folded in (rollout/kernels/gemv.py; triton backend);
+    # 0: off. Off by default until measured on a GPU.
+    small_batch_gemv_rows: int = 0
     # CUDA: the weights and the KV cache live in address ranges that sleep keeps reserved while
     # it gives their physical memory back (rollout/vmm.py), so wake_up maps new memory at the
     # same addresses and the CUDA graphs stay valid instead of being captured again. The graphs'
@@ -96,5 +100,7 @@ class RunnerConfig:
             raise ValueError(
                 f"two_stream_decode_min_batch must be 0 (off) or >= 2, got {self.two_stream_decode_min_batch}"
             )
+        if not 0 <= self.small_batch_gemv_rows <= 16:
+            raise ValueError(f"small_batch_gemv_rows must be in [0, 16], got {self.small_batch_gemv_rows}")
         if self.max_mixed_graph_tokens < 0:
             raise ValueError(f"max_mixed_graph_tokens must be >= 0, got {self.max_mixed_graph_tokens}")

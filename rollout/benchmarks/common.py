@@ -15,9 +15,10 @@ from rollout.config import RunnerConfig
 
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
-    """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge`` / ``--two-stream-min``:
-    the graphs of the engine under test (``RunnerConfig.max_piecewise_tokens`` /
-    ``max_mixed_graph_tokens`` / ``fused_decode_merge`` / ``two_stream_decode_min_batch``)."""
+    """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge`` / ``--two-stream-min`` /
+    ``--gemv-rows``: how the engine under test runs its steps (``RunnerConfig.max_piecewise_tokens``
+    / ``max_mixed_graph_tokens`` / ``fused_decode_merge`` / ``two_stream_decode_min_batch`` /
+    ``small_batch_gemv_rows``)."""
     defaults = RunnerConfig()
     parser.add_argument(
         "--piecewise-tokens",
@@ -40,6 +41,12 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.two_stream_decode_min_batch,
         help="RunnerConfig.two_stream_decode_min_batch (decode graphs of this many rows up: two halves)",
     )
+    parser.add_argument(
+        "--gemv-rows",
+        type=int,
+        default=defaults.small_batch_gemv_rows,
+        help="RunnerConfig.small_batch_gemv_rows (steps of at most this many rows: fused GEMVs)",
+    )
 
 
 def graph_config(args: argparse.Namespace) -> RunnerConfig:
@@ -49,6 +56,7 @@ def graph_config(args: argparse.Namespace) -> RunnerConfig:
         max_mixed_graph_tokens=args.mixed_graph_tokens,
         fused_decode_merge=args.fused_merge,
         two_stream_decode_min_batch=args.two_stream_min,
+        small_batch_gemv_rows=args.gemv_rows,
     )
 
 

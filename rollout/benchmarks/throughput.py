@@ -233,6 +233,8 @@ def _run_child(args: argparse.Namespace, engine: str, wl: str, result_file: Path
         *(["--fused-merge"] if args.fused_merge else []),
         "--two-stream-min",
         str(args.two_stream_min),
+        "--gemv-rows",
+        str(args.gemv_rows),
         *(["--trace"] if args.trace else []),
         *(["--gc-freeze"] if args.gc_freeze else []),
         *(["--profile"] if args.profile else []),

@@ -173,6 +173,10 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(spec)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        # Steps of at most this many rows run the projections through ``kernels.gemv`` with the
+        # norms and SiLU-and-mul fused in (4 launches instead of 7); 0: off. The model runner
+        # sets it from RunnerConfig.small_batch_gemv_rows (triton backend).
+        self.gemv_rows = 0
 
     def forward(
         self,
@@ -191,6 +195,15 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Input norm (the residual add of the block before fused in) and the q/k/v projection:
         returns (qkv, residual)."""
+        if x.shape[0] <= self.gemv_rows:
+            from rollout.kernels.gemv import fused_gemv
+
+            proj, norm = self.self_attn.qkv_proj, self.input_layernorm
+            if residual is None:
+                return fused_gemv(x, proj.weight, proj.bias, norm_weight=norm.weight, eps=norm.eps), x
+            return fused_gemv(
+                x, proj.weight, proj.bias, norm_weight=norm.weight, residual=residual, eps=norm.eps
+            )
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
@@ -201,6 +214,17 @@ class DecoderLayer(nn.Module):
         self, attn: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """o_proj, the post-attention norm (+ residual add) and the MLP: returns (x, residual)."""
+        if attn.shape[0] <= self.gemv_rows:
+            from rollout.kernels.gemv import fused_gemv
+
+            o_proj, norm = self.self_attn.o_proj, self.post_attention_layernorm
+            gate_up, down = self.mlp.gate_up_proj, self.mlp.down_proj
+            o = fused_gemv(attn.contiguous(), o_proj.weight, o_proj.bias)
+            act, residual = fused_gemv(
+                o, gate_up.weight, gate_up.bias, norm_weight=norm.weight, residual=residual,
+                eps=norm.eps, silu_mul=True,
+            )  # fmt: skip
+            return fused_gemv(act, down.weight, down.bias), residual
         x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn), residual)
         return self.mlp(x), residual
 

@@ -143,7 +143,23 @@ def launch_all() -> None:
         qkv, torch.arange(rows), table, heads, kv_heads, dim, k_cache, v_cache, torch.arange(rows),
         norm_w, norm_w, 1e-6,
     )  # fmt: skip
+    _launch_gemv()
     _launch_sampling()
+
+
+def _launch_gemv() -> None:
+    """The small-batch projections as a Qwen3-0.6B layer runs them, at 1 row and at 8 (tensor cores)."""
+    from rollout.kernels.gemv import fused_gemv
+
+    bf16 = torch.bfloat16
+    g = torch.ones(1024, dtype=bf16)
+    for rows in (1, 8):
+        x = torch.zeros(rows, 1024, dtype=bf16)
+        fused_gemv(x, torch.zeros(4096, 1024, dtype=bf16), norm_weight=g, residual=x.clone())
+        fused_gemv(x, torch.zeros(4096, 1024, dtype=bf16), norm_weight=g)
+        o = fused_gemv(torch.zeros(rows, 2048, dtype=bf16), torch.zeros(1024, 2048, dtype=bf16))
+        act, _ = fused_gemv(o, torch.zeros(6144, 1024, dtype=bf16), norm_weight=g, residual=x, silu_mul=True)
+        fused_gemv(act, torch.zeros(1024, 3072, dtype=bf16), torch.zeros(1024, dtype=bf16))
 
 
 def _launch_sampling() -> None:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {
     "_decode_split_kernel", "_merge_splits_kernel", "_extend_kernel", "_store_kv_kernel",
     "_rms_norm_kernel", "_silu_and_mul_kernel", "_qk_norm_rope_kernel",
-    "_partials_kernel", "_merge_kernel", "_noise_kernel",
+    "_partials_kernel", "_merge_kernel", "_noise_kernel", "_gemv_kernel",
 }  # fmt: skip
 
 

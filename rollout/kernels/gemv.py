@@ -1,0 +1,167 @@
+"""Small-batch projections with their neighbours fused in: ``x [M <= 16, K] @ w.T`` where each
+program owns a block of output columns and streams its rows of ``w`` once, with an optional
+RMSNorm (+ residual add) prologue and SiLU-and-mul epilogue.
+
+A decode step of a few sequences is a chain of latency-bound kernels (batch 1 on Qwen3-0.6B: 327
+launches in 1.5 ms against a 0.28 ms weight-read floor). Per layer the projections here replace
+seven launches (add+RMSNorm, qkv GEMM, o GEMM, add+RMSNorm, gate/up GEMM, SiLU-and-mul, down GEMM)
+with four. Every program recomputes the norm of its rows (x is a few KB; program 0 stores the new
+residual), and a gate/up program reads the gate and the up rows of its columns together.
+
+Numerics follow the layers they replace (``RMSNorm``: statistics in fp32, the normalized value
+rounded to the input dtype before the weight multiply; ``SiluAndMul``: silu rounded to the dtype,
+then the product): only the GEMM's summation order differs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # rows (sequences) one launch serves: one tensor-core tile
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, res_ptr, res_out_ptr, g_ptr, w_ptr, b_ptr, out_ptr, M, N, K, eps,
+    NORM: tl.constexpr, ADD_RES: tl.constexpr, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rstd = tl.zeros([BLOCK_M], tl.float32)
+    if NORM:  # the rows' statistics (and, by program 0, the new residual)
+        ss = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask = row_ok[:, None] & (ks < K)[None, :]
+            a = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+            if ADD_RES:
+                r = tl.load(res_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+                a = (a.to(tl.float32) + r.to(tl.float32)).to(a.dtype)  # rounded like torch's x + r
+                if pid == 0:
+                    tl.store(res_out_ptr + rows[:, None] * K + ks[None, :], a, mask=mask)
+            a = a.to(tl.float32)
+            ss += tl.sum(a * a, axis=1)
+        rstd = tl.rsqrt(ss / K + eps)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        mask = row_ok[:, None] & k_ok[None, :]
+        a = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+        if NORM:
+            if ADD_RES:
+                r = tl.load(res_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+                a = (a.to(tl.float32) + r.to(tl.float32)).to(a.dtype)
+            g = tl.load(g_ptr + ks, mask=k_ok, other=0.0)
+            normed = (a.to(tl.float32) * rstd[:, None]).to(a.dtype)
+            a = (g.to(tl.float32)[None, :] * normed.to(tl.float32)).to(a.dtype)
+        w_mask = col_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+        a = a.to(w.dtype)
+        if USE_DOT:
+            acc += tl.dot(a, tl.trans(w))
+        else:
+            acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if SILU_MUL:  # the up rows of the same columns
+            wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+            if USE_DOT:
+                acc_up += tl.dot(a, tl.trans(wu))
+            else:
+                acc_up += tl.sum(a.to(tl.float32)[:, None, :] * wu.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if SILU_MUL:
+            acc_up += tl.load(b_ptr + N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_dtype = out_ptr.dtype.element_ty
+    if SILU_MUL:  # as SiluAndMul on the rounded gate/up: silu rounded, then the product
+        gate = acc.to(out_dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
+        acc = silu * acc_up.to(out_dtype).to(tl.float32)
+    tl.store(
+        out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_dtype), mask=row_ok[:, None] & col_ok[None, :]
+    )
+
+
+def fused_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    silu_mul: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``F.linear(a, weight, bias)`` for ``x`` [M <= 16, K] (contiguous) and ``weight`` [N, K]
+    (contiguous), where ``a`` is ``x``, or with ``norm_weight`` ``RMSNorm(x)`` (with ``residual``:
+    ``RMSNorm(x + residual)``, and ``x + residual`` is returned too, as ``RMSNorm(x, residual)``
+    does). ``silu_mul``: ``weight`` packs [gate; up] ([2N, K], ``bias`` [2N]) and the result is
+    ``silu(gate) * up`` [M, N]. Raises ``ValueError`` for shapes, strides or dtypes that do not fit."""
+    if x.dim() != 2 or not x.is_contiguous() or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"x must be contiguous [M, K] with 1 <= M <= {MAX_ROWS}, got {tuple(x.shape)}")
+    m, k = x.shape
+    if weight.dim() != 2 or weight.shape[1] != k or not weight.is_contiguous() or weight.dtype != x.dtype:
+        raise ValueError(
+            f"weight must be contiguous [N, {k}] of {x.dtype}, got {tuple(weight.shape)} {weight.dtype}"
+        )
+    if silu_mul and weight.shape[0] % 2:
+        raise ValueError(f"silu_mul needs a [2N, K] weight, got {tuple(weight.shape)}")
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    if bias is not None and (bias.shape != (weight.shape[0],) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be contiguous of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if norm_weight is not None and norm_weight.shape != (k,):
+        raise ValueError(f"norm_weight must have shape ({k},), got {tuple(norm_weight.shape)}")
+    if residual is not None and (
+        norm_weight is None or residual.shape != x.shape or not residual.is_contiguous()
+    ):
+        raise ValueError(f"residual needs norm_weight and must be contiguous like x {tuple(x.shape)}")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else x
+    use_dot = m > 4  # a 16-row tensor-core tile; below, a broadcast multiply-sum
+    block_m = 16 if use_dot else triton.next_power_of_2(m)
+    if use_dot:
+        block_n, block_k = (32 if n >= 4096 else 16), 128
+    else:
+        block_n = 16 if n >= 2048 else 8
+        block_k = max(64, min(512, 8192 // (block_m * block_n)))
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, residual if residual is not None else x, res_out,
+        norm_weight if norm_weight is not None else x, weight, bias if bias is not None else weight,
+        out, m, n, k, eps,
+        NORM=norm_weight is not None, ADD_RES=residual is not None, SILU_MUL=silu_mul,
+        HAS_BIAS=bias is not None, USE_DOT=use_dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4,
+    )  # fmt: skip
+    return (out, res_out) if residual is not None else out
+
+
+def fused_gemv_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    silu_mul: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``fused_gemv`` in torch ops, with the layers' rounding points."""
+    a = x
+    if residual is not None:
+        a = x + residual
+    new_residual = a
+    if norm_weight is not None:
+        h = a.float()
+        a = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    y = torch.nn.functional.linear(a, weight, bias)
+    if silu_mul:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    return (y, new_residual) if residual is not None else y

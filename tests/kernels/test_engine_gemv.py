@@ -1,0 +1,53 @@
+"""RunnerConfig.small_batch_gemv_rows under the interpreter: steps of at most that many rows run
+each layer's projections through the fused small-batch GEMVs (norms and SiLU-and-mul folded in),
+and the engine's tokens and logprobs match the unfused triton path (with and without biases)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rollout.kernels.gemv as gemv
+from rollout import LLM, CacheConfig, RunnerConfig, SamplingParams, SchedulerConfig
+from tests.models.tiny_models import CASES, random_seqs, save_tiny_checkpoint
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+
+@pytest.mark.parametrize("case", ["qwen3", "llama_linear_rope_bias"])
+def test_fused_gemv_steps_match_the_unfused_path(tmp_path, case, monkeypatch):
+    family, overrides, block_size = CASES[case]
+    save_tiny_checkpoint(tmp_path, family, **overrides)
+    prompts = random_seqs([11, 4, 19], seed=6)
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0)
+    calls: list[int] = []
+    real = gemv.fused_gemv
+
+    def counted(x, *args, **kw):
+        calls.append(x.shape[0])
+        return real(x, *args, **kw)
+
+    monkeypatch.setattr(gemv, "fused_gemv", counted)
+    outs = {}
+    for rows in (0, 4):
+        llm = LLM(
+            str(tmp_path),
+            device="cpu",
+            cache_config=CacheConfig(block_size=block_size, num_blocks=64),
+            scheduler_config=SchedulerConfig(max_num_batched_tokens=64),
+            runner_config=RunnerConfig(attention_backend="triton", small_batch_gemv_rows=rows),
+        )
+        outs[rows] = llm.generate(prompts, params, use_tqdm=False)
+        if rows == 0:
+            assert not calls
+    layers = len(llm.engine.runner.model.model.layers)
+    assert calls and max(calls) <= 4 and len(calls) >= 4 * layers * 3  # 4 per layer, 3+ decode steps
+    for a, b in zip(outs[0], outs[4], strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        diff = torch.tensor(a.outputs[0].logprobs) - torch.tensor(b.outputs[0].logprobs)
+        assert diff.abs().max() <= 1e-4
+
+
+def test_bad_gemv_rows_are_refused():
+    with pytest.raises(ValueError, match="small_batch_gemv_rows must be in \\[0, 16\\], got 17"):
+        RunnerConfig(small_batch_gemv_rows=17)

@@ -1,0 +1,78 @@
+"""The fused small-batch projections (rollout.kernels.gemv) against their torch reference: plain,
+with the RMSNorm prologue (with and without the residual add), with the SiLU-and-mul epilogue and
+biases, on 1-16 rows and widths that do not fill the launch's blocks. fp32/fp16 on the CPU under
+the interpreter; bf16 on the GPU too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rollout.kernels.gemv import fused_gemv, fused_gemv_ref
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def tensors(m, k, n, dtype, seed, silu_mul=False, bias=False):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: (scale * torch.randn(*s, generator=gen)).to(dtype).to(DEVICE)  # noqa: E731
+    rows = 2 * n if silu_mul else n
+    return dict(
+        x=r(m, k),
+        residual=r(m, k),
+        weight=r(rows, k, scale=k**-0.5),
+        bias=r(rows, scale=0.1) if bias else None,
+        norm_weight=(1 + r(k, scale=0.1)),
+    )
+
+
+def close(got, want, dtype):
+    err = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
+    assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize(("k", "n"), [(64, 40), (96, 130)])
+def test_fused_gemv_matches_reference(dtype, m, k, n):
+    t = tensors(m, k, n, dtype, seed=m * 1000 + k + n, bias=True)
+    close(fused_gemv(t["x"], t["weight"]), fused_gemv_ref(t["x"], t["weight"]), dtype)
+    close(fused_gemv(t["x"], t["weight"], t["bias"]), fused_gemv_ref(t["x"], t["weight"], t["bias"]), dtype)
+    got = fused_gemv(t["x"], t["weight"], norm_weight=t["norm_weight"])
+    close(got, fused_gemv_ref(t["x"], t["weight"], norm_weight=t["norm_weight"]), dtype)
+    got, res = fused_gemv(t["x"], t["weight"], norm_weight=t["norm_weight"], residual=t["residual"])
+    want, want_res = fused_gemv_ref(t["x"], t["weight"], norm_weight=t["norm_weight"], residual=t["residual"])
+    close(got, want, dtype)
+    assert torch.equal(res, want_res)  # the new residual: x + residual, rounded once
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 6])
+def test_fused_gemv_silu_mul(dtype, m):
+    t = tensors(m, 80, 24, dtype, seed=m, silu_mul=True, bias=True)
+    kw = dict(norm_weight=t["norm_weight"], residual=t["residual"], silu_mul=True)
+    got, res = fused_gemv(t["x"], t["weight"], t["bias"], **kw)
+    want, want_res = fused_gemv_ref(t["x"], t["weight"], t["bias"], **kw)
+    assert got.shape == (m, 24)
+    close(got, want, dtype)
+    assert torch.equal(res, want_res)
+
+
+def test_fused_gemv_rejects_what_does_not_fit():
+    x = torch.zeros(2, 8, device=DEVICE)
+    w = torch.zeros(6, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="1 <= M <= 16, got \\(17, 8\\)"):
+        fused_gemv(torch.zeros(17, 8, device=DEVICE), w)
+    with pytest.raises(ValueError, match="weight must be contiguous \\[N, 8\\]"):
+        fused_gemv(x, torch.zeros(6, 9, device=DEVICE))
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        fused_gemv(x, w.half())
+    with pytest.raises(ValueError, match="silu_mul needs a \\[2N, K\\] weight, got \\(5, 8\\)"):
+        fused_gemv(x, torch.zeros(5, 8, device=DEVICE), silu_mul=True)
+    with pytest.raises(ValueError, match="bias must be contiguous of shape \\(6,\\)"):
+        fused_gemv(x, w, torch.zeros(5, device=DEVICE))
+    with pytest.raises(ValueError, match="residual needs norm_weight"):
+        fused_gemv(x, w, residual=x)
