@@ -195,7 +195,7 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Input norm (the residual add of the block before fused in) and the q/k/v projection:
         returns (qkv, residual)."""
-        if x.shape[0] <= self.gemv_rows:
+        if 0 < x.shape[0] <= self.gemv_rows:
             from rollout.kernels.gemv import fused_gemv
 
             proj, norm = self.self_attn.qkv_proj, self.input_layernorm
@@ -214,7 +214,7 @@ class DecoderLayer(nn.Module):
         self, attn: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """o_proj, the post-attention norm (+ residual add) and the MLP: returns (x, residual)."""
-        if attn.shape[0] <= self.gemv_rows:
+        if 0 < attn.shape[0] <= self.gemv_rows:
             from rollout.kernels.gemv import fused_gemv
 
             o_proj, norm = self.self_attn.o_proj, self.post_attention_layernorm
