@@ -9,6 +9,7 @@ engine equals a fresh one loaded with the new weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -21,6 +22,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 from rollout import LLM, CacheConfig, SamplingParams
+from rollout.benchmarks.common import add_graph_args, graph_config
 from rollout.presets import resolve_model
 from rollout.weight_sync import WeightSender
 from rollout.weight_sync.process_group import WeightGroup
@@ -104,15 +106,16 @@ def run_single_gpu(args: argparse.Namespace, path: str, kw: dict) -> dict:
             if level == 2:
                 llm.wake_up(["weights"])
                 WeightSender(llm).push(weights)
-                llm.wake_up(["kv_cache"])
+                wake = llm.wake_up(["kv_cache"])
             else:
-                llm.wake_up()
+                wake = llm.wake_up()
             wake_ms = (time.perf_counter() - t0) * 1e3
             after = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
             res[f"sleep{level}"] = dict(
                 sleep_ms=sleep_ms,
                 wake_ms=wake_ms,  # level 2: wake weights + re-send them + wake the KV cache
                 freed_gb=info["freed_bytes"] / 1e9,
+                recaptured=wake["recaptured"],  # the CUDA graphs captured again at wake-up
                 outputs_same=after == ipc_out,
             )
             print(f"sleep({level}): {res[f'sleep{level}']}", flush=True)
@@ -186,11 +189,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--num-blocks", type=int, default=2048, help="KV blocks per engine (fixed: two engines share the GPU)"
     )
+    parser.add_argument(
+        "--sleep-keeps-graphs", action="store_true", help="RunnerConfig.sleep_keeps_graphs (VMM sleep)"
+    )
+    add_graph_args(parser)
     parser.add_argument("--tmp", default="/tmp/rollout-w6")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     path, _ = resolve_model(args.model, "dummy")
-    kw = dict(dtype="bfloat16", cache_config=CacheConfig(num_blocks=args.num_blocks))
+    runner = dataclasses.replace(graph_config(args), sleep_keeps_graphs=args.sleep_keeps_graphs)
+    kw = dict(dtype="bfloat16", cache_config=CacheConfig(num_blocks=args.num_blocks), runner_config=runner)
     res = run_nccl(args, path, kw) if args.nccl else run_single_gpu(args, path, kw)
     res.update(model=args.model, bucket_mb=args.bucket_mb, device=torch.cuda.get_device_name())
     if args.out:
