@@ -72,9 +72,11 @@ class ModelRunner:
         if self.runner_config.sleep_keeps_graphs and device.type == "cuda":
             params = dict(self.model.named_parameters())  # tied parameters appear once
             offsets, self.weight_bytes = parameter_layout(params)
+            for p in params.values():  # through the host: never two copies on the device
+                p.data = p.data.cpu()
+            torch.cuda.empty_cache()
             self.weight_memory = VirtualMemory(self.weight_bytes, device)
             pack_parameters(params, offsets, self.weight_memory.tensor())
-            torch.cuda.empty_cache()  # the weights' first copies
         backend = self.runner_config.attention_backend
         if backend == "auto":
             backend = "triton" if device.type == "cuda" else "torch"

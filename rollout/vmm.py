@@ -67,11 +67,15 @@ class VirtualMemory:
         if nbytes < 1:
             raise ValueError(f"VirtualMemory needs nbytes >= 1, got {nbytes}")
         self.device_index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.synchronize(self.device_index)  # torch's primary context, current on this thread
+        torch.cuda.synchronize(self.device_index)  # the device's primary context exists
         self._cuda = ctypes.CDLL("libcuda.so.1")
         self._prop = _AllocationProp(
             type=_ALLOCATION_PINNED, location=_Location(_LOCATION_DEVICE, self.device_index)
         )
+        with torch.cuda.device(self.device_index):  # its context current on this thread
+            self._reserve(nbytes)
+
+    def _reserve(self, nbytes: int) -> None:
         granularity = ctypes.c_size_t()
         self._check(
             self._cuda.cuMemGetAllocationGranularity(
@@ -114,6 +118,10 @@ class VirtualMemory:
         """Map new physical memory at the reserved range (no-op when mapped); contents undefined."""
         if self._handle is not None:
             return
+        with torch.cuda.device(self.device_index):
+            self._map()
+
+    def _map(self) -> None:
         handle = ctypes.c_uint64()
         size = ctypes.c_size_t(self.nbytes)
         self._check(
@@ -140,8 +148,9 @@ class VirtualMemory:
         released). Nothing may use the range until ``restore``: callers synchronize first."""
         if self._handle is None:
             return
-        self._check(self._cuda.cuMemUnmap(self._ptr, ctypes.c_size_t(self.nbytes)), "cuMemUnmap")
-        self._check(self._cuda.cuMemRelease(self._handle), "cuMemRelease")
+        with torch.cuda.device(self.device_index):
+            self._check(self._cuda.cuMemUnmap(self._ptr, ctypes.c_size_t(self.nbytes)), "cuMemUnmap")
+            self._check(self._cuda.cuMemRelease(self._handle), "cuMemRelease")
         self._handle = None
 
     def tensor(self) -> torch.Tensor:
@@ -165,7 +174,8 @@ class VirtualMemory:
         try:  # (at interpreter exit the driver may be gone already: nothing to do then)
             torch.cuda.synchronize(self.device_index)
             self.release()
-            cuda.cuMemAddressFree(self._ptr, ctypes.c_size_t(self.nbytes))
+            with torch.cuda.device(self.device_index):
+                cuda.cuMemAddressFree(self._ptr, ctypes.c_size_t(self.nbytes))
         except Exception:
             pass
 
@@ -190,9 +200,9 @@ def parameter_layout(params: dict[str, torch.nn.Parameter], align: int = 256) ->
 def pack_parameters(
     params: dict[str, torch.nn.Parameter], offsets: dict[str, int], flat: torch.Tensor
 ) -> None:
-    """Move each parameter's values into its slice of ``flat`` (uint8, on the parameters' device)
-    and make that slice its storage: the Parameter objects stay (tied ones share one), only their
-    ``.data`` moves."""
+    """Copy each parameter's values into its slice of ``flat`` (uint8; the values may sit on another
+    device, e.g. the host) and make that slice its storage: the Parameter objects stay (tied ones
+    share one), only their ``.data`` moves."""
     for name, p in params.items():
         nbytes = p.numel() * p.element_size()
         view = flat[offsets[name] : offsets[name] + nbytes].view(p.dtype).view(p.shape)

@@ -26,7 +26,8 @@ MAX_ROWS = 16  # rows (sequences) one launch serves: one tensor-core tile
 def _gemv_kernel(
     x_ptr, res_ptr, res_out_ptr, g_ptr, w_ptr, b_ptr, out_ptr, M, N, K, eps,
     NORM: tl.constexpr, ADD_RES: tl.constexpr, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -66,13 +67,13 @@ def _gemv_kernel(
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
         a = a.to(w.dtype)
         if USE_DOT:
-            acc += tl.dot(a, tl.trans(w))
+            acc += tl.dot(a, tl.trans(w), input_precision=PRECISION)
         else:
             acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         if SILU_MUL:  # the up rows of the same columns
             wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
             if USE_DOT:
-                acc_up += tl.dot(a, tl.trans(wu))
+                acc_up += tl.dot(a, tl.trans(wu), input_precision=PRECISION)
             else:
                 acc_up += tl.sum(a.to(tl.float32)[:, None, :] * wu.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
@@ -136,7 +137,9 @@ def fused_gemv(
         norm_weight if norm_weight is not None else x, weight, bias if bias is not None else weight,
         out, m, n, k, eps,
         NORM=norm_weight is not None, ADD_RES=residual is not None, SILU_MUL=silu_mul,
-        HAS_BIAS=bias is not None, USE_DOT=use_dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, USE_DOT=use_dot,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 models: no TF32 rounding
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4,
     )  # fmt: skip
     return (out, res_out) if residual is not None else out
