@@ -148,7 +148,8 @@ class DecodeGraphs:
         self.model = model
         self.split_counters = split_counters
         self.two_stream_min = two_stream_min
-        self.side = torch.cuda.Stream(device) if two_stream_min else None
+        # the second half's stream (off CUDA the halves run in turn: the CPU tests' path)
+        self.side = torch.cuda.Stream(device) if two_stream_min and device.type == "cuda" else None
         self.sizes = graph_batch_sizes(max_batch)
         self.max_batch = self.sizes[-1]
         self.max_blocks = max_blocks
