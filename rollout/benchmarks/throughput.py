@@ -42,14 +42,17 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         scheduler_config=SchedulerConfig(max_num_batched_tokens=args.max_batched),
         runner_config=graph_config(args),
     )
-    warm = [SamplingParams(max_tokens=16, ignore_eos=True)] * 8
-    llm.generate(work.prompts[:8], warm, use_tqdm=False)
+    warm = work.prompts[:8]
+    llm.generate(warm, [SamplingParams(max_tokens=16, ignore_eos=True)] * len(warm), use_tqdm=False)
     params = [
         SamplingParams(max_tokens=m, temperature=work.temperature, ignore_eos=True, seed=i)
         for i, m in enumerate(work.max_tokens)
     ]
     stats0 = llm.stats()
-    trace: list[tuple[float, int, int]] = []  # per engine step: end time, running, waiting
+    # per engine step: end time, rows of the batch it collected (0: none), whether that batch had
+    # prompt tokens. A step is timed by the batch it collects: with the overlapped loop it waits
+    # for the batch launched the step before (see benchmarks/rl.py step_kinds).
+    trace: list[tuple[float, int, bool]] = []
     admission: dict = {}
     adm_prof = None
     if args.profile_admission:  # CPU + GPU over the steps until every prompt is fully computed
@@ -58,12 +61,20 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         adm_prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     if args.trace or adm_prof is not None:
         engine = llm.engine
-        step = engine.step
+        step, collect = engine.step, engine.runner.collect
+        collected: list[tuple[int, bool]] = []
+
+        def traced_collect(handle):
+            batch = handle.batch
+            collected.append((len(batch.requests), batch.num_tokens > len(batch.requests)))
+            return collect(handle)
 
         def traced_step():
             out = step()
             sched = engine.scheduler
-            trace.append((time.perf_counter(), len(sched.running), len(sched.waiting)))
+            rows, prompts = collected.pop() if collected else (0, False)
+            collected.clear()
+            trace.append((time.perf_counter(), rows, prompts))
             admitted = not prompts_pending(sched)
             if adm_prof is not None and not admission and admitted:
                 torch.cuda.synchronize()
@@ -72,6 +83,7 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
             return out
 
         engine.step = traced_step
+        engine.runner.collect = traced_collect
     if args.gc_freeze:
         import gc
 
@@ -88,7 +100,8 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
 
         gpu_prof = profile(activities=[ProfilerActivity.CUDA])
         gpu_prof.start()
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CPU: tests
+    sync()
     if adm_prof is not None:
         adm_prof.start()
     t = time.perf_counter()
@@ -96,7 +109,7 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         if prof is not None:
             prof.enable()
         outs = llm.generate(work.prompts, params, use_tqdm=False)
-        torch.cuda.synchronize()
+        sync()
         if prof is not None:
             prof.disable()
     seconds = time.perf_counter() - t
@@ -122,8 +135,8 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
     buckets: dict[int, list[float]] = {}
     if trace:
         prev = t
-        for end, running, waiting in trace:
-            key = -1 if waiting else min(running // 32 * 32, 256)  # -1: steps with prompts waiting
+        for end, rows, prompts in trace:
+            key = -1 if prompts else min(rows // 32 * 32, 256)  # -1: batches with prompt tokens
             buckets.setdefault(key, []).append((end - prev) * 1e3)
             prev = end
         step_ms_by_batch = {k: (len(v), sum(v) / len(v)) for k, v in sorted(buckets.items())}
@@ -143,8 +156,9 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         num_steps=len(trace),
         gc=gc_stats.summary(),  # cyclic GC passes during the timed run: count and ms per generation
         kernel_compiles=compiles.summary(),  # Triton specializations first met during the timed run
-        step_ms_by_batch=step_ms_by_batch,  # running // 32 * 32 -> (steps, mean ms); -1: admission phase
-        # each step with prompts still waiting, in order
+        # rows of the batch a step collected // 32 * 32 -> (steps, mean ms); -1: batches with prompts
+        step_ms_by_batch=step_ms_by_batch,
+        # each step that collected a batch with prompt tokens, in order
         admission_steps_ms=[round(ms, 2) for ms in buckets.get(-1, [])],
         admission=admission,  # --profile-admission: steps until every prompt is computed, GPU summary
         gpu_profile=gpu_summary,  # --gpu-profile: kernel time over the run (the profiler slows the host)
