@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rollout.model_runner import ModelRunner
-from rollout.vmm import parameter_layout
+from rollout.vmm import parameter_layout, parameter_views
 
 TAGS = ("weights", "kv_cache")
 
@@ -115,15 +115,12 @@ class DeviceMemory:
         runner._bind_kv_cache(None)
         runner.kv_cache = None
         pin = runner.device.type == "cuda"
-        offsets, need = parameter_layout(params)
-        host = self._host_buffer(need, pin) if asleep.level == 1 else None
-        for name, p in params.items():
-            asleep.shapes[name] = (p.shape, p.dtype)
-            if host is not None:
-                nbytes = p.numel() * p.element_size()
-                view = host[offsets[name] : offsets[name] + nbytes].view(p.dtype).view(p.shape)
-                view.copy_(p.data, non_blocking=pin)
-                asleep.host_weights[name] = view
+        asleep.shapes = {name: (p.shape, p.dtype) for name, p in params.items()}
+        if asleep.level == 1:
+            offsets, need = parameter_layout(params)
+            asleep.host_weights = parameter_views(params, offsets, self._host_buffer(need, pin))
+            for name, view in asleep.host_weights.items():
+                view.copy_(params[name].data, non_blocking=pin)
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)  # the host copies are done before storage goes
         for p in params.values():
@@ -141,30 +138,29 @@ class DeviceMemory:
         runner = self.runner
         before = _device_free(runner.device)
         in_place = runner.weight_memory is not None
-        if "weights" in tags and "weights" in asleep.released and in_place:
-            assert runner.weight_memory is not None
-            runner.weight_memory.restore()  # the same addresses: parameters and graphs unchanged
-            if asleep.level == 1:
-                assert self._host is not None
-                packed = runner.weight_memory.tensor()[: runner.weight_bytes]
-                packed.copy_(self._host[: runner.weight_bytes], non_blocking=True)
-            asleep.released.discard("weights")
         if "weights" in tags and "weights" in asleep.released:
-            for name, p in _unique_params(runner.model).items():
-                shape, dtype = asleep.shapes[name]
-                data = torch.empty(shape, dtype=dtype, device=runner.device)
+            if runner.weight_memory is not None:  # the same addresses: parameters, graphs unchanged
+                runner.weight_memory.restore()
                 if asleep.level == 1:
-                    data.copy_(asleep.host_weights.pop(name), non_blocking=True)
-                p.data = data
+                    assert self._host is not None
+                    packed = runner.weight_memory.tensor()[: runner.weight_bytes]
+                    packed.copy_(self._host[: runner.weight_bytes], non_blocking=True)
+            else:
+                for name, p in _unique_params(runner.model).items():
+                    shape, dtype = asleep.shapes[name]
+                    data = torch.empty(shape, dtype=dtype, device=runner.device)
+                    if asleep.level == 1:
+                        data.copy_(asleep.host_weights.pop(name), non_blocking=True)
+                    p.data = data
             asleep.released.discard("weights")
-        if "kv_cache" in tags and "kv_cache" in asleep.released and in_place:
-            assert runner.kv_memory is not None and runner.kv_cache is not None
-            runner.kv_memory.restore()
-            runner.kv_cache.zero_()  # as a new cache would be
-            asleep.released.discard("kv_cache")
         if "kv_cache" in tags and "kv_cache" in asleep.released:
-            runner.kv_cache = runner._allocate_kv_cache(runner.num_blocks)
-            runner._bind_kv_cache(runner.kv_cache)
+            if runner.kv_memory is not None:
+                assert runner.kv_cache is not None
+                runner.kv_memory.restore()
+                runner.kv_cache.zero_()  # as a new cache would be
+            else:
+                runner.kv_cache = runner._allocate_kv_cache(runner.num_blocks)
+                runner._bind_kv_cache(runner.kv_cache)
             asleep.released.discard("kv_cache")
         recaptured = False
         if not asleep.released:

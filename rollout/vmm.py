@@ -196,6 +196,18 @@ def parameter_layout(params: dict[str, torch.nn.Parameter], align: int = 256) ->
     return offsets, end
 
 
+def parameter_views(
+    params: dict[str, torch.nn.Parameter], offsets: dict[str, int], flat: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Each parameter's slice of ``flat`` (uint8, laid out by ``parameter_layout``), viewed with the
+    parameter's dtype and shape."""
+    views = {}
+    for name, p in params.items():
+        nbytes = p.numel() * p.element_size()
+        views[name] = flat[offsets[name] : offsets[name] + nbytes].view(p.dtype).view(p.shape)
+    return views
+
+
 @torch.no_grad()
 def pack_parameters(
     params: dict[str, torch.nn.Parameter], offsets: dict[str, int], flat: torch.Tensor
@@ -203,8 +215,6 @@ def pack_parameters(
     """Copy each parameter's values into its slice of ``flat`` (uint8; the values may sit on another
     device, e.g. the host) and make that slice its storage: the Parameter objects stay (tied ones
     share one), only their ``.data`` moves."""
-    for name, p in params.items():
-        nbytes = p.numel() * p.element_size()
-        view = flat[offsets[name] : offsets[name] + nbytes].view(p.dtype).view(p.shape)
-        view.copy_(p.data)
-        p.data = view
+    for name, view in parameter_views(params, offsets, flat).items():
+        view.copy_(params[name].data)
+        params[name].data = view
