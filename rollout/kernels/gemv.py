@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rollout.kernels.fused_ops import rms_norm_ref, silu_and_mul_ref
+
 MAX_ROWS = 16  # rows (sequences) one launch serves: one tensor-core tile
 
 
@@ -155,16 +157,13 @@ def fused_gemv_ref(
     eps: float = 1e-6,
     silu_mul: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``fused_gemv`` in torch ops, with the layers' rounding points."""
-    a = x
-    if residual is not None:
-        a = x + residual
-    new_residual = a
+    """``fused_gemv`` in torch ops: the layers' references (``fused_ops.rms_norm_ref``,
+    ``silu_and_mul_ref``) around ``F.linear``."""
+    a, new_residual = x, None
     if norm_weight is not None:
-        h = a.float()
-        a = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        normed = rms_norm_ref(x, norm_weight, eps, residual)
+        a, new_residual = normed if residual is not None else (normed, None)
     y = torch.nn.functional.linear(a, weight, bias)
     if silu_mul:
-        gate, up = y.chunk(2, dim=-1)
-        y = torch.nn.functional.silu(gate) * up
-    return (y, new_residual) if residual is not None else y
+        y = silu_and_mul_ref(y)
+    return (y, new_residual) if new_residual is not None else y
