@@ -259,6 +259,37 @@ def cprofile_text(prof, lines: int) -> str:
     return text.getvalue()
 
 
+def step_kinds(llm: Any) -> list[tuple[float, bool, int]]:
+    """Record, per engine step, (end time, whether the batch it collected was decode-only (a graph
+    replay on CUDA) or had prompt tokens (a mixed step), tokens in that batch).
+
+    A step is timed by the batch it collects, not the one it launches: with the overlapped loop a
+    step launches batch N+1 and then waits for batch N, so its wall time is N's device time when
+    the device is the bottleneck. (Timed by the launched batch, each mixed step's device time
+    landed in the decode step after it: W2's decode steps looked 0.3 ms slower with mixed graphs,
+    which the steady decode step of `rollout bench step_profile` did not show.)"""
+    engine = llm.engine
+    collect, step = engine.runner.collect, engine.step
+    steps: list[tuple[float, bool, int]] = []
+    collected: list[tuple[bool, int]] = []
+
+    def traced_collect(handle):
+        batch = handle.batch
+        collected.append((batch.num_tokens == len(batch.requests), batch.num_tokens))
+        return collect(handle)
+
+    def traced_step():
+        out = step()
+        decode_only, tokens = collected.pop() if collected else (True, 0)
+        collected.clear()
+        steps.append((time.perf_counter(), decode_only, tokens))
+        return out
+
+    engine.runner.collect = traced_collect
+    engine.step = traced_step
+    return steps
+
+
 class PhaseTimer:
     """Wall time spent in wrapped callables, by phase name."""
 

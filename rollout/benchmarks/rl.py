@@ -20,39 +20,7 @@ from pathlib import Path
 import torch
 
 from rollout import LLM, SamplingParams
-from rollout.benchmarks.common import add_graph_args, graph_config
-
-
-def step_kinds(llm: LLM) -> list[tuple[float, bool, int]]:
-    """Record, per engine step, (end time, whether the batch it collected was decode-only (a graph
-    replay on CUDA) or had prompt tokens (a mixed step), tokens in that batch).
-
-    A step is timed by the batch it collects, not the one it launches: with the overlapped loop a
-    step launches batch N+1 and then waits for batch N, so its wall time is N's device time when
-    the device is the bottleneck. (Timed by the launched batch, each mixed step's device time
-    landed in the decode step after it: W2's decode steps looked 0.3 ms slower with mixed graphs,
-    which the steady decode step of `rollout bench step_profile` did not show.)"""
-    engine = llm.engine
-    collect, step = engine.runner.collect, engine.step
-    steps: list[tuple[float, bool, int]] = []
-    collected: list[tuple[bool, int]] = []
-
-    def traced_collect(handle):
-        batch = handle.batch
-        collected.append((batch.num_tokens == len(batch.requests), batch.num_tokens))
-        return collect(handle)
-
-    def traced_step():
-        out = step()
-        decode_only, tokens = collected.pop() if collected else (True, 0)
-        collected.clear()
-        steps.append((time.perf_counter(), decode_only, tokens))
-        return out
-
-    engine.runner.collect = traced_collect
-    engine.step = traced_step
-    return steps
-
+from rollout.benchmarks.common import add_graph_args, graph_config, step_kinds
 
 # Decode-only steps by batch (the tail of a long-tailed rollout runs small batches): label, lowest
 _BATCH_BUCKETS = (("129+", 129), ("33-128", 33), ("9-32", 9), ("1-8", 1))

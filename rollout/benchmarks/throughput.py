@@ -27,6 +27,7 @@ from rollout.benchmarks.common import (
     model_bytes,
     print_gpu_summary,
     prompts_pending,
+    step_kinds,
 )
 from rollout.benchmarks.workloads import WORKLOADS, Workload, decode_roofline_tok_s
 
@@ -49,10 +50,8 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
         for i, m in enumerate(work.max_tokens)
     ]
     stats0 = llm.stats()
-    # per engine step: end time, rows of the batch it collected (0: none), whether that batch had
-    # prompt tokens. A step is timed by the batch it collects: with the overlapped loop it waits
-    # for the batch launched the step before (see benchmarks/rl.py step_kinds).
-    trace: list[tuple[float, int, bool]] = []
+    # per engine step: end time, whether the batch it collected was decode-only, its tokens
+    trace: list[tuple[float, bool, int]] = []
     admission: dict = {}
     adm_prof = None
     if args.profile_admission:  # CPU + GPU over the steps until every prompt is fully computed
@@ -60,30 +59,20 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
 
         adm_prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     if args.trace or adm_prof is not None:
+        trace = step_kinds(llm)  # steps timed by the batch they collect
+    if adm_prof is not None:
         engine = llm.engine
-        step, collect = engine.step, engine.runner.collect
-        collected: list[tuple[int, bool]] = []
+        step = engine.step
 
-        def traced_collect(handle):
-            batch = handle.batch
-            collected.append((len(batch.requests), batch.num_tokens > len(batch.requests)))
-            return collect(handle)
-
-        def traced_step():
+        def profiled_step():
             out = step()
-            sched = engine.scheduler
-            rows, prompts = collected.pop() if collected else (0, False)
-            collected.clear()
-            trace.append((time.perf_counter(), rows, prompts))
-            admitted = not prompts_pending(sched)
-            if adm_prof is not None and not admission and admitted:
+            if not admission and not prompts_pending(engine.scheduler):
                 torch.cuda.synchronize()
                 admission.update(seconds=time.perf_counter() - t, steps=len(trace))
                 adm_prof.stop()
             return out
 
-        engine.step = traced_step
-        engine.runner.collect = traced_collect
+        engine.step = profiled_step
     if args.gc_freeze:
         import gc
 
@@ -135,8 +124,8 @@ def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
     buckets: dict[int, list[float]] = {}
     if trace:
         prev = t
-        for end, rows, prompts in trace:
-            key = -1 if prompts else min(rows // 32 * 32, 256)  # -1: batches with prompt tokens
+        for end, decode_only, tokens in trace:  # a decode-only batch: one token per row
+            key = min(tokens // 32 * 32, 256) if decode_only else -1  # -1: batches with prompt tokens
             buckets.setdefault(key, []).append((end - prev) * 1e3)
             prev = end
         step_ms_by_batch = {k: (len(v), sum(v) / len(v)) for k, v in sorted(buckets.items())}
