@@ -2,16 +2,7 @@
 # Engine-speed checks on the device in one call: GPU tests of the changed paths, then W3 (b1/b256
 # x 1K, fused/overlap variants), W4, W1 and the core-process overhead (issue 3).
 # Usage: bash rollout/benchmarks/gpu_engine.sh [tests|bench|all]
-set -u
-what=${1:-all}
-out=${OUT:-bench-out}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 ROLLOUT_CACHE=/tmp/rollout-cache
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { echo "install failed"; tail "$out/install.log"; }
+. "$(dirname "$0")/device_setup.sh"
 if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_ops.py 2>&1 | tail -3
   timeout 170 python3 -m pytest tests -q -x -m gpu -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.log" | tail -15

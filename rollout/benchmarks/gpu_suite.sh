@@ -1,16 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one call (the device machine has no internet: missing wheels,
 # pyzmq and msgpack, travel in .whl/). Usage: bash rollout/benchmarks/gpu_suite.sh [tests|kernels|bench|host|all]
-set -u
-what=${1:-all}
-out=${OUT:-bench-out}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 ROLLOUT_CACHE=/tmp/rollout-cache
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { echo "install failed"; tail "$out/install.log"; }
+. "$(dirname "$0")/device_setup.sh"
 if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout 300 python3 -m pytest tests -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.log" | tail -25
 fi
