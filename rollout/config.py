@@ -81,6 +81,10 @@ class RunnerConfig:
     # GEMVs, the RMSNorms and SiLU-and-mul folded in (rollout/kernels/gemv.py; triton backend);
     # 0: off. Off by default until measured on a GPU.
     small_batch_gemv_rows: int = 0
+    # Those GEMVs launch as programmatic dependents (Hopper+): each may start while the launch
+    # before it finishes and load its first weight tile before it waits for that launch's output.
+    # Off by default until measured on a GPU.
+    small_batch_gemv_pdl: bool = False
     # CUDA: the weights and the KV cache live in address ranges that sleep keeps reserved while
     # it gives their physical memory back (rollout/vmm.py), so wake_up maps new memory at the
     # same addresses and the CUDA graphs stay valid instead of being captured again. The graphs'

@@ -93,6 +93,7 @@ class ModelRunner:
             for module in self.model.modules():
                 if hasattr(module, "gemv_rows"):
                     module.gemv_rows = self.runner_config.small_batch_gemv_rows
+                    module.gemv_pdl = self.runner_config.small_batch_gemv_pdl
         self.split_counters: torch.Tensor | None = None  # see AttentionMetadata.split_counters
         if backend == "triton" and self.runner_config.fused_decode_merge:
             rows = max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)

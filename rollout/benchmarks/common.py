@@ -16,9 +16,9 @@ from rollout.config import RunnerConfig
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
     """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge`` / ``--two-stream-min`` /
-    ``--gemv-rows``: how the engine under test runs its steps (``RunnerConfig.max_piecewise_tokens``
-    / ``max_mixed_graph_tokens`` / ``fused_decode_merge`` / ``two_stream_decode_min_batch`` /
-    ``small_batch_gemv_rows``)."""
+    ``--gemv-rows`` / ``--gemv-pdl``: how the engine under test runs its steps
+    (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens`` / ``fused_decode_merge`` /
+    ``two_stream_decode_min_batch`` / ``small_batch_gemv_rows`` / ``small_batch_gemv_pdl``)."""
     defaults = RunnerConfig()
     parser.add_argument(
         "--piecewise-tokens",
@@ -47,6 +47,11 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.small_batch_gemv_rows,
         help="RunnerConfig.small_batch_gemv_rows (steps of at most this many rows: fused GEMVs)",
     )
+    parser.add_argument(
+        "--gemv-pdl",
+        action="store_true",
+        help="RunnerConfig.small_batch_gemv_pdl (those GEMVs as programmatic dependent launches)",
+    )
 
 
 def graph_config(args: argparse.Namespace) -> RunnerConfig:
@@ -57,6 +62,7 @@ def graph_config(args: argparse.Namespace) -> RunnerConfig:
         fused_decode_merge=args.fused_merge,
         two_stream_decode_min_batch=args.two_stream_min,
         small_batch_gemv_rows=args.gemv_rows,
+        small_batch_gemv_pdl=args.gemv_pdl,
     )
 
 

@@ -238,6 +238,7 @@ def _run_child(args: argparse.Namespace, engine: str, wl: str, result_file: Path
         str(args.two_stream_min),
         "--gemv-rows",
         str(args.gemv_rows),
+        *(["--gemv-pdl"] if args.gemv_pdl else []),
         *(["--trace"] if args.trace else []),
         *(["--gc-freeze"] if args.gc_freeze else []),
         *(["--profile"] if args.profile else []),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -100,3 +102,16 @@ def check_slots(slot_mapping: torch.Tensor, num_tokens: int, device: torch.devic
 def check_window(sliding_window: int | None) -> None:
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
+
+
+@functools.cache
+def _major_capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (``griddepcontrol``) exists on ``device``: CUDA, compute
+    capability 9.0 (Hopper) or later."""
+    if device.type != "cuda":
+        return False
+    return _major_capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
-from rollout.kernels._checks import check_index, check_query, check_window, output_like
+from rollout.kernels._checks import check_index, check_query, check_window, output_like, pdl_supported
 
 _LOG2E = 1.4426950408889634
 # Enough resident programs to keep the memory system busy: splits are added until the grid has
@@ -229,8 +230,11 @@ def _decode_split_kernel(
     GROUP_P2: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if LAUNCH_DEPENDENTS:  # see _merge_splits_kernel
+        gdc_launch_dependents()
     split = pid % num_splits
     kv_head = (pid // num_splits) % NUM_KV_HEADS
     b = pid // (num_splits * NUM_KV_HEADS)
@@ -291,8 +295,11 @@ def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):  # fmt: skip
     """The splits' merge as a launch of its own: one program per (sequence, KV head)."""
+    if LAUNCH_DEPENDENTS:  # a programmatic dependent after it (the o projection GEMV) may start
+        gdc_launch_dependents()
     _merge_group(
         part_out_ptr, part_lse_ptr, out_ptr, tl.program_id(0), tl.program_id(1), num_splits, stride_ob,
         stride_oh, GROUP, GROUP_P2, NUM_KV_HEADS, HEAD_DIM, BLOCK_D, SPLITS_PAD, SPLIT_CHUNK,
@@ -354,6 +361,10 @@ def decode_attention(
         return out
     split = config.num_splits > 1
     fused_merge = split and counters is not None
+    # The attention's last launch lets a programmatic dependent after it (kernels/gemv.py) start
+    # early; no effect on plain launches. Not in the interpreter, which lacks the instruction.
+    compiled = isinstance(_decode_split_kernel, triton.runtime.JITFunction)
+    launch_dependents = compiled and pdl_supported(q.device)
     merge_args = dict(  # the merge's constexprs (in the split kernel's last program, or its own launch)
         GROUP=group,
         GROUP_P2=triton.next_power_of_2(group),
@@ -408,6 +419,7 @@ def decode_attention(
         GROUP_P2=merge_args["GROUP_P2"],
         SPLITS_PAD=merge_args["SPLITS_PAD"],
         SPLIT_CHUNK=merge_args["SPLIT_CHUNK"],
+        LAUNCH_DEPENDENTS=launch_dependents,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -420,6 +432,7 @@ def decode_attention(
             out.stride(0),
             out.stride(1),
             **merge_args,
+            LAUNCH_DEPENDENTS=launch_dependents,
             num_warps=4,
         )
     return out

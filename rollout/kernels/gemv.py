@@ -18,66 +18,96 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rollout.kernels._checks import pdl_supported
 from rollout.kernels.fused_ops import rms_norm_ref, silu_and_mul_ref
 
 MAX_ROWS = 16  # rows (sequences) one launch serves: one tensor-core tile
 
 
 @triton.jit
+def _activation(
+    x_ptr, res_ptr, g_ptr, rows, row_ok, ks, k_ok, K, rstd, NORM: tl.constexpr, ADD_RES: tl.constexpr
+):
+    """One [BLOCK_M, BLOCK_K] tile of the GEMV's input: x, or RMSNorm(x (+ residual)) given rstd."""
+    mask = row_ok[:, None] & k_ok[None, :]
+    a = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+    if NORM:
+        if ADD_RES:
+            r = tl.load(res_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+            a = (a.to(tl.float32) + r.to(tl.float32)).to(a.dtype)  # rounded like torch's x + r
+        g = tl.load(g_ptr + ks, mask=k_ok, other=0.0)
+        normed = (a.to(tl.float32) * rstd[:, None]).to(a.dtype)
+        a = (g.to(tl.float32)[None, :] * normed.to(tl.float32)).to(a.dtype)
+    return a
+
+
+@triton.jit
+def _accumulate(acc, a, w, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    a = a.to(w.dtype)
+    if USE_DOT:
+        acc += tl.dot(a, tl.trans(w), input_precision=PRECISION)
+    else:
+        acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, res_ptr, res_out_ptr, g_ptr, w_ptr, b_ptr, out_ptr, M, N, K, eps,
     NORM: tl.constexpr, ADD_RES: tl.constexpr, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    if PDL:  # the next launch (a programmatic dependent) may start its own weight loads now
+        gdc_launch_dependents()
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    # The first weight tile (and its up rows) before anything that the launch before writes: as a
+    # programmatic dependent these loads overlap that launch's tail
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    w_mask = col_ok[:, None] & k_ok[None, :]
+    w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+    wu = w
+    if SILU_MUL:  # the up rows of the same columns
+        wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+    if PDL:  # x and the residual come from the launch before: wait for it to finish
+        gdc_wait()
     rstd = tl.zeros([BLOCK_M], tl.float32)
     if NORM:  # the rows' statistics (and, by program 0, the new residual)
         ss = tl.zeros([BLOCK_M], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            mask = row_ok[:, None] & (ks < K)[None, :]
-            a = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mask = row_ok[:, None] & (kk < K)[None, :]
+            a = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=mask, other=0.0)
             if ADD_RES:
-                r = tl.load(res_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
+                r = tl.load(res_ptr + rows[:, None] * K + kk[None, :], mask=mask, other=0.0)
                 a = (a.to(tl.float32) + r.to(tl.float32)).to(a.dtype)  # rounded like torch's x + r
                 if pid == 0:
-                    tl.store(res_out_ptr + rows[:, None] * K + ks[None, :], a, mask=mask)
+                    tl.store(res_out_ptr + rows[:, None] * K + kk[None, :], a, mask=mask)
             a = a.to(tl.float32)
             ss += tl.sum(a * a, axis=1)
         rstd = tl.rsqrt(ss / K + eps)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    a = _activation(x_ptr, res_ptr, g_ptr, rows, row_ok, ks, k_ok, K, rstd, NORM, ADD_RES)
+    acc = _accumulate(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), a, w, USE_DOT, PRECISION)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if SILU_MUL:
+        acc_up = _accumulate(acc_up, a, wu, USE_DOT, PRECISION)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        mask = row_ok[:, None] & k_ok[None, :]
-        a = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
-        if NORM:
-            if ADD_RES:
-                r = tl.load(res_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0.0)
-                a = (a.to(tl.float32) + r.to(tl.float32)).to(a.dtype)
-            g = tl.load(g_ptr + ks, mask=k_ok, other=0.0)
-            normed = (a.to(tl.float32) * rstd[:, None]).to(a.dtype)
-            a = (g.to(tl.float32)[None, :] * normed.to(tl.float32)).to(a.dtype)
         w_mask = col_ok[:, None] & k_ok[None, :]
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
-        a = a.to(w.dtype)
-        if USE_DOT:
-            acc += tl.dot(a, tl.trans(w), input_precision=PRECISION)
-        else:
-            acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        if SILU_MUL:  # the up rows of the same columns
+        a = _activation(x_ptr, res_ptr, g_ptr, rows, row_ok, ks, k_ok, K, rstd, NORM, ADD_RES)
+        acc = _accumulate(acc, a, w, USE_DOT, PRECISION)
+        if SILU_MUL:
             wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
-            if USE_DOT:
-                acc_up += tl.dot(a, tl.trans(wu), input_precision=PRECISION)
-            else:
-                acc_up += tl.sum(a.to(tl.float32)[:, None, :] * wu.to(tl.float32)[None, :, :], axis=2)
+            acc_up = _accumulate(acc_up, a, wu, USE_DOT, PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if SILU_MUL:
@@ -101,12 +131,18 @@ def fused_gemv(
     residual: torch.Tensor | None = None,
     eps: float = 1e-6,
     silu_mul: bool = False,
+    pdl: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``F.linear(a, weight, bias)`` for ``x`` [M <= 16, K] (contiguous) and ``weight`` [N, K]
     (contiguous), where ``a`` is ``x``, or with ``norm_weight`` ``RMSNorm(x)`` (with ``residual``:
     ``RMSNorm(x + residual)``, and ``x + residual`` is returned too, as ``RMSNorm(x, residual)``
     does). ``silu_mul``: ``weight`` packs [gate; up] ([2N, K], ``bias`` [2N]) and the result is
-    ``silu(gate) * up`` [M, N]. Raises ``ValueError`` for shapes, strides or dtypes that do not fit."""
+    ``silu(gate) * up`` [M, N]. Raises ``ValueError`` for shapes, strides or dtypes that do not fit.
+
+    ``pdl``: launch as a programmatic dependent of the launch before it on the stream (Hopper and
+    later): the kernel may start while that one finishes, loads its first weight tile, then waits
+    for it before reading ``x``; it also lets the launch after it start early. The result is the
+    same; ignored where the instruction does not exist (the interpreter, GPUs before Hopper)."""
     if x.dim() != 2 or not x.is_contiguous() or not 1 <= x.shape[0] <= MAX_ROWS:
         raise ValueError(f"x must be contiguous [M, K] with 1 <= M <= {MAX_ROWS}, got {tuple(x.shape)}")
     m, k = x.shape
@@ -125,6 +161,8 @@ def fused_gemv(
         norm_weight is None or residual.shape != x.shape or not residual.is_contiguous()
     ):
         raise ValueError(f"residual needs norm_weight and must be contiguous like x {tuple(x.shape)}")
+    # Only where the instruction exists: compiled (not the interpreter) for a Hopper or later GPU
+    pdl = pdl and isinstance(_gemv_kernel, triton.runtime.JITFunction) and pdl_supported(x.device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else x
     use_dot = m > 4  # a 16-row tensor-core tile; below, a broadcast multiply-sum
@@ -141,8 +179,8 @@ def fused_gemv(
         NORM=norm_weight is not None, ADD_RES=residual is not None, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_DOT=use_dot,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 models: no TF32 rounding
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4,
+        PDL=pdl, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return (out, res_out) if residual is not None else out
 

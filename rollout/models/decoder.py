@@ -177,6 +177,7 @@ class DecoderLayer(nn.Module):
         # norms and SiLU-and-mul fused in (4 launches instead of 7); 0: off. The model runner
         # sets it from RunnerConfig.small_batch_gemv_rows (triton backend).
         self.gemv_rows = 0
+        self.gemv_pdl = False  # those GEMVs as programmatic dependent launches (small_batch_gemv_pdl)
 
     def forward(
         self,
@@ -199,11 +200,10 @@ class DecoderLayer(nn.Module):
             from rollout.kernels.gemv import fused_gemv
 
             proj, norm = self.self_attn.qkv_proj, self.input_layernorm
+            kw = dict(norm_weight=norm.weight, eps=norm.eps, pdl=self.gemv_pdl)
             if residual is None:
-                return fused_gemv(x, proj.weight, proj.bias, norm_weight=norm.weight, eps=norm.eps), x
-            return fused_gemv(
-                x, proj.weight, proj.bias, norm_weight=norm.weight, residual=residual, eps=norm.eps
-            )
+                return fused_gemv(x, proj.weight, proj.bias, **kw), x
+            return fused_gemv(x, proj.weight, proj.bias, residual=residual, **kw)
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
@@ -219,12 +219,13 @@ class DecoderLayer(nn.Module):
 
             o_proj, norm = self.self_attn.o_proj, self.post_attention_layernorm
             gate_up, down = self.mlp.gate_up_proj, self.mlp.down_proj
-            o = fused_gemv(attn.contiguous(), o_proj.weight, o_proj.bias)
+            pdl = self.gemv_pdl
+            o = fused_gemv(attn.contiguous(), o_proj.weight, o_proj.bias, pdl=pdl)
             act, residual = fused_gemv(
                 o, gate_up.weight, gate_up.bias, norm_weight=norm.weight, residual=residual,
-                eps=norm.eps, silu_mul=True,
+                eps=norm.eps, silu_mul=True, pdl=pdl,
             )  # fmt: skip
-            return fused_gemv(act, down.weight, down.bias), residual
+            return fused_gemv(act, down.weight, down.bias, pdl=pdl), residual
         x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn), residual)
         return self.mlp(x), residual
 

@@ -77,7 +77,12 @@ def compile_launch(kernel: JITFunction, args: tuple, kwargs: dict) -> dict:
         ptx = triton.compile(source, target=_TARGET, options=options).asm["ptx"]
     except Exception as e:  # noqa: BLE001 - reported: every launch gets checked
         return dict(kernel=name, ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
-    return dict(kernel=name, ok=True, atomics=sorted(set(re.findall(r"atom\.[a-z0-9_.]+", ptx))))
+    return dict(
+        kernel=name,
+        ok=True,
+        atomics=sorted(set(re.findall(r"atom\.[a-z0-9_.]+", ptx))),
+        griddepcontrol=sorted(set(re.findall(r"griddepcontrol\.[a-z_]+", ptx))),
+    )
 
 
 @contextlib.contextmanager
@@ -95,6 +100,20 @@ def compiled_not_launched() -> Iterator[list[dict]]:
         yield results
     finally:
         JITFunction.run = run
+
+
+@contextlib.contextmanager
+def as_on_hopper() -> Iterator[None]:
+    """Within the block, the launchers take their CPU tensors for an sm_90 device's: they use
+    programmatic dependent launch (``pdl_supported``) where they would there."""
+    from rollout.kernels import decode_attention, gemv
+
+    saved = decode_attention.pdl_supported, gemv.pdl_supported
+    decode_attention.pdl_supported = gemv.pdl_supported = lambda device: True
+    try:
+        yield
+    finally:
+        decode_attention.pdl_supported, gemv.pdl_supported = saved
 
 
 def launch_all() -> None:
@@ -148,18 +167,21 @@ def launch_all() -> None:
 
 
 def _launch_gemv() -> None:
-    """The small-batch projections as a Qwen3-0.6B layer runs them, at 1 row and at 8 (tensor cores)."""
+    """The small-batch projections as a Qwen3-0.6B layer runs them, at 1 row and at 8 (tensor
+    cores), plain and as programmatic dependent launches."""
     from rollout.kernels.gemv import fused_gemv
 
     bf16 = torch.bfloat16
     g = torch.ones(1024, dtype=bf16)
-    for rows in (1, 8):
+    for rows, pdl in ((1, False), (8, False), (1, True), (8, True)):
         x = torch.zeros(rows, 1024, dtype=bf16)
-        fused_gemv(x, torch.zeros(4096, 1024, dtype=bf16), norm_weight=g, residual=x.clone())
-        fused_gemv(x, torch.zeros(4096, 1024, dtype=bf16), norm_weight=g)
-        o = fused_gemv(torch.zeros(rows, 2048, dtype=bf16), torch.zeros(1024, 2048, dtype=bf16))
-        act, _ = fused_gemv(o, torch.zeros(6144, 1024, dtype=bf16), norm_weight=g, residual=x, silu_mul=True)
-        fused_gemv(act, torch.zeros(1024, 3072, dtype=bf16), torch.zeros(1024, dtype=bf16))
+        fused_gemv(x, torch.zeros(4096, 1024, dtype=bf16), norm_weight=g, residual=x.clone(), pdl=pdl)
+        fused_gemv(x, torch.zeros(4096, 1024, dtype=bf16), norm_weight=g, pdl=pdl)
+        o = fused_gemv(torch.zeros(rows, 2048, dtype=bf16), torch.zeros(1024, 2048, dtype=bf16), pdl=pdl)
+        act, _ = fused_gemv(
+            o, torch.zeros(6144, 1024, dtype=bf16), norm_weight=g, residual=x, silu_mul=True, pdl=pdl
+        )
+        fused_gemv(act, torch.zeros(1024, 3072, dtype=bf16), torch.zeros(1024, dtype=bf16), pdl=pdl)
 
 
 def _launch_sampling() -> None:
@@ -184,7 +206,7 @@ def _launch_sampling() -> None:
 
 
 def main() -> int:
-    with compiled_not_launched() as results:
+    with compiled_not_launched() as results, as_on_hopper():
         launch_all()
     for r in results:
         print(json.dumps(r), flush=True)

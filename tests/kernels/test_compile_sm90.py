@@ -42,3 +42,10 @@ def test_every_kernel_launch_compiles_for_sm90():
     atomic = [r for r in rows if r["atomics"]]
     assert len(atomic) == 2 and all(r["kernel"] == "_decode_split_kernel" for r in atomic)
     assert all(r["atomics"] == ["atom.global.gpu.acq_rel.add.u32"] for r in atomic)
+    # programmatic dependent launch: the decode launches let the next launch start early; half of
+    # the GEMV launches (pdl=True) also wait for the launch before them
+    attention = ("_decode_split_kernel", "_merge_splits_kernel")
+    decode = [r["griddepcontrol"] for r in rows if r["kernel"] in attention]
+    assert decode and all(g == ["griddepcontrol.launch_dependents"] for g in decode)
+    gemv = [r["griddepcontrol"] for r in rows if r["kernel"] == "_gemv_kernel"]
+    assert gemv.count([]) == gemv.count(["griddepcontrol.launch_dependents", "griddepcontrol.wait"]) == 10
