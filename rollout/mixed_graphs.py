@@ -65,11 +65,12 @@ class MixedGraphs:
         self.device = device
         attn = model.attention_layers()[0]
         group = attn.num_heads // attn.num_kv_heads
+        dtype = next(model.parameters()).dtype
         self.configs = {}
         self.layouts: dict[int, MixedLayout] = {}
         for size in self.sizes:
             # the size's token count stands in for its longest chunk: big steps get big tiles
-            config = default_extend_config(size, attn.head_dim, group)
+            config = default_extend_config(size, attn.head_dim, group, dtype)
             positions = extend_tile_positions(config, attn.num_heads, attn.num_kv_heads)
             rows = min(size, max_seqs)
             self.configs[size] = config

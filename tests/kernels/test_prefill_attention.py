@@ -83,6 +83,7 @@ def test_default_extend_config_packs_power_of_two_groups():
     big = default_extend_config(2048, 128, 2)
     assert big == ExtendConfig(block_m=256, block_n=64, num_warps=8, num_stages=3, pack_gqa=True)
     assert default_extend_config(4096, 128, 4) == big
+    assert default_extend_config(4096, 128, 4, torch.float32).block_m == 128  # see the GPU fp32 test
     short = default_extend_config(100, 128, 2)
     assert short.pack_gqa and short.block_m == 128 and short.block_n == 32
     assert default_extend_config(3, 128, 4).block_m == 64  # 16 positions x 4 heads
@@ -154,15 +155,20 @@ def test_extend_gpu_real_shapes(group, head_dim):
     "config",
     [
         ExtendConfig(block_m=128, pack_gqa=True),
-        ExtendConfig(block_m=256, block_n=64, num_warps=8, num_stages=3, pack_gqa=True),  # >= 2048
+        # >= 2048-token chunks in 16-bit dtypes; in fp32 at head_dim 128 it failed on the H200 (stop
+        # 21, error not recorded: the run's time ran out first), so fp32 models do not use it
+        pytest.param(
+            ExtendConfig(block_m=256, block_n=64, num_warps=8, num_stages=3, pack_gqa=True),
+            marks=pytest.mark.xfail(reason="fp32, head_dim 128: see default_extend_config"),
+        ),
         ExtendConfig(block_m=256, block_n=64, num_warps=8, num_stages=1, pack_gqa=True),
         ExtendConfig(block_m=256, block_n=64, num_warps=4, num_stages=3, pack_gqa=True),
     ],
 )
 def test_extend_gpu_fp32_configs_are_exact(heads, kv_heads, head_dim, config):
     """fp32 (``input_precision="ieee"``) on the GPU within fp32 rounding for each tile config, by
-    the chunk grid and by a tile list (the 256 x 64, 8-warp config serves mixed graphs of 2,048+
-    tokens, whose engine test compares them with the eager step's smaller tiles in fp32)."""
+    the chunk grid and by a tile list (the 256 x 64, 8-warp config serves 16-bit mixed graphs of
+    2,048+ tokens)."""
     rng = random.Random(head_dim)
     lens = [rng.randint(60, 110) for _ in range(40)]
     case = make_case(lens, lens, heads, kv_heads, head_dim, 16, torch.float32, DEVICE, seed=3)
