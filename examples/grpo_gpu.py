@@ -59,8 +59,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-sleep", action="store_true", help="keep the engine awake (no sleep/wake)")
     p.add_argument(
         "--sleep-keeps-graphs",
-        action="store_true",
-        help="RunnerConfig(sleep_keeps_graphs=True): wake maps memory back under the CUDA graphs",
+        action=argparse.BooleanOptionalAction,
+        default=RunnerConfig().sleep_keeps_graphs,
+        help="RunnerConfig.sleep_keeps_graphs: wake maps memory back under the CUDA graphs (default);"
+        " --no-sleep-keeps-graphs: sleep frees them and wake captures them again",
     )
     p.add_argument(
         "--random-rewards",
@@ -194,7 +196,8 @@ def rl_step(
     stats = train(args, model, optimizer, batch, adv, pad)
     if cuda:
         torch.cuda.empty_cache()  # hand the activations' memory back before the engine wakes
-    # -- sync: weights first (into freshly allocated storage), then the KV cache (graphs recaptured)
+    # -- sync: weights first (into freshly allocated storage), then the KV cache (graphs kept, or captured
+    # again with --no-sleep-keeps-graphs)
     t_wake = now()
     if sleep:
         client.wake_up(tags=["weights"])

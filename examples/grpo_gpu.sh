@@ -9,8 +9,8 @@
 # Writes: env.txt, make_model.log, grpo_gpu.log (stdout+stderr of the run, one JSON line per step),
 # steps.jsonl, summary.json (means over steps 2..N), gpu_mem.csv (nvidia-smi used MiB every 0.5 s,
 # both processes). COMPARE_NO_SLEEP=1 adds a shorter run with the engine kept awake (no sleep/wake):
-# grpo_gpu_nosleep.log, summary_nosleep.json. SLEEP_KEEPS_GRAPHS=1: the engine's sleep keeps its CUDA
-# graphs (RunnerConfig.sleep_keeps_graphs). Expected: a few minutes in all on an H100.
+# grpo_gpu_nosleep.log, summary_nosleep.json. SLEEP_KEEPS_GRAPHS=0: the engine's sleep frees its CUDA
+# graphs and wake captures them again (RunnerConfig(sleep_keeps_graphs=False); kept by default). Expected: a few minutes in all on an H100.
 set -euo pipefail
 
 OUT="${OUT:-/tmp/grpo_gpu_out}"
@@ -48,7 +48,7 @@ fi
 timeout 420 "$PY" examples/grpo_gpu.py "$MODEL_DIR" --device cuda --steps "$STEPS" \
   --prompts-per-step 32 --n 8 --max-tokens 256 --micro-batch 16 --gpu-memory-utilization 0.35 \
   --random-rewards --lr 1e-6 --log "$OUT/steps.jsonl" --summary "$OUT/summary.json" \
-  ${SLEEP_KEEPS_GRAPHS:+--sleep-keeps-graphs} 2>&1 | tee "$OUT/grpo_gpu.log"
+  $([ "${SLEEP_KEEPS_GRAPHS:-1}" = 0 ] && echo --no-sleep-keeps-graphs) 2>&1 | tee "$OUT/grpo_gpu.log"
 
 # (c) optional: the same with the engine awake throughout (weight update alone, no sleep/wake)
 if [ "${COMPARE_NO_SLEEP:-0}" = "1" ]; then

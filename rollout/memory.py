@@ -1,13 +1,14 @@
 """Sleep and wake: give a colocated trainer the engine's device memory between rollout phases.
 
-``sleep(1)`` frees the KV cache and the CUDA graphs and moves the weights to (pinned) host memory;
-``sleep(2)`` frees the weights too, so they must be sent again (``update_weights``) after
-``wake_up(["weights"])``. ``wake_up`` restores the tags asked for ("weights", "kv_cache"; both by
-default); once both are back the decode graphs are captured again over the new storage, so every
-graph is valid after a wake. Parameters keep their identity (only their ``.data`` moves), so
-``named_parameters()``, weight loaders and tied embeddings keep working.
+``sleep(1)`` frees the KV cache and moves the weights to (pinned) host memory; ``sleep(2)`` frees
+the weights too, so they must be sent again (``update_weights``) after ``wake_up(["weights"])``.
+``wake_up`` restores the tags asked for ("weights", "kv_cache"; both by default). With
+``RunnerConfig(sleep_keeps_graphs=False)`` sleep also frees the CUDA graphs, and once both tags are
+back they are captured again over the new storage, so every graph is valid after a wake.
+Parameters keep their identity (only their ``.data`` moves), so ``named_parameters()``, weight
+loaders and tied embeddings keep working.
 
-With ``RunnerConfig(sleep_keeps_graphs=True)`` on CUDA the weights (packed in one range) and the
+With ``sleep_keeps_graphs=True`` (the default) on CUDA the weights (packed in one range) and the
 KV cache sit in ``rollout.vmm`` address ranges: sleep gives their physical memory back and keeps
 the ranges, wake maps new memory at the same addresses, and the CUDA graphs are kept instead of
 captured again (their own memory pools stay allocated through the sleep).

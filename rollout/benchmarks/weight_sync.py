@@ -21,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
-from rollout import LLM, CacheConfig, SamplingParams
+from rollout import LLM, CacheConfig, RunnerConfig, SamplingParams
 from rollout.benchmarks.common import add_graph_args, graph_config
 from rollout.presets import resolve_model
 from rollout.weight_sync import WeightSender
@@ -190,7 +190,10 @@ def main(argv: list[str] | None = None) -> None:
         "--num-blocks", type=int, default=2048, help="KV blocks per engine (fixed: two engines share the GPU)"
     )
     parser.add_argument(
-        "--sleep-keeps-graphs", action="store_true", help="RunnerConfig.sleep_keeps_graphs (VMM sleep)"
+        "--sleep-keeps-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=RunnerConfig().sleep_keeps_graphs,
+        help="RunnerConfig.sleep_keeps_graphs (VMM sleep; --no-sleep-keeps-graphs: captured again at wake)",
     )
     add_graph_args(parser)
     parser.add_argument("--tmp", default="/tmp/rollout-w6")

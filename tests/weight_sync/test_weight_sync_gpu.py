@@ -59,7 +59,8 @@ def test_sleep_releases_memory_and_wake_keeps_outputs_and_graphs(checkpoints):  
         device="cuda:0",
         dtype="bfloat16",
         cache_config=CacheConfig(num_blocks=4096),
-        runner_config=RunnerConfig(max_mixed_graph_tokens=512),  # their graphs go and come back too
+        # graphs freed at sleep and captured again at wake (mixed graphs too)
+        runner_config=RunnerConfig(max_mixed_graph_tokens=512, sleep_keeps_graphs=False),
     )
     before = fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
     runner = llm.engine.runner
