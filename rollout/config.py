@@ -73,10 +73,6 @@ class RunnerConfig:
     # 3% and W1 did not (its admission steps were slower; attention_notes.md).
     fused_decode_merge: bool = False
     fused_ops: bool = True  # Triton kernels for add+RMSNorm, q/k norm+RoPE, SiLU-and-mul (triton backend)
-    # Decode graphs of at least this many rows run their batch as two halves on two streams, one
-    # half's attention beside the other's GEMMs (rollout/cuda_graphs.py two_halves_forward); 0:
-    # off. Off by default until measured on a GPU.
-    two_stream_decode_min_batch: int = 0
     # Steps of at most this many rows (<= 16) run each layer's projections as fused small-batch
     # GEMVs, the RMSNorms and SiLU-and-mul folded in (rollout/kernels/gemv.py; triton backend);
     # 0: off. H200, Qwen3-0.6B steady decode step (`rollout bench step_profile`, ctx 1K): batch 1
@@ -104,10 +100,6 @@ class RunnerConfig:
             raise ValueError(f"max_graph_batch must be >= 1, got {self.max_graph_batch}")
         if self.max_piecewise_tokens < 0:
             raise ValueError(f"max_piecewise_tokens must be >= 0, got {self.max_piecewise_tokens}")
-        if self.two_stream_decode_min_batch < 0 or self.two_stream_decode_min_batch == 1:
-            raise ValueError(
-                f"two_stream_decode_min_batch must be 0 (off) or >= 2, got {self.two_stream_decode_min_batch}"
-            )
         if not 0 <= self.small_batch_gemv_rows <= 16:
             raise ValueError(f"small_batch_gemv_rows must be in [0, 16], got {self.small_batch_gemv_rows}")
         if self.max_mixed_graph_tokens < 0:

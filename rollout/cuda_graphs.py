@@ -9,16 +9,9 @@ so graphs stay valid across weight updates.
 The LM head is captured too: a graph returns logits for its padded size. Run eagerly on the
 step's own row count, the head's GEMM met a new shape every time a request finished, and cuBLAS
 spends milliseconds of host time choosing a kernel for each new shape.
-
-Optionally (``RunnerConfig.two_stream_decode_min_batch``) a graph of at least that many rows runs
-its batch as two halves on two streams, one half's attention beside the other half's GEMMs
-(``two_halves_forward``): decode attention is bound by memory bandwidth, the GEMMs of a few
-hundred rows by latency and compute, so the two can share the GPU.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from torch import nn
@@ -64,71 +57,6 @@ def eager_token_sizes(cap: int) -> list[int]:
     return sorted({padded_tokens(t, cap) for t in range(1, cap + 1)})
 
 
-def two_halves_forward(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    positions: torch.Tensor,
-    meta_a: AttentionMetadata,
-    meta_b: AttentionMetadata,
-    side: torch.cuda.Stream | None,
-) -> torch.Tensor:
-    """``model``'s decode forward (a ``DecoderForCausalLM``) of rows [0, h) under ``meta_a`` and
-    [h, T) under ``meta_b`` (h = len(meta_a.seq_lens)), the second half on ``side``. The
-    attentions take turns (A of layer i, B of layer i, A of layer i + 1, ...: events order them),
-    and each half's GEMM piece between two attentions runs beside the other half's attention:
-    bandwidth-bound and compute-bound work at once. Hidden states [T, hidden], the same as
-    ``model(input_ids, positions, meta)`` over the whole batch up to GEMM rounding. ``side`` None:
-    both halves in turn on the current stream (CPU, tests)."""
-    net = model.model
-    h = meta_a.seq_lens.shape[0]
-    main = torch.cuda.current_stream() if side is not None else None
-
-    def on_b():  # a context: the side stream, or nothing
-        return torch.cuda.stream(side) if side is not None else contextlib.nullcontext()
-
-    def mark(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
-        if stream is None:
-            return None
-        event = torch.cuda.Event()
-        event.record(stream)
-        return event
-
-    def after(stream: torch.cuda.Stream | None, event: torch.cuda.Event | None) -> None:
-        if stream is not None and event is not None:
-            stream.wait_event(event)
-
-    if side is not None:
-        side.wait_stream(main)
-    rope_a = net.rope_inputs(positions[:h])
-    qkv_a, res_a = net.head_piece(input_ids[:h])
-    with on_b():
-        rope_b = net.rope_inputs(positions[h:])
-        qkv_b, res_b = net.head_piece(input_ids[h:])
-    last = len(net.layers) - 1
-    done_b = None  # B's attention of the layer before
-    attn_b: torch.Tensor | None = None  # B's attention output of the layer before
-    for i in range(last + 1):
-        after(main, done_b)
-        attn_a = net.attention(i, qkv_a, rope_a, meta_a)
-        done_a = mark(main)
-        with on_b():
-            if attn_b is not None:
-                qkv_b, res_b = net.middle_piece(i, attn_b, res_b)
-            after(side, done_a)
-            attn_b = net.attention(i, qkv_b, rope_b, meta_b)
-            done_b = mark(side)
-        if i < last:
-            qkv_a, res_a = net.middle_piece(i + 1, attn_a, res_a)
-    out_a = net.tail_piece(attn_a, res_a)
-    assert attn_b is not None
-    with on_b():
-        out_b = net.tail_piece(attn_b, res_b)
-    if side is not None:
-        main.wait_stream(side)
-        out_b.record_stream(main)  # read below on the main stream
-    return torch.cat([out_a, out_b])
-
-
 class DecodeGraphs:
     """Captured forwards and LM heads of ``model`` for decode batches up to ``max_batch`` sequences."""
 
@@ -140,16 +68,10 @@ class DecodeGraphs:
         max_seq_len: int,
         device: torch.device,
         split_counters: torch.Tensor | None = None,
-        two_stream_min: int = 0,
     ) -> None:
-        """``split_counters``: see ``AttentionMetadata.split_counters`` (None: merge kernels).
-        ``two_stream_min``: graphs of at least this many rows run two halves on two streams (see
-        ``two_halves_forward``; 0: none)."""
+        """``split_counters``: see ``AttentionMetadata.split_counters`` (None: merge kernels)."""
         self.model = model
         self.split_counters = split_counters
-        self.two_stream_min = two_stream_min
-        # the second half's stream (off CUDA the halves run in turn: the CPU tests' path)
-        self.side = torch.cuda.Stream(device) if two_stream_min and device.type == "cuda" else None
         self.sizes = graph_batch_sizes(max_batch)
         self.max_batch = self.sizes[-1]
         self.max_blocks = max_blocks
@@ -167,28 +89,18 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # size -> (hidden, logits)
 
-    def split_at(self, size: int) -> int:
-        """The first row of the second half in the graph of ``size`` (0: one stream, no halves).
-        Each half's ``order`` entries index its own rows (see ``prepare_inputs``' order_split)."""
-        return size // 2 if self.two_stream_min and size >= self.two_stream_min else 0
-
-    def _meta(self, lo: int, hi: int) -> AttentionMetadata:
-        """Metadata of rows [lo, hi) of the static buffers (their own decode order entries)."""
-        n = hi - lo
-        counters = self.split_counters
-        if counters is not None and lo:  # the halves run at once: disjoint counters
-            counters = counters[lo * self.model.attention_layers()[0].num_kv_heads :]
+    def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slots[lo:hi],
-            block_tables=self.block_tables[lo:hi],
-            seq_lens=self.seq_lens[lo:hi],
-            query_start_loc=self.query_start[: n + 1],
-            seq_lens_host=[0] * n,  # unused by the graph-safe (triton) decode path
-            query_start_loc_host=list(range(n + 1)),
+            slot_mapping=self.slots[:size],
+            block_tables=self.block_tables[:size],
+            seq_lens=self.seq_lens[:size],
+            query_start_loc=self.query_start[: size + 1],
+            seq_lens_host=[0] * size,  # unused by the graph-safe (triton) decode path
+            query_start_loc_host=list(range(size + 1)),
             max_seq_len=self.max_seq_len,
             max_query_len=1,
-            decode_order=self.order[lo:hi],
-            split_counters=counters,
+            decode_order=self.order[:size],
+            split_counters=self.split_counters,
         )
 
     @torch.inference_mode()
@@ -196,24 +108,19 @@ class DecodeGraphs:
         """Capture every size, largest first so the smaller graphs reuse its memory pool."""
         pool = None
         for size in reversed(self.sizes):
+            meta = self._meta(size)
             for _ in range(2):  # compile and autotune outside the capture
-                self._forward(size)
+                self._forward(size, meta)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._forward(size)
+                self.outputs[size] = self._forward(size, meta)
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize(self.device)
 
-    def _forward(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, positions = self.input_ids[:size], self.positions[:size]
-        h = self.split_at(size)
-        if h:
-            meta_a, meta_b = self._meta(0, h), self._meta(h, size)
-            hidden = two_halves_forward(self.model, ids, positions, meta_a, meta_b, self.side)
-        else:
-            hidden = self.model(ids, positions, self._meta(0, size))
+    def _forward(self, size: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
         return hidden, self.model.compute_logits(hidden)
 
     def padded_size(self, batch: int) -> int | None:

@@ -136,13 +136,7 @@ class ModelRunner:
             # Decode graphs first (the order made no measured difference on the H200).
             max_batch = min(rc.max_graph_batch, self.scheduler_config.max_num_seqs)
             self.graphs = DecodeGraphs(
-                self.model,
-                max_batch,
-                max_blocks,
-                max_len,
-                self.device,
-                self.split_counters,
-                rc.two_stream_decode_min_batch,
+                self.model, max_batch, max_blocks, max_len, self.device, self.split_counters
             )
             self.graphs.capture()
         mixed_sizes = [s for s in sizes if 2 <= s <= rc.max_mixed_graph_tokens]
@@ -319,8 +313,7 @@ class ModelRunner:
         mixed = None  # a step with prompt tokens of a mixed graph's size
         if self.mixed is not None and batch.num_tokens > len(batch.requests):
             mixed = self.mixed.layout(num_rows)
-        split = self.graphs.split_at(graph_size) if graph_size is not None and self.graphs else 0
-        host = self._prepare(batch, num_rows, prev, pad_rows, mixed, split)
+        host = self._prepare(batch, num_rows, prev, pad_rows, mixed)
         ints = host.ints.to(dev, non_blocking=True)
         v = host.views(ints)
         fill = None
@@ -431,13 +424,10 @@ class ModelRunner:
         prev: StepHandle | None = None,
         pad_rows: bool = False,
         mixed: MixedLayout | None = None,
-        order_split: int = 0,
     ) -> HostInputs:
         """The step's host inputs (``step_inputs.prepare_inputs``)."""
         row_of = prev.row_of if prev is not None else None
-        return prepare_inputs(
-            batch, num_rows, self.block_size, self.device, row_of, pad_rows, mixed, order_split
-        )
+        return prepare_inputs(batch, num_rows, self.block_size, self.device, row_of, pad_rows, mixed)
 
     def _to_device(
         self, host: HostInputs, v: dict[str, torch.Tensor]

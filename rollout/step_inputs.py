@@ -27,7 +27,6 @@ def prepare_inputs(
     prev_row_of: Callable[[Request], int] | None = None,
     pad_rows: bool = False,
     mixed: MixedLayout | None = None,
-    order_split: int = 0,
 ) -> HostInputs:
     """Host arrays of the step, packed in one (pinned on CUDA) int64 buffer. With num_rows >
     num_tokens the extra rows are padding: token 0 at position 0, stored nowhere (slot -1); in a
@@ -36,9 +35,7 @@ def prepare_inputs(
     unwritten). With ``pad_rows`` the logits rows are padded to ``padded_rows`` entries
     (repeating row 0) and never marked as leading. With ``mixed`` (a step with prompt tokens for
     a mixed graph) the decode rows' lengths and order cover ``mixed.decode_rows`` rows and the
-    extend kernel's tile list is built. ``order_split`` (decode-only steps of a graph that runs two
-    halves, ``DecodeGraphs.split_at``): rows before it and rows from it on each get a decode order
-    of their own, indexing the half's rows from 0."""
+    extend kernel's tile list is built."""
     bs = block_size
     reqs = batch.requests
     num_seqs = len(reqs)
@@ -123,13 +120,7 @@ def prepare_inputs(
             v["decode_order"][nd:] = np.arange(nd, mixed.decode_rows)
             fill_extend_tiles(lens, nd, mixed.tile_positions, v["tiles"])
     nd = padded_seqs if decode_only else host.num_decodes
-    if order_split and decode_only:
-        if not 0 < order_split < nd:
-            raise ValueError(f"order_split must be in (0, {nd}) for {nd} decode rows, got {order_split}")
-        v["decode_order"][:order_split] = decode_order(v["seq_lens"][:order_split])
-        v["decode_order"][order_split:nd] = decode_order(v["seq_lens"][order_split:nd])
-    else:
-        v["decode_order"][:nd] = decode_order(v["seq_lens"][:nd])
+    v["decode_order"][:nd] = decode_order(v["seq_lens"][:nd])
     if ph_dst:
         v["placeholder_dst"][:] = rows_of[[-1 - d for d in ph_dst]]
         v["placeholder_src"][:] = ph_src

@@ -15,10 +15,10 @@ from rollout.config import RunnerConfig
 
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
-    """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge`` / ``--two-stream-min`` /
+    """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge`` /
     ``--gemv-rows`` / ``--gemv-pdl``: how the engine under test runs its steps
     (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens`` / ``fused_decode_merge`` /
-    ``two_stream_decode_min_batch`` / ``small_batch_gemv_rows`` / ``small_batch_gemv_pdl``)."""
+    ``small_batch_gemv_rows`` / ``small_batch_gemv_pdl``)."""
     defaults = RunnerConfig()
     parser.add_argument(
         "--piecewise-tokens",
@@ -36,12 +36,6 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         "--fused-merge", action="store_true", help="RunnerConfig.fused_decode_merge (in-kernel split merge)"
     )
     parser.add_argument(
-        "--two-stream-min",
-        type=int,
-        default=defaults.two_stream_decode_min_batch,
-        help="RunnerConfig.two_stream_decode_min_batch (decode graphs of this many rows up: two halves)",
-    )
-    parser.add_argument(
         "--gemv-rows",
         type=int,
         default=defaults.small_batch_gemv_rows,
@@ -49,7 +43,8 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--gemv-pdl",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.small_batch_gemv_pdl,
         help="RunnerConfig.small_batch_gemv_pdl (those GEMVs as programmatic dependent launches)",
     )
 
@@ -60,7 +55,6 @@ def graph_config(args: argparse.Namespace) -> RunnerConfig:
         max_piecewise_tokens=args.piecewise_tokens,
         max_mixed_graph_tokens=args.mixed_graph_tokens,
         fused_decode_merge=args.fused_merge,
-        two_stream_decode_min_batch=args.two_stream_min,
         small_batch_gemv_rows=args.gemv_rows,
         small_batch_gemv_pdl=args.gemv_pdl,
     )
