@@ -22,8 +22,8 @@ def test_fused_gemv_graphs_match_the_unfused_engine(tmp_path, case, dtype):
     prompts = random_seqs([5, 19, 40, 7, 12, 3], seed=9)  # decode batches of 6: fused
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
     configs = {
-        "unfused": RunnerConfig(),
-        "gemv": RunnerConfig(small_batch_gemv_rows=8),
+        "unfused": RunnerConfig(small_batch_gemv_rows=0),
+        "gemv": RunnerConfig(small_batch_gemv_rows=8, small_batch_gemv_pdl=False),
         "gemv_pdl": RunnerConfig(small_batch_gemv_rows=8, small_batch_gemv_pdl=True),
     }
     results = {}
