@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 
 KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -115,3 +116,10 @@ def pdl_supported(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     return _major_capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+def pdl_usable(kernel: object, device: torch.device) -> bool:
+    """``kernel`` (a ``@triton.jit`` function) may use ``griddepcontrol`` on ``device``: it is
+    compiled (the interpreter, ``TRITON_INTERPRET=1``, lacks the instruction) and the device has
+    it (``pdl_supported``)."""
+    return isinstance(kernel, triton.runtime.JITFunction) and pdl_supported(device)

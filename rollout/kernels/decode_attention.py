@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
-from rollout.kernels._checks import check_index, check_query, check_window, output_like, pdl_supported
+from rollout.kernels._checks import check_index, check_query, check_window, output_like, pdl_usable
 
 _LOG2E = 1.4426950408889634
 # Enough resident programs to keep the memory system busy: splits are added until the grid has
@@ -362,9 +362,8 @@ def decode_attention(
     split = config.num_splits > 1
     fused_merge = split and counters is not None
     # The attention's last launch lets a programmatic dependent after it (kernels/gemv.py) start
-    # early; no effect on plain launches. Not in the interpreter, which lacks the instruction.
-    compiled = isinstance(_decode_split_kernel, triton.runtime.JITFunction)
-    launch_dependents = compiled and pdl_supported(q.device)
+    # early; no effect on plain launches.
+    launch_dependents = pdl_usable(_decode_split_kernel, q.device)
     merge_args = dict(  # the merge's constexprs (in the split kernel's last program, or its own launch)
         GROUP=group,
         GROUP_P2=triton.next_power_of_2(group),

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rollout.kernels._checks import pdl_supported
+from rollout.kernels._checks import pdl_usable
 from rollout.kernels.fused_ops import rms_norm_ref, silu_and_mul_ref
 
 MAX_ROWS = 16  # rows (sequences) one launch serves: one tensor-core tile
@@ -41,6 +41,18 @@ def _activation(
         normed = (a.to(tl.float32) * rstd[:, None]).to(a.dtype)
         a = (g.to(tl.float32)[None, :] * normed.to(tl.float32)).to(a.dtype)
     return a
+
+
+@triton.jit
+def _weight_tile(w_ptr, cols, col_ok, N, ks, k_ok, K, SILU_MUL: tl.constexpr):
+    """Rows ``cols`` of ``w`` over columns ``ks``, and with SILU_MUL the up rows of the same
+    columns (``cols + N``; else the gate tile again, unused)."""
+    w_mask = col_ok[:, None] & k_ok[None, :]
+    w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+    wu = w
+    if SILU_MUL:
+        wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+    return w, wu
 
 
 @triton.jit
@@ -71,11 +83,7 @@ def _gemv_kernel(
     # programmatic dependent these loads overlap that launch's tail
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
-    w_mask = col_ok[:, None] & k_ok[None, :]
-    w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
-    wu = w
-    if SILU_MUL:  # the up rows of the same columns
-        wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+    w, wu = _weight_tile(w_ptr, cols, col_ok, N, ks, k_ok, K, SILU_MUL)
     if PDL:  # x and the residual come from the launch before: wait for it to finish
         gdc_wait()
     rstd = tl.zeros([BLOCK_M], tl.float32)
@@ -101,12 +109,10 @@ def _gemv_kernel(
     for k0 in range(BLOCK_K, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        w_mask = col_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+        w, wu = _weight_tile(w_ptr, cols, col_ok, N, ks, k_ok, K, SILU_MUL)
         a = _activation(x_ptr, res_ptr, g_ptr, rows, row_ok, ks, k_ok, K, rstd, NORM, ADD_RES)
         acc = _accumulate(acc, a, w, USE_DOT, PRECISION)
         if SILU_MUL:
-            wu = tl.load(w_ptr + (cols + N)[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
             acc_up = _accumulate(acc_up, a, wu, USE_DOT, PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -161,8 +167,7 @@ def fused_gemv(
         norm_weight is None or residual.shape != x.shape or not residual.is_contiguous()
     ):
         raise ValueError(f"residual needs norm_weight and must be contiguous like x {tuple(x.shape)}")
-    # Only where the instruction exists: compiled (not the interpreter) for a Hopper or later GPU
-    pdl = pdl and isinstance(_gemv_kernel, triton.runtime.JITFunction) and pdl_supported(x.device)
+    pdl = pdl and pdl_usable(_gemv_kernel, x.device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else x
     use_dot = m > 4  # a 16-row tensor-core tile; below, a broadcast multiply-sum

@@ -106,14 +106,14 @@ def compiled_not_launched() -> Iterator[list[dict]]:
 def as_on_hopper() -> Iterator[None]:
     """Within the block, the launchers take their CPU tensors for an sm_90 device's: they use
     programmatic dependent launch (``pdl_supported``) where they would there."""
-    from rollout.kernels import decode_attention, gemv
+    from rollout.kernels import _checks
 
-    saved = decode_attention.pdl_supported, gemv.pdl_supported
-    decode_attention.pdl_supported = gemv.pdl_supported = lambda device: True
+    saved = _checks.pdl_supported
+    _checks.pdl_supported = lambda device: True
     try:
         yield
     finally:
-        decode_attention.pdl_supported, gemv.pdl_supported = saved
+        _checks.pdl_supported = saved
 
 
 def launch_all() -> None:
