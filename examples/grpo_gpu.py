@@ -196,8 +196,7 @@ def rl_step(
     stats = train(args, model, optimizer, batch, adv, pad)
     if cuda:
         torch.cuda.empty_cache()  # hand the activations' memory back before the engine wakes
-    # -- sync: weights first (into freshly allocated storage), then the KV cache (graphs kept, or captured
-    # again with --no-sleep-keeps-graphs)
+    # -- sync: weights first, then the KV cache (graphs kept; --no-sleep-keeps-graphs: captured again)
     t_wake = now()
     if sleep:
         client.wake_up(tags=["weights"])

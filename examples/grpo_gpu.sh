@@ -10,7 +10,8 @@
 # steps.jsonl, summary.json (means over steps 2..N), gpu_mem.csv (nvidia-smi used MiB every 0.5 s,
 # both processes). COMPARE_NO_SLEEP=1 adds a shorter run with the engine kept awake (no sleep/wake):
 # grpo_gpu_nosleep.log, summary_nosleep.json. SLEEP_KEEPS_GRAPHS=0: the engine's sleep frees its CUDA
-# graphs and wake captures them again (RunnerConfig(sleep_keeps_graphs=False); kept by default). Expected: a few minutes in all on an H100.
+# graphs and wake captures them again (RunnerConfig(sleep_keeps_graphs=False); kept by default).
+# Expected: a few minutes in all on an H100.
 set -euo pipefail
 
 OUT="${OUT:-/tmp/grpo_gpu_out}"

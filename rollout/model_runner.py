@@ -85,15 +85,13 @@ class ModelRunner:
         # Eager steps of the triton backend run the forward on a padded token count (padding rows:
         # slot -1, no sequence), at most the profiled step's; the torch attention path has none.
         self._eager_token_cap = scheduler_config.max_num_batched_tokens if backend == "triton" else None
-        if backend == "triton" and self.runner_config.fused_ops:
+        if backend == "triton":  # the Triton-only layer options
+            rc = self.runner_config
             for module in self.model.modules():
-                if hasattr(module, "fused"):
+                if rc.fused_ops and hasattr(module, "fused"):
                     module.fused = True
-        if backend == "triton":
-            for module in self.model.modules():
                 if hasattr(module, "gemv_rows"):
-                    module.gemv_rows = self.runner_config.small_batch_gemv_rows
-                    module.gemv_pdl = self.runner_config.small_batch_gemv_pdl
+                    module.gemv_rows, module.gemv_pdl = rc.small_batch_gemv_rows, rc.small_batch_gemv_pdl
         self.split_counters: torch.Tensor | None = None  # see AttentionMetadata.split_counters
         if backend == "triton" and self.runner_config.fused_decode_merge:
             rows = max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)
