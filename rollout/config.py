@@ -79,9 +79,13 @@ class RunnerConfig:
     # 1.35 ms with them against 1.55-1.56 without (1.26 with small_batch_gemv_pdl); at 2-16 rows
     # cuBLAS wins (batch 8 2.05 against 1.61 ms), hence 1.
     small_batch_gemv_rows: int = 1
-    # Those GEMVs launch as programmatic dependents (Hopper+; elsewhere plain launches): each may
-    # start while the launch before it finishes and load its first weight tile before it waits
-    # for that launch's output. Batch 1 (above): 1.26 ms against 1.35 ms without.
+    # Such steps launch as a chain of programmatic dependents (Hopper+; elsewhere plain launches):
+    # the GEMVs, the q/k norm + RoPE + store kernel, the decode attention (split and merge) and
+    # the final norm. Each may start while the launch before it finishes, loads what does not
+    # depend on it (a GEMV's first weight tile), waits for it, then lets the next launch start.
+    # Batch 1 (above): 1.21 ms against 1.28 with the GEMVs alone as dependents and 1.35-1.37 with
+    # none (H200, stop 22). The LM head of such steps runs as a GEMV either way (same time as
+    # cuBLAS's, 1.536 / 1.544 ms).
     small_batch_gemv_pdl: bool = True
     # CUDA: the weights and the KV cache live in address ranges that sleep keeps reserved while
     # it gives their physical memory back (rollout/vmm.py), so wake_up maps new memory at the

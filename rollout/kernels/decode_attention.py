@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rollout.kernels._checks import check_index, check_query, check_window, output_like, pdl_usable
 
@@ -231,10 +231,9 @@ def _decode_split_kernel(
     SPLITS_PAD: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr,
+    WAIT: tl.constexpr,  # launched as a programmatic dependent (decode_attention's pdl)
 ):
     pid = tl.program_id(0)
-    if LAUNCH_DEPENDENTS:  # see _merge_splits_kernel
-        gdc_launch_dependents()
     split = pid % num_splits
     kv_head = (pid // num_splits) % NUM_KV_HEADS
     b = pid // (num_splits * NUM_KV_HEADS)
@@ -248,6 +247,10 @@ def _decode_split_kernel(
     per_split = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * per_split
     end = tl.minimum(start + per_split, seq_len)
+    if WAIT:  # the order and lengths above are step inputs; q and this step's K/V are not
+        gdc_wait()
+    if LAUNCH_DEPENDENTS:  # see _merge_splits_kernel
+        gdc_launch_dependents()
 
     g = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + g
@@ -295,9 +298,11 @@ def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr, WAIT: tl.constexpr,
 ):  # fmt: skip
     """The splits' merge as a launch of its own: one program per (sequence, KV head)."""
+    if WAIT:  # launched as a programmatic dependent of the split launch
+        gdc_wait()
     if LAUNCH_DEPENDENTS:  # a programmatic dependent after it (the o projection GEMV) may start
         gdc_launch_dependents()
     _merge_group(
@@ -318,6 +323,7 @@ def decode_attention(
     out: torch.Tensor | None = None,
     order: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged KV: ``q`` [B, Hq, D] -> [B, Hq, D]
     (written into ``out`` when given, e.g. the leading rows of a mixed step's output).
@@ -337,6 +343,12 @@ def decode_attention(
     its counter again, so no merge kernel follows (one launch fewer per layer at small batches).
     The buffer must outlive the launch (CUDA graphs: a static buffer) and serve one launch at a
     time.
+
+    ``pdl``: launch as programmatic dependents (Hopper and later, ignored elsewhere): the split
+    launch reads ``order`` and ``seq_lens`` before it waits for the launch before it (so no
+    launch of the chain may write them: a decode step's are copied in before its first kernel),
+    and a merge launch waits for the split launch. Either lets the launch after it start once it
+    has waited (plain launches: at once).
     """
     _, num_kv_heads, head_dim = check_query(q, k_cache, v_cache)
     batch, num_heads, _ = q.shape
@@ -361,9 +373,11 @@ def decode_attention(
         return out
     split = config.num_splits > 1
     fused_merge = split and counters is not None
-    # The attention's last launch lets a programmatic dependent after it (kernels/gemv.py) start
+    # The attention's launches let a programmatic dependent after them (kernels/gemv.py) start
     # early; no effect on plain launches.
     launch_dependents = pdl_usable(_decode_split_kernel, q.device)
+    pdl = pdl and launch_dependents
+    launch = {"launch_pdl": True} if pdl else {}
     merge_args = dict(  # the merge's constexprs (in the split kernel's last program, or its own launch)
         GROUP=group,
         GROUP_P2=triton.next_power_of_2(group),
@@ -419,8 +433,10 @@ def decode_attention(
         SPLITS_PAD=merge_args["SPLITS_PAD"],
         SPLIT_CHUNK=merge_args["SPLIT_CHUNK"],
         LAUNCH_DEPENDENTS=launch_dependents,
+        WAIT=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **launch,
     )
     if split and not fused_merge:
         _merge_splits_kernel[(batch, num_kv_heads)](
@@ -432,6 +448,8 @@ def decode_attention(
             out.stride(1),
             **merge_args,
             LAUNCH_DEPENDENTS=launch_dependents,
+            WAIT=pdl,
             num_warps=4,
+            **launch,
         )
     return out

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rollout.kernels._checks import check_kv_cache, check_slots
+from rollout.kernels._checks import check_kv_cache, check_slots, pdl_usable
 
 
 # ---- residual add + RMSNorm -----------------------------------------------------------------
@@ -35,10 +36,15 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    if PDL:  # see rms_norm's pdl: wait for the launch before, then let the next one start
+        gdc_wait()
+        gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -47,16 +53,24 @@ def _rms_norm_kernel(
     h = x.to(tl.float32)
     var = tl.sum(h * h, axis=0) / n_cols
     normed = (h * tl.rsqrt(var + eps)).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = w.to(tl.float32) * normed.to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    *,
+    pdl: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``RMSNorm`` over the last dim of a 2-D ``x`` [T, H]; with ``residual`` first ``x + residual``,
-    returning ``(norm, x + residual)`` like ``rollout.models.layers.norm.RMSNorm``."""
+    returning ``(norm, x + residual)`` like ``rollout.models.layers.norm.RMSNorm``.
+
+    ``pdl``: launch as a programmatic dependent of the launch before it (``kernels.gemv``'s chain
+    of small-batch launches; Hopper and later, ignored elsewhere): it loads the norm weight, waits
+    for that launch, then lets the next one start and reads ``x``."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be 2-D with unit inner stride, got {tuple(x.shape)} {x.stride()}")
     rows, cols = x.shape
@@ -72,6 +86,7 @@ def rms_norm(
         residual = res_out = x  # unused
     if rows:
         block = triton.next_power_of_2(cols)
+        pdl = pdl and pdl_usable(_rms_norm_kernel, x.device)
         _rms_norm_kernel[(rows,)](
             x,
             residual,
@@ -86,7 +101,9 @@ def rms_norm(
             eps,
             HAS_RESIDUAL=res_out is not x,
             BLOCK=block,
+            PDL=pdl,
             num_warps=min(max(block // 256, 1), 8),
+            **({"launch_pdl": True} if pdl else {}),
         )
     return out if res_out is x else (out, res_out)
 
@@ -174,13 +191,20 @@ def _qk_norm_rope_kernel(
     HAS_NORM: tl.constexpr,
     STORE_KV: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
+    # positions, slots and the table are step inputs and constants that no launch of the chain
+    # writes: loaded before the wait
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, HALF)[None, :]
     # the table is cast to the activations' dtype first (HF casts cos/sin to the input dtype)
     cos = tl.load(table_ptr + pos * stride_table + d).to(q_out_ptr.dtype.element_ty).to(tl.float32)
     sin = tl.load(table_ptr + pos * stride_table + HALF + d).to(q_out_ptr.dtype.element_ty).to(tl.float32)
+    slot = tl.load(slot_ptr + t).to(tl.int64)  # block * stride can pass 2**31 elements
+    if PDL:  # qkv comes from the launch before; then the next launch may start (qk_norm_rope_store)
+        gdc_wait()
+        gdc_launch_dependents()
     src = t * stride_t
     _rope_heads(
         qkv_ptr,
@@ -199,7 +223,6 @@ def _qk_norm_rope_kernel(
         HAS_NORM,
     )
     if STORE_KV:  # rotated k and raw v go straight to their cache slot (-1: a padding row, skipped)
-        slot = tl.load(slot_ptr + t).to(tl.int64)  # block * stride can pass 2**31 elements
         k_heads = tl.where(slot >= 0, NUM_KV, 0)
         block = tl.maximum(slot, 0) // BLOCK_SIZE
         offset = tl.maximum(slot, 0) % BLOCK_SIZE
@@ -270,11 +293,18 @@ def qk_norm_rope_store(
     q_weight: torch.Tensor | None = None,
     k_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    *,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``qk_norm_rope`` that also stores this step's K/V: rotated ``k`` and the raw ``v`` (the last
     ``Hkv * D`` columns of ``qkv``) go to their paged cache slots (``slot_mapping`` [T], -1 skips a
     padding row), as ``store_kv`` would; returns ``q`` only. One launch instead of two, and ``k``
-    is never written to memory outside the cache."""
+    is never written to memory outside the cache.
+
+    ``pdl``: launch as a programmatic dependent of the launch before it (Hopper and later, ignored
+    elsewhere): it reads the positions, slots and cos/sin rows, waits for that launch, then lets
+    the launch after it start and reads ``qkv``. Only for chains where no launch writes the
+    positions or slots (a decode step's: they are copied in before its first kernel)."""
     _check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight)
     tokens = qkv.shape[0]
     if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
@@ -301,6 +331,7 @@ def qk_norm_rope_store(
         q_weight,
         k_weight,
         eps,
+        pdl,
     )
     return q
 
@@ -346,11 +377,13 @@ def _launch_qk(
     q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None,
     eps: float,
+    pdl: bool = False,
 ) -> None:
     """One program per token. ``v_cache`` given: ``k_out`` is the K cache and ``slots`` its slots."""
     tokens, num_heads, head_dim = q.shape
     if not tokens:
         return
+    pdl = pdl and pdl_usable(_qk_norm_rope_kernel, qkv.device)
     store = v_cache is not None
     has_norm = q_weight is not None
     cache_strides = (*k_out.stride()[:3], *v_cache.stride()[:3]) if store else (0,) * 6
@@ -377,7 +410,9 @@ def _launch_qk(
         HAS_NORM=has_norm,
         STORE_KV=store,
         BLOCK_SIZE=k_out.shape[1] if store else 1,
+        PDL=pdl,
         num_warps=4,
+        **({"launch_pdl": True} if pdl else {}),
     )
 
 

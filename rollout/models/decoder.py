@@ -101,6 +101,11 @@ class DecoderAttention(nn.Module):
         )
         self.eps = spec.rms_norm_eps
         self.fused = False  # q/k norm + RoPE in one Triton kernel (the model runner turns it on for CUDA)
+        # With ``fused`` and the triton backend: steps of at most ``gemv_rows`` tokens launch the
+        # q/k norm + RoPE + store kernel, and a decode step's attention, as programmatic dependents
+        # when ``gemv_pdl`` (the chain of DecoderLayer's small-batch GEMVs; set with theirs).
+        self.gemv_rows = 0
+        self.gemv_pdl = False
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
@@ -122,6 +127,7 @@ class DecoderAttention(nn.Module):
             attn = self.attn
             if attn.backend == "triton":  # K/V stored by the same kernel: no store_kv launch
                 assert attn.k_cache is not None and attn.v_cache is not None, "KV cache not bound"
+                pdl = self.gemv_pdl and 0 < num_tokens <= self.gemv_rows
                 q = qk_norm_rope_store(
                     qkv,
                     positions,
@@ -135,8 +141,9 @@ class DecoderAttention(nn.Module):
                     qw,
                     kw,
                     self.eps,
+                    pdl=pdl,
                 )
-                return attn.attend(q.view(num_tokens, -1), meta)
+                return attn.attend(q.view(num_tokens, -1), meta, pdl=pdl)
             q, k = qk_norm_rope(
                 qkv, positions, table, self.num_heads, self.num_kv_heads, self.head_dim, qw, kw, self.eps
             )

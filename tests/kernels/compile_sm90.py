@@ -137,6 +137,9 @@ def launch_all() -> None:
         decode_attention(q, k_cache, v_cache, tables, lens, 0.1, window, split, order=order)  # + merge
         decode_attention(q, k_cache, v_cache, tables, lens, 0.1, window, whole, order=order)
         decode_attention(q, k_cache, v_cache, tables, lens, 0.1, window, split, counters=counters)
+    # a small decode step's chain of programmatic dependents (split + merge, and unsplit)
+    decode_attention(q, k_cache, v_cache, tables, lens, 0.1, None, split, order=order, pdl=True)
+    decode_attention(q, k_cache, v_cache, tables, lens, 0.1, None, whole, order=order, pdl=True)
     rows = 64
     qx = torch.zeros(rows, heads, dim, dtype=bf16)
     starts = torch.tensor([0, 1, 40, rows], dtype=i32)
@@ -154,6 +157,7 @@ def launch_all() -> None:
     weight = torch.ones(1024, dtype=bf16)
     rms_norm(hidden, weight, 1e-6)
     rms_norm(hidden, weight, 1e-6, hidden.clone())
+    rms_norm(hidden[:1], weight, 1e-6, hidden[:1].clone(), pdl=True)  # the final norm at batch 1
     silu_and_mul(torch.zeros(rows, 2 * 3072, dtype=bf16))
     qkv = torch.zeros(rows, (heads + 2 * kv_heads) * dim, dtype=bf16)
     table = torch.zeros(4096, dim, dtype=torch.float32)
@@ -161,6 +165,10 @@ def launch_all() -> None:
     qk_norm_rope_store(
         qkv, torch.arange(rows), table, heads, kv_heads, dim, k_cache, v_cache, torch.arange(rows),
         norm_w, norm_w, 1e-6,
+    )  # fmt: skip
+    qk_norm_rope_store(
+        qkv[:1], torch.arange(1), table, heads, kv_heads, dim, k_cache, v_cache, torch.arange(1),
+        norm_w, norm_w, 1e-6, pdl=True,
     )  # fmt: skip
     _launch_gemv()
     _launch_sampling()

@@ -17,15 +17,16 @@ pytestmark = pytest.mark.usefixtures("triton_interpreter")
 @pytest.mark.parametrize("case", ["qwen3", "llama_linear_rope_bias"])
 def test_fused_gemv_steps_match_the_unfused_path(tmp_path, case, monkeypatch):
     family, overrides, block_size = CASES[case]
-    save_tiny_checkpoint(tmp_path, family, **overrides)
+    vocab = save_tiny_checkpoint(tmp_path, family, **overrides).config.vocab_size
     prompts = random_seqs([11, 4, 19], seed=6)
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0)
     calls: list[int] = []
+    head_calls: list[int] = []  # the LM head's (a [vocab, hidden] weight)
     real = gemv.fused_gemv
 
-    def counted(x, *args, **kw):
-        calls.append(x.shape[0])
-        return real(x, *args, **kw)
+    def counted(x, weight, *args, **kw):
+        (head_calls if weight.shape[0] == vocab else calls).append(x.shape[0])
+        return real(x, weight, *args, **kw)
 
     monkeypatch.setattr(gemv, "fused_gemv", counted)
     outs = {}
@@ -39,9 +40,10 @@ def test_fused_gemv_steps_match_the_unfused_path(tmp_path, case, monkeypatch):
         )
         outs[rows] = llm.generate(prompts, params, use_tqdm=False)
         if rows == 0:
-            assert not calls
+            assert not calls and not head_calls
     layers = len(llm.engine.runner.model.model.layers)
     assert calls and max(calls) <= 4 and len(calls) >= 4 * layers * 3  # 4 per layer, 3+ decode steps
+    assert len(head_calls) >= 3 and max(head_calls) <= 4  # and the LM head of those steps
     for a, b in zip(outs[0], outs[4], strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         diff = torch.tensor(a.outputs[0].logprobs) - torch.tensor(b.outputs[0].logprobs)

@@ -128,16 +128,17 @@ class Attention(nn.Module):
         store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return self._attend_triton(q, meta)
 
-    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata, pdl: bool = False) -> torch.Tensor:
         """Attention for this step when its K/V are already in the cache (a fused kernel stored them,
-        e.g. ``qk_norm_rope_store``): q [T, Hq*D] -> [T, Hq*D]. Triton backend only."""
+        e.g. ``qk_norm_rope_store``): q [T, Hq*D] -> [T, Hq*D]. Triton backend only. ``pdl``: a
+        decode step's kernels launch as programmatic dependents (``decode_attention``'s)."""
         if self.backend != "triton":
             raise ValueError(f"attend() needs the triton backend, this layer uses {self.backend!r}")
         num_tokens = q.shape[0]
-        out = self._attend_triton(q.view(num_tokens, self.num_heads, self.head_dim), meta)
+        out = self._attend_triton(q.view(num_tokens, self.num_heads, self.head_dim), meta, pdl)
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
-    def _attend_triton(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _attend_triton(self, q: torch.Tensor, meta: AttentionMetadata, pdl: bool = False) -> torch.Tensor:
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
         if meta.extend_tiles is not None:  # a mixed step's graph: decode rows first, then the tiles
             assert meta.decode_seq_lens is not None
@@ -147,7 +148,7 @@ class Attention(nn.Module):
             self._decode(q[:rows], tables, meta.decode_seq_lens, meta.decode_order, meta, out[:rows])
             return self._extend(q, meta, config=meta.extend_config, tiles=meta.extend_tiles, out=out)
         if meta.max_query_len == 1:  # one query row per sequence, rows in batch order
-            return self._decode(q, meta.block_tables, meta.seq_lens, meta.decode_order, meta)
+            return self._decode(q, meta.block_tables, meta.seq_lens, meta.decode_order, meta, pdl=pdl)
         nd = meta.num_decodes if meta.num_decodes < meta.seq_lens.shape[0] else 0
         # whole tensors plus an offset, not slices: a sliced pointer's alignment would make Triton
         # compile new specializations mid-run
@@ -165,6 +166,7 @@ class Attention(nn.Module):
         order: torch.Tensor | None,
         meta: AttentionMetadata,
         out: torch.Tensor | None = None,
+        pdl: bool = False,
     ) -> torch.Tensor:
         """The decode kernel on these rows (one query each) of this layer's cache."""
         from rollout.kernels.decode_attention import decode_attention
@@ -180,6 +182,7 @@ class Attention(nn.Module):
             out=out,
             order=order,
             counters=meta.split_counters,
+            pdl=pdl,
         )
 
     def _extend(self, q: torch.Tensor, meta: AttentionMetadata, **launch) -> torch.Tensor:

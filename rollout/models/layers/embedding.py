@@ -45,9 +45,18 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
             set_weight_loader(self.weight, default_weight_loader)
         self.tied = tied_to is not None
+        # Steps of at most this many rows run the head as ``kernels.gemv`` (a programmatic
+        # dependent of the final norm with ``gemv_pdl``); the model runner sets both from
+        # RunnerConfig.small_batch_gemv_* (triton backend). 0: always the GEMM.
+        self.gemv_rows = 0
+        self.gemv_pdl = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # The GEMM runs in the model dtype, as HF's lm_head does. The result stays in it: the sampling
         # kernel reads bf16 logits and computes in fp32, and the torch sampler upcasts (exactly);
         # an upcast copy here cost ~120 us per step at batch 256 on the H100.
+        if 0 < hidden.shape[0] <= self.gemv_rows and hidden.is_contiguous():
+            from rollout.kernels.gemv import fused_gemv
+
+            return fused_gemv(hidden, self.weight, pdl=self.gemv_pdl)
         return F.linear(hidden, self.weight)

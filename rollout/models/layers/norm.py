@@ -22,6 +22,11 @@ class RMSNorm(nn.Module):
         # Triton kernel instead of the torch ops (same numerics up to summation order); the model
         # runner turns it on for CUDA (see RunnerConfig.fused_ops).
         self.fused = False
+        # With ``fused``: steps of at most ``gemv_rows`` rows launch the kernel as a programmatic
+        # dependent when ``gemv_pdl`` (the model's final norm, between the last layer's GEMV and
+        # the LM head's; the model runner sets both from RunnerConfig.small_batch_gemv_*).
+        self.gemv_rows = 0
+        self.gemv_pdl = False
         self.weight = nn.Parameter(torch.ones(hidden_size))
         set_weight_loader(self.weight, default_weight_loader)
 
@@ -36,7 +41,8 @@ class RMSNorm(nn.Module):
         if self.fused and x.dim() == 2:
             from rollout.kernels.fused_ops import rms_norm
 
-            return rms_norm(x, self.weight, self.eps, residual)
+            pdl = self.gemv_pdl and 0 < x.shape[0] <= self.gemv_rows
+            return rms_norm(x, self.weight, self.eps, residual, pdl=pdl)
         if residual is None:
             return self._norm(x)
         x = x + residual
