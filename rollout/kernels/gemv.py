@@ -69,7 +69,7 @@ def _accumulate(acc, a, w, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
 def _gemv_kernel(
     x_ptr, res_ptr, res_out_ptr, g_ptr, w_ptr, b_ptr, out_ptr, M, N, K, eps,
     NORM: tl.constexpr, ADD_RES: tl.constexpr, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, PRELOAD_TWO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -82,6 +82,11 @@ def _gemv_kernel(
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
     w, wu = _weight_tile(w_ptr, cols, col_ok, N, ks, k_ok, K, SILU_MUL)
+    ks2 = BLOCK_K + tl.arange(0, BLOCK_K)
+    k2_ok = ks2 < K
+    w2 = w
+    if PRELOAD_TWO:  # and the second tile (K = 2 * BLOCK_K: all of this program's weights)
+        w2, _ = _weight_tile(w_ptr, cols, col_ok, N, ks2, k2_ok, K, False)
     if PDL:  # x and the residual come from the launch before: wait for it to finish, then let
         # the next launch start its own weight loads (see fused_gemv's pdl)
         gdc_wait()
@@ -106,7 +111,10 @@ def _gemv_kernel(
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if SILU_MUL:
         acc_up = _accumulate(acc_up, a, wu, USE_DOT, PRECISION)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    if PRELOAD_TWO:
+        a = _activation(x_ptr, res_ptr, g_ptr, rows, row_ok, ks2, k2_ok, K, rstd, NORM, ADD_RES)
+        acc = _accumulate(acc, a, w2, USE_DOT, PRECISION)
+    for k0 in range(BLOCK_K * (2 if PRELOAD_TWO else 1), K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         w, wu = _weight_tile(w_ptr, cols, col_ok, N, ks, k_ok, K, SILU_MUL)
@@ -180,6 +188,9 @@ def fused_gemv(
     else:
         block_n = 16 if n >= 2048 else 8
         block_k = max(64, min(512, 8192 // (block_m * block_n)))
+    # A program whose weights are two tiles (the qkv and o projections and the LM head of
+    # Qwen3-0.6B at one row) loads both before it waits for its input
+    preload_two = not use_dot and not silu_mul and k == 2 * block_k
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, res_out,
         norm_weight if norm_weight is not None else x, weight, bias if bias is not None else weight,
@@ -187,7 +198,7 @@ def fused_gemv(
         NORM=norm_weight is not None, ADD_RES=residual is not None, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_DOT=use_dot,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 models: no TF32 rounding
-        PDL=pdl, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PDL=pdl, PRELOAD_TWO=preload_two, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return (out, res_out) if residual is not None else out

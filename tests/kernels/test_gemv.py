@@ -49,6 +49,17 @@ def test_fused_gemv_matches_reference(dtype, m, k, n):
     assert torch.equal(res, want_res)  # the new residual: x + residual, rounded once
 
 
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 1024, 2048), (1, 2048, 40), (1, 1536, 2048), (2, 1024, 64)])
+def test_fused_gemv_multi_tile_reductions(m, k, n):
+    """Reductions over several K tiles: at one row a program whose weights are exactly two tiles
+    (1024 x 2048, 2048 x 40) loads both before its wait; three tiles (1536) and 2 rows loop."""
+    t = tensors(m, k, n, torch.float32, seed=k + n + m)
+    got, res = fused_gemv(t["x"], t["weight"], norm_weight=t["norm_weight"], residual=t["residual"])
+    want, want_res = fused_gemv_ref(t["x"], t["weight"], norm_weight=t["norm_weight"], residual=t["residual"])
+    close(got, want, torch.float32)
+    assert torch.equal(res, want_res)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 6])
 def test_fused_gemv_silu_mul(dtype, m):
