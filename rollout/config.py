@@ -87,6 +87,12 @@ class RunnerConfig:
     # none (H200, stop 22). The LM head of such steps runs as a GEMV either way (same time as
     # cuBLAS's, 1.536 / 1.544 ms).
     small_batch_gemv_pdl: bool = True
+    # Such steps, when decode-only, do the q/k norm + RoPE and the K/V store inside the decode
+    # attention launch (``decode_attention_qkv``): one launch fewer per layer. Batch 1 (above):
+    # 1.186 / 1.190 ms against 1.200 / 1.205 (H200, stop 23). Not for larger steps: every split
+    # program repeats the norm + RoPE ahead of its first K/V tile, and at batch 32 / 256 that cost
+    # more than the launch it saves (2.58 / 9.47 ms against 2.41 / 9.40; W1 -2%).
+    small_batch_decode_rope: bool = True
     # CUDA: the weights and the KV cache live in address ranges that sleep keeps reserved while
     # it gives their physical memory back (rollout/vmm.py), so wake_up maps new memory at the
     # same addresses and the CUDA graphs stay valid instead of being captured again. The graphs'

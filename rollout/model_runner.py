@@ -92,6 +92,8 @@ class ModelRunner:
                     module.fused = True
                 if hasattr(module, "gemv_rows"):
                     module.gemv_rows, module.gemv_pdl = rc.small_batch_gemv_rows, rc.small_batch_gemv_pdl
+                if hasattr(module, "decode_rope"):
+                    module.decode_rope = rc.small_batch_decode_rope
         self.split_counters: torch.Tensor | None = None  # see AttentionMetadata.split_counters
         if backend == "triton" and self.runner_config.fused_decode_merge:
             rows = max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)

@@ -16,9 +16,9 @@ from rollout.config import RunnerConfig
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
     """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge`` /
-    ``--gemv-rows`` / ``--gemv-pdl``: how the engine under test runs its steps
+    ``--gemv-rows`` / ``--gemv-pdl`` / ``--decode-rope``: how the engine under test runs its steps
     (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens`` / ``fused_decode_merge`` /
-    ``small_batch_gemv_rows`` / ``small_batch_gemv_pdl``)."""
+    ``small_batch_gemv_rows`` / ``small_batch_gemv_pdl`` / ``small_batch_decode_rope``)."""
     defaults = RunnerConfig()
     parser.add_argument(
         "--piecewise-tokens",
@@ -47,6 +47,12 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.small_batch_gemv_pdl,
         help="RunnerConfig.small_batch_gemv_pdl (those GEMVs as programmatic dependent launches)",
     )
+    parser.add_argument(
+        "--decode-rope",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.small_batch_decode_rope,
+        help="RunnerConfig.small_batch_decode_rope (small decode steps: q/k norm + RoPE in the attention)",
+    )
 
 
 def graph_config(args: argparse.Namespace) -> RunnerConfig:
@@ -57,6 +63,7 @@ def graph_config(args: argparse.Namespace) -> RunnerConfig:
         fused_decode_merge=args.fused_merge,
         small_batch_gemv_rows=args.gemv_rows,
         small_batch_gemv_pdl=args.gemv_pdl,
+        small_batch_decode_rope=args.decode_rope,
     )
 
 

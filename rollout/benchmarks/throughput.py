@@ -237,6 +237,7 @@ def _run_child(args: argparse.Namespace, engine: str, wl: str, result_file: Path
         "--gemv-rows",
         str(args.gemv_rows),
         "--gemv-pdl" if args.gemv_pdl else "--no-gemv-pdl",
+        "--decode-rope" if args.decode_rope else "--no-decode-rope",
         *(["--trace"] if args.trace else []),
         *(["--gc-freeze"] if args.gc_freeze else []),
         *(["--profile"] if args.profile else []),

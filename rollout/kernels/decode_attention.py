@@ -13,6 +13,10 @@ The grid is one axis, a sequence's programs adjacent (KV heads, then splits). Pr
 grid order, so with ``order`` (the rows by descending length) the longest sequences start first
 and the launch ends on short ones (longest-first scheduling) instead of on whichever long
 sequence happened to come last.
+
+``decode_attention_qkv`` is the same launch fed with the packed q/k/v projection: the programs also
+do the q/k RMSNorm and RoPE, and store this step's K/V (the q/k norm + RoPE + store kernel of
+``fused_ops`` folded in; used for small decode steps, see ``RunnerConfig.small_batch_decode_rope``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,16 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rollout.kernels._checks import check_index, check_query, check_window, output_like, pdl_usable
+from rollout.kernels._checks import (
+    check_index,
+    check_kv_cache,
+    check_query,
+    check_slots,
+    check_window,
+    output_like,
+    pdl_usable,
+)
+from rollout.kernels.fused_ops import check_qk
 
 _LOG2E = 1.4426950408889634
 # Enough resident programs to keep the memory system busy: splits are added until the grid has
@@ -137,6 +150,36 @@ def _store_partial(part_out_ptr, part_lse_ptr, acc, m_i, l_i, row, mask, HEAD_DI
 
 
 @triton.jit
+def _norm_rope(
+    src, rows, row_mask, w_ptr, cos, sin, eps,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr,
+):  # fmt: skip
+    """Rows ``src + rows * HEAD_DIM`` of a packed projection, each head RMS-normalized with ``w_ptr``
+    (``HAS_NORM``, Qwen3) and rotated (RoPE, rotate-half) by ``cos``/``sin`` [1, BLOCK_D] (fp32,
+    element d holding the angle of d % HALF): [rows, BLOCK_D] in the projection's dtype, with the
+    roundings of ``fused_ops._qk_norm_rope_kernel`` (op by op in the input dtype, as torch)."""
+    d = tl.arange(0, BLOCK_D)
+    half: tl.constexpr = HEAD_DIM // 2
+    swap = (d + half) % HEAD_DIM  # x[d + HALF] for the first half, x[d - HALF] for the second
+    mask = row_mask[:, None] & (d < HEAD_DIM)[None, :]
+    base = src + rows[:, None] * HEAD_DIM
+    x = tl.load(base + d[None, :], mask=mask, other=0.0)
+    xs = tl.load(base + swap[None, :], mask=mask, other=0.0)
+    dt = x.dtype
+    if HAS_NORM:
+        h, hs = x.to(tl.float32), xs.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(h * h, axis=1) / HEAD_DIM + eps)[:, None]
+        w = tl.load(w_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)[None, :]
+        ws = tl.load(w_ptr + swap, mask=d < HEAD_DIM, other=0.0).to(tl.float32)[None, :]
+        x = (w * (h * inv).to(dt).to(tl.float32)).to(dt)
+        xs = (ws * (hs * inv).to(dt).to(tl.float32)).to(dt)
+    sign = tl.where(d < half, -1.0, 1.0)[None, :]
+    rot = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
+    rot += sign * (xs.to(tl.float32) * sin).to(dt).to(tl.float32)
+    return rot.to(dt)
+
+
+@triton.jit
 def _merge_group(
     part_out_ptr, part_lse_ptr, out_ptr, b, kv_head, num_splits, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -200,6 +243,14 @@ def _decode_split_kernel(
     part_out_ptr,
     part_lse_ptr,
     counters_ptr,
+    pos_ptr,
+    rope_ptr,
+    qw_ptr,
+    kw_ptr,
+    slot_ptr,
+    stride_rope,
+    k_col,
+    eps,
     scale_log2,
     window,
     num_splits,
@@ -232,6 +283,8 @@ def _decode_split_kernel(
     SPLIT_CHUNK: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr,
     WAIT: tl.constexpr,  # launched as a programmatic dependent (decode_attention's pdl)
+    ROPE: tl.constexpr,  # q_ptr is the packed projection: norm + RoPE here, this step's K/V stored
+    HAS_NORM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = pid % num_splits
@@ -247,6 +300,15 @@ def _decode_split_kernel(
     per_split = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * per_split
     end = tl.minimum(start + per_split, seq_len)
+    d = tl.arange(0, BLOCK_D)
+    if ROPE:  # step inputs and constants, like the order and lengths: read before the wait
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        angle = pos * stride_rope + d % (HEAD_DIM // 2)
+        dt = out_ptr.dtype.element_ty  # HF casts cos/sin to the activations' dtype first
+        cos = tl.load(rope_ptr + angle, mask=d < HEAD_DIM, other=0.0).to(dt).to(tl.float32)[None, :]
+        sin = tl.load(rope_ptr + angle + HEAD_DIM // 2, mask=d < HEAD_DIM, other=0.0)
+        sin = sin.to(dt).to(tl.float32)[None, :]
     if WAIT:  # the order and lengths above are step inputs; q and this step's K/V are not
         gdc_wait()
     if LAUNCH_DEPENDENTS:  # see _merge_splits_kernel
@@ -255,13 +317,30 @@ def _decode_split_kernel(
     g = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + g
     head_mask = g < GROUP
-    d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
-    q = tl.load(
-        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
-        mask=head_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
+    row_ptr = q_ptr + b.to(tl.int64) * stride_qb
+    if ROPE:
+        q = _norm_rope(row_ptr, heads, head_mask, qw_ptr, cos, sin, eps, HEAD_DIM, BLOCK_D, HAS_NORM)
+        # The program whose share ends at this step's position stores its K/V (rotated k, raw v)
+        # and reads them back from the cache in its last tile: the barrier orders every thread's
+        # stores before those loads. Padding rows (slot -1, no keys) store nothing.
+        if (end == seq_len) & (start < end) & (slot >= 0):
+            one = tl.arange(0, 1)
+            kv_src = row_ptr + k_col + kv_head * HEAD_DIM
+            k = _norm_rope(kv_src, one, one < 1, kw_ptr, cos, sin, eps, HEAD_DIM, BLOCK_D, HAS_NORM)
+            v = tl.load(kv_src + NUM_KV_HEADS * HEAD_DIM + d[None, :], mask=d_mask[None, :], other=0.0)
+            page, in_page = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+            k_dst = k_cache_ptr + page * stride_kb + in_page * stride_ks + kv_head * stride_kh
+            v_dst = v_cache_ptr + page * stride_vb + in_page * stride_vs + kv_head * stride_vh
+            tl.store(k_dst + d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=d_mask[None, :])
+            tl.store(v_dst + d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=d_mask[None, :])
+            tl.debug_barrier()
+    else:
+        q = tl.load(
+            row_ptr + heads[:, None] * stride_qh + d[None, :],
+            mask=head_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
     # -1e30 rather than -inf keeps exp2(m_old - m_new) finite while every score so far is masked.
     m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -351,7 +430,97 @@ def decode_attention(
     has waited (plain launches: at once).
     """
     _, num_kv_heads, head_dim = check_query(q, k_cache, v_cache)
-    batch, num_heads, _ = q.shape
+    out = output_like(q, out)
+    _launch(q, q.stride(0), q.stride(1), q.shape[1], num_kv_heads, head_dim, k_cache, v_cache,
+            block_tables, seq_lens, scale, sliding_window, config, out, order, counters, pdl,
+            None)  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True)
+class _Rope:
+    """What ``decode_attention_qkv``'s programs need to build q and this step's K/V themselves."""
+
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    q_weight: torch.Tensor | None
+    k_weight: torch.Tensor | None
+    eps: float
+
+
+def decode_attention_qkv(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    num_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    scale: float,
+    q_weight: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    sliding_window: int | None = None,
+    config: DecodeConfig | None = None,
+    order: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """``qk_norm_rope_store`` and ``decode_attention`` in one launch, for a decode step: from the
+    packed projection ``qkv`` [B, (Hq + 2 Hkv) * D] (one row per sequence) to the attention output
+    [B, Hq, D] (a new tensor).
+
+    Each program q/k-normalizes (with ``q_weight``/``k_weight`` when given, Qwen3) and rotates its
+    query heads at ``positions[b]`` (``cos_sin_cache`` [max_pos, D]: cos then sin per row); the
+    program whose share of the sequence ends at its last position also rotates that position's k,
+    stores it and the raw v at ``slot_mapping[b]`` (-1 skips a padding row), and then attends over
+    them like the rest, so the caller's slots must be the last position of each row's pages (as a
+    decode step's are). The result equals the two-launch path up to the summation order of the
+    q/k norms. ``pdl``: as ``decode_attention``'s; the positions, slots and cos/sin rows are read
+    before the wait, like the lengths.
+    """
+    _, _, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
+    check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight)
+    batch = qkv.shape[0]
+    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"qkv {tuple(qkv.shape)} is not q, k, v of {num_heads}/{num_kv_heads} heads")
+    if qkv.dtype != k_cache.dtype or qkv.device != k_cache.device:
+        raise ValueError(f"qkv is {qkv.dtype} on {qkv.device}, the cache {k_cache.dtype} on {k_cache.device}")
+    check_slots(slot_mapping, batch, qkv.device)
+    out = torch.empty((batch, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    rope = _Rope(positions, cos_sin_cache, slot_mapping, q_weight, k_weight, eps)
+    _launch(qkv, qkv.stride(0), head_dim, num_heads, num_kv_heads, head_dim, k_cache, v_cache,
+            block_tables, seq_lens, scale, sliding_window, config, out, order, counters, pdl,
+            rope)  # fmt: skip
+    return out
+
+
+def _launch(
+    q: torch.Tensor,
+    stride_qb: int,
+    stride_qh: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    config: DecodeConfig | None,
+    out: torch.Tensor,
+    order: torch.Tensor | None,
+    counters: torch.Tensor | None,
+    pdl: bool,
+    rope: _Rope | None,
+) -> None:
+    """The split launch (and the merge launch after it, unless merged in the kernel) for ``out``'s
+    rows; ``q`` holds the queries at ``stride_qb``/``stride_qh``, or the packed projection (rope)."""
+    batch = out.shape[0]
     check_index("block_tables", block_tables, (batch, -1), k_cache.device)
     check_index("seq_lens", seq_lens, (batch,), k_cache.device)
     check_window(sliding_window)
@@ -368,9 +537,12 @@ def decode_attention(
         config = default_decode_config(batch, num_kv_heads, q.device)
     if config.num_splits < 1 or config.block_n < 16 or config.block_n & (config.block_n - 1):
         raise ValueError(f"bad decode config {config}")
-    out = output_like(q, out)
     if batch == 0:
-        return out
+        return
+    rope_args = ()
+    if rope is not None:
+        weights = (rope.q_weight, rope.k_weight) if rope.q_weight is not None else (q, q)
+        rope_args = (rope.positions, rope.cos_sin_cache, *weights, rope.slot_mapping)
     split = config.num_splits > 1
     fused_merge = split and counters is not None
     # The attention's launches let a programmatic dependent after them (kernels/gemv.py) start
@@ -405,11 +577,15 @@ def decode_attention(
         part_out,
         part_lse,
         counters if counters is not None else seq_lens,  # unused without FUSED_MERGE
+        *(rope_args if rope is not None else (seq_lens,) * 5),  # unused without ROPE
+        rope.cos_sin_cache.stride(0) if rope is not None else 0,
+        num_heads * head_dim,  # k's first column in the packed projection
+        rope.eps if rope is not None else 0.0,
         scale * _LOG2E,
         sliding_window or 0,
         config.num_splits,
-        q.stride(0),
-        q.stride(1),
+        stride_qb,
+        stride_qh,
         *k_cache.stride()[:3],
         *v_cache.stride()[:3],
         block_tables.stride(0),
@@ -434,6 +610,8 @@ def decode_attention(
         SPLIT_CHUNK=merge_args["SPLIT_CHUNK"],
         LAUNCH_DEPENDENTS=launch_dependents,
         WAIT=pdl,
+        ROPE=rope is not None,
+        HAS_NORM=rope is not None and rope.q_weight is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **launch,
@@ -452,4 +630,3 @@ def decode_attention(
             num_warps=4,
             **launch,
         )
-    return out

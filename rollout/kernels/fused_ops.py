@@ -272,7 +272,7 @@ def qk_norm_rope(
     """From the packed projection ``qkv`` [T, (Hq + 2 Hkv) * D], return rotated ``q`` [T, Hq, D] and
     ``k`` [T, Hkv, D] (new contiguous tensors), each head first RMS-normalized with ``q_weight`` /
     ``k_weight`` when given (Qwen3). ``cos_sin_cache`` [max_pos, D] holds cos then sin per row."""
-    _check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight)
+    check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight)
     tokens = qkv.shape[0]
     q = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     k = torch.empty((tokens, num_kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
@@ -305,7 +305,7 @@ def qk_norm_rope_store(
     elsewhere): it reads the positions, slots and cos/sin rows, waits for that launch, then lets
     the launch after it start and reads ``qkv``. Only for chains where no launch writes the
     positions or slots (a decode step's: they are copied in before its first kernel)."""
-    _check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight)
+    check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight)
     tokens = qkv.shape[0]
     if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
         raise ValueError(f"qkv {tuple(qkv.shape)} is not q, k, v of {num_heads}/{num_kv_heads} heads")
@@ -336,7 +336,7 @@ def qk_norm_rope_store(
     return q
 
 
-def _check_qk(
+def check_qk(
     qkv: torch.Tensor,
     positions: torch.Tensor,
     cos_sin_cache: torch.Tensor,

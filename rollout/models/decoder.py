@@ -106,6 +106,10 @@ class DecoderAttention(nn.Module):
         # when ``gemv_pdl`` (the chain of DecoderLayer's small-batch GEMVs; set with theirs).
         self.gemv_rows = 0
         self.gemv_pdl = False
+        # With ``fused`` and the triton backend: decode steps of at most ``gemv_rows`` rows run the
+        # q/k norm + RoPE + K/V store in their attention launch (``decode_attention_qkv``;
+        # RunnerConfig.small_batch_decode_rope).
+        self.decode_rope = False
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
@@ -127,7 +131,11 @@ class DecoderAttention(nn.Module):
             attn = self.attn
             if attn.backend == "triton":  # K/V stored by the same kernel: no store_kv launch
                 assert attn.k_cache is not None and attn.v_cache is not None, "KV cache not bound"
-                pdl = self.gemv_pdl and 0 < num_tokens <= self.gemv_rows
+                small = 0 < num_tokens <= self.gemv_rows
+                pdl = self.gemv_pdl and small
+                if small and self.decode_rope and meta.max_query_len == 1 and meta.extend_tiles is None:
+                    out = attn.decode_qkv(qkv, positions, table, qw, kw, self.eps, meta, pdl=pdl)
+                    return out.view(num_tokens, -1)
                 q = qk_norm_rope_store(
                     qkv,
                     positions,

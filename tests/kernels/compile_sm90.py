@@ -118,7 +118,7 @@ def as_on_hopper() -> Iterator[None]:
 
 def launch_all() -> None:
     """Every launcher of the engine on small bf16 CPU tensors, in the variants the engine uses."""
-    from rollout.kernels.decode_attention import DecodeConfig, decode_attention
+    from rollout.kernels.decode_attention import DecodeConfig, decode_attention, decode_attention_qkv
     from rollout.kernels.fused_ops import qk_norm_rope_store, rms_norm, silu_and_mul
     from rollout.kernels.prefill_attention import ExtendConfig, extend_attention, extend_tiles
     from rollout.kernels.store_kv import store_kv
@@ -140,6 +140,15 @@ def launch_all() -> None:
     # a small decode step's chain of programmatic dependents (split + merge, and unsplit)
     decode_attention(q, k_cache, v_cache, tables, lens, 0.1, None, split, order=order, pdl=True)
     decode_attention(q, k_cache, v_cache, tables, lens, 0.1, None, whole, order=order, pdl=True)
+    # decode steps: q/k norm + RoPE + K/V store in the attention launch (plain, and as the chain)
+    packed = torch.zeros(batch, (heads + 2 * kv_heads) * dim, dtype=bf16)
+    rope_table, norm = torch.zeros(4096, dim, dtype=torch.float32), torch.ones(dim, dtype=bf16)
+    pos = torch.arange(batch)
+    for config, pdl in ((split, False), (whole, False), (split, True), (whole, True)):
+        decode_attention_qkv(
+            packed, pos, rope_table, heads, k_cache, v_cache, tables, lens, pos, 0.1, norm, norm,
+            config=config, order=order, pdl=pdl,
+        )  # fmt: skip
     rows = 64
     qx = torch.zeros(rows, heads, dim, dtype=bf16)
     starts = torch.tensor([0, 1, 40, rows], dtype=i32)

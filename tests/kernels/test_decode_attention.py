@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from rollout.kernels.decode_attention import DecodeConfig, decode_attention, default_decode_config
+from rollout.kernels.decode_attention import (
+    DecodeConfig,
+    decode_attention,
+    decode_attention_qkv,
+    default_decode_config,
+)
+from rollout.kernels.fused_ops import qk_norm_rope_store
 from rollout.models.layers.attention import decode_order
+from rollout.models.layers.rotary import RopeParameters, RotaryEmbedding
 from tests.kernels.paged_case import make_case, poisoned_empty, reference, rel_err
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -110,6 +117,68 @@ def test_fused_merge_matches_the_merge_kernel(heads, kv_heads, dim, splits):
         decode_attention(*args, config=config, counters=counters[:5])
     with pytest.raises(ValueError, match="counters"):
         decode_attention(*args, config=config, counters=counters.long())
+
+
+@pytest.mark.parametrize("use_dot", [True, False])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "bs", "norm", "splits", "window"),
+    [(4, 2, 16, 4, True, 1, None), (8, 2, 32, 1, True, 3, 5), (6, 3, 16, 8, False, 2, None)],
+)
+def test_decode_attention_qkv_matches_two_launches(heads, kv_heads, dim, bs, norm, splits, window, use_dot):
+    """From the packed projection: the same caches and output as qk_norm_rope_store followed by
+    decode_attention (the new K/V stored by the program that reads them: within one rounding of
+    the norm's summation order), longest first or in row order; padding rows store nothing."""
+    lens = [9, 0, 1, bs, 33, bs + 1]
+    for n, dtype in enumerate(dtypes_for(use_dot)):
+        case = make_case(lens, [1] * len(lens), heads, kv_heads, dim, bs, dtype, DEVICE, seed=n + 7 * splits)
+        gen = torch.Generator().manual_seed(n + heads)
+        qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * dim, generator=gen).to(dtype).to(DEVICE)
+        table = RotaryEmbedding(dim, 64, RopeParameters(rope_type="default", theta=10000.0)).cos_sin_cache
+        table = table.to(dtype).to(DEVICE)
+        qw = kw = None
+        if norm:
+            qw = (1 + 0.1 * torch.randn(dim, generator=gen)).to(dtype).to(DEVICE)
+            kw = (1 + 0.1 * torch.randn(dim, generator=gen)).to(dtype).to(DEVICE)
+        positions = torch.tensor([max(x - 1, 0) for x in lens], device=DEVICE)
+        tables = case.block_tables.cpu()
+        slots = [int(tables[b, (x - 1) // bs]) * bs + (x - 1) % bs if x else -1 for b, x in enumerate(lens)]
+        slots = torch.tensor(slots, device=DEVICE)
+        config = DecodeConfig(num_splits=splits, block_n=16, use_dot=use_dot)
+        k_two, v_two = case.k_cache.clone(), case.v_cache.clone()
+        q = qk_norm_rope_store(qkv, positions, table, heads, kv_heads, dim, k_two, v_two, slots, qw, kw)
+        two = decode_attention(q, k_two, v_two, case.block_tables, case.seq_lens, case.scale, window, config)
+        order = torch.from_numpy(decode_attention_order(lens)).to(DEVICE)
+        for row_order in (None, order):
+            k_one, v_one = case.k_cache.clone(), case.v_cache.clone()
+            with poisoned_empty():
+                one = decode_attention_qkv(
+                    qkv, positions, table, heads, k_one, v_one, case.block_tables, case.seq_lens, slots,
+                    case.scale, qw, kw, 1e-6, window, config, order=row_order,
+                )  # fmt: skip
+            tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+            assert torch.equal(v_one, v_two)
+            live = slots[slots >= 0]
+            k_flat, k_two_flat = k_one.flatten(0, 1), k_two.flatten(0, 1)
+            torch.testing.assert_close(k_flat[live], k_two_flat[live], atol=tol, rtol=tol)
+            others = torch.ones(k_flat.shape[0], dtype=torch.bool, device=DEVICE)
+            others[live] = False
+            assert torch.equal(k_flat[others], k_two_flat[others])
+            assert rel_err(one, two) < 2 * TOL[dtype], (dtype, rel_err(one, two))
+            assert one[1].eq(0).all(), "padding row must be zeros"
+    with pytest.raises(ValueError, match="qkv"):
+        decode_attention_qkv(
+            qkv[:, :-dim], positions, table, heads, k_one, v_one, case.block_tables, case.seq_lens, slots,
+            case.scale,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="slot_mapping"):
+        decode_attention_qkv(
+            qkv, positions, table, heads, k_one, v_one, case.block_tables, case.seq_lens, slots[:2],
+            case.scale,
+        )  # fmt: skip
+
+
+def decode_attention_order(lens: list[int]) -> np.ndarray:
+    return decode_order(np.array(lens)).astype(np.int32)
 
 
 def test_default_config_depends_on_shapes_only():

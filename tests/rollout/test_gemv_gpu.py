@@ -1,7 +1,9 @@
 """Fused small-batch GEMVs in the engine (RunnerConfig.small_batch_gemv_rows; run on the device
 machine): decode graphs of up to 8 rows run the fused projections and give the unfused engine's
 fp32 tokens, logprobs within 1e-4; in bf16 logprobs within bf16 noise. As programmatic dependent
-launches (small_batch_gemv_pdl) they give exactly the same outputs."""
+launches (small_batch_gemv_pdl) they give exactly the same outputs; with the q/k norm + RoPE + K/V
+store in the decode attention (small_batch_decode_rope, the default) or in a launch of its own, the
+same fp32 tokens and logprobs within 1e-4."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ def test_fused_gemv_graphs_match_the_unfused_engine(tmp_path, case, dtype):
         "unfused": RunnerConfig(small_batch_gemv_rows=0),
         "gemv": RunnerConfig(small_batch_gemv_rows=8, small_batch_gemv_pdl=False),
         "gemv_pdl": RunnerConfig(small_batch_gemv_rows=8, small_batch_gemv_pdl=True),
+        "own_rope": RunnerConfig(small_batch_gemv_rows=8, small_batch_decode_rope=False),
     }
     results = {}
     for name, config in configs.items():
@@ -48,3 +51,8 @@ def test_fused_gemv_graphs_match_the_unfused_engine(tmp_path, case, dtype):
         assert (la - lb).abs().max() <= (1e-4 if dtype == "float32" else 0.05)
         # programmatic dependent launches change when kernels start, not what they compute
         assert (c.outputs[0].token_ids, c.outputs[0].logprobs) == (tb, b.outputs[0].logprobs)
+    if dtype == "float32":
+        for c, d in zip(results["gemv_pdl"], results["own_rope"], strict=True):
+            assert c.outputs[0].token_ids == d.outputs[0].token_ids
+            diff = torch.tensor(c.outputs[0].logprobs) - torch.tensor(d.outputs[0].logprobs)
+            assert diff.abs().max() <= 1e-4

@@ -138,6 +138,45 @@ class Attention(nn.Module):
         out = self._attend_triton(q.view(num_tokens, self.num_heads, self.head_dim), meta, pdl)
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
+    def decode_qkv(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        q_weight: torch.Tensor | None,
+        k_weight: torch.Tensor | None,
+        eps: float,
+        meta: AttentionMetadata,
+        pdl: bool = False,
+    ) -> torch.Tensor:
+        """A decode step's attention from the packed projection [B, (Hq + 2 Hkv) * D]: q/k norm,
+        RoPE, the K/V store and the attention in one launch (``decode_attention_qkv``) -> [B, Hq, D].
+        Triton backend; every row one query (``meta.max_query_len == 1``), no mixed-step graph."""
+        from rollout.kernels.decode_attention import decode_attention_qkv
+
+        if self.backend != "triton" or meta.max_query_len != 1 or meta.extend_tiles is not None:
+            raise ValueError("decode_qkv() needs the triton backend and a step of one query row per sequence")
+        assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
+        return decode_attention_qkv(
+            qkv,
+            positions,
+            cos_sin_cache,
+            self.num_heads,
+            self.k_cache,
+            self.v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.slot_mapping,
+            self.scale,
+            q_weight,
+            k_weight,
+            eps,
+            self.sliding_window,
+            order=meta.decode_order,
+            counters=meta.split_counters,
+            pdl=pdl,
+        )
+
     def _attend_triton(self, q: torch.Tensor, meta: AttentionMetadata, pdl: bool = False) -> torch.Tensor:
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
         if meta.extend_tiles is not None:  # a mixed step's graph: decode rows first, then the tiles
