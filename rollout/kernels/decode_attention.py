@@ -483,10 +483,10 @@ def decode_attention_qkv(
     before the wait, like the lengths.
     """
     _, _, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
-    check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight)
+    check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight, True)
     batch = qkv.shape[0]
-    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim or num_heads % num_kv_heads:
-        raise ValueError(f"qkv {tuple(qkv.shape)} is not q, k, v of {num_heads}/{num_kv_heads} heads")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     if qkv.dtype != k_cache.dtype or qkv.device != k_cache.device:
         raise ValueError(f"qkv is {qkv.dtype} on {qkv.device}, the cache {k_cache.dtype} on {k_cache.device}")
     check_slots(slot_mapping, batch, qkv.device)
@@ -539,7 +539,7 @@ def _launch(
         raise ValueError(f"bad decode config {config}")
     if batch == 0:
         return
-    rope_args = ()
+    rope_args = (seq_lens,) * 5  # unused without ROPE
     if rope is not None:
         weights = (rope.q_weight, rope.k_weight) if rope.q_weight is not None else (q, q)
         rope_args = (rope.positions, rope.cos_sin_cache, *weights, rope.slot_mapping)
@@ -577,7 +577,7 @@ def _launch(
         part_out,
         part_lse,
         counters if counters is not None else seq_lens,  # unused without FUSED_MERGE
-        *(rope_args if rope is not None else (seq_lens,) * 5),  # unused without ROPE
+        *rope_args,
         rope.cos_sin_cache.stride(0) if rope is not None else 0,
         num_heads * head_dim,  # k's first column in the packed projection
         rope.eps if rope is not None else 0.0,

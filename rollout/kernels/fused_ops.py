@@ -305,10 +305,8 @@ def qk_norm_rope_store(
     elsewhere): it reads the positions, slots and cos/sin rows, waits for that launch, then lets
     the launch after it start and reads ``qkv``. Only for chains where no launch writes the
     positions or slots (a decode step's: they are copied in before its first kernel)."""
-    check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight)
+    check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight, True)
     tokens = qkv.shape[0]
-    if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
-        raise ValueError(f"qkv {tuple(qkv.shape)} is not q, k, v of {num_heads}/{num_kv_heads} heads")
     _, _, cache_heads, cache_dim = check_kv_cache(k_cache, v_cache)
     if (cache_heads, cache_dim) != (num_kv_heads, head_dim) or k_cache.dtype != qkv.dtype:
         raise ValueError(
@@ -345,7 +343,10 @@ def check_qk(
     head_dim: int,
     q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None,
+    with_v: bool = False,
 ) -> None:
+    """The q/k kernels' arguments; ``with_v``: ``qkv`` is exactly q, k and v packed (the storing
+    kernels read v from its last ``num_kv_heads * head_dim`` columns)."""
     if qkv.dim() != 2 or qkv.stride(-1) != 1:
         raise ValueError(f"qkv must be 2-D with unit inner stride, got {tuple(qkv.shape)} {qkv.stride()}")
     tokens = qkv.shape[0]
@@ -353,6 +354,8 @@ def check_qk(
         raise ValueError(
             f"qkv {tuple(qkv.shape)} too narrow for {num_heads}+{num_kv_heads} heads of {head_dim}"
         )
+    if with_v and qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"qkv {tuple(qkv.shape)} is not q, k, v of {num_heads}/{num_kv_heads} heads")
     if head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two, got {head_dim}")
     if positions.shape != (tokens,) or positions.device != qkv.device:

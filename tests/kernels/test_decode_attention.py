@@ -147,7 +147,7 @@ def test_decode_attention_qkv_matches_two_launches(heads, kv_heads, dim, bs, nor
         k_two, v_two = case.k_cache.clone(), case.v_cache.clone()
         q = qk_norm_rope_store(qkv, positions, table, heads, kv_heads, dim, k_two, v_two, slots, qw, kw)
         two = decode_attention(q, k_two, v_two, case.block_tables, case.seq_lens, case.scale, window, config)
-        order = torch.from_numpy(decode_attention_order(lens)).to(DEVICE)
+        order = torch.from_numpy(decode_order(np.array(lens)).astype(np.int32)).to(DEVICE)
         for row_order in (None, order):
             k_one, v_one = case.k_cache.clone(), case.v_cache.clone()
             with poisoned_empty():
@@ -175,10 +175,6 @@ def test_decode_attention_qkv_matches_two_launches(heads, kv_heads, dim, bs, nor
             qkv, positions, table, heads, k_one, v_one, case.block_tables, case.seq_lens, slots[:2],
             case.scale,
         )  # fmt: skip
-
-
-def decode_attention_order(lens: list[int]) -> np.ndarray:
-    return decode_order(np.array(lens)).astype(np.int32)
 
 
 def test_default_config_depends_on_shapes_only():
