@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one call (the device machine has no internet: missing wheels,
 # pyzmq and msgpack, travel in .whl/). Usage: bash rollout/benchmarks/gpu_suite.sh [tests|kernels|bench|host|all]
+# `tests` runs the -m gpu tests under $TESTS (default: all of tests/). On a fresh device machine the
+# whole set takes longer than one 10-minute call (Triton compiles every kernel variant first): run
+# it a directory per call, e.g. TESTS=tests/kernels, then TESTS="tests/models tests/samplers
+# tests/weight_sync", then TESTS=tests/rollout.
 . "$(dirname "$0")/device_setup.sh"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout 300 python3 -m pytest tests -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.log" | tail -25
+  # shellcheck disable=SC2086  # TESTS is a list of paths
+  timeout 560 python3 -m pytest ${TESTS:-tests} -q -m gpu -p no:cacheprovider -rf 2>&1 | tee "$out/pytest_gpu.log" | tail -25
 fi
 if [ "$what" = kernels ]; then
   timeout 150 python3 -m rollout.benchmarks.sampling_kernel --out "$out" 2>&1 | tail -14
