@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks in one call (the device machine has no internet: missing wheels,
 # pyzmq and msgpack, travel in .whl/). Usage: bash rollout/benchmarks/gpu_suite.sh [tests|kernels|bench|host|all]
 # `tests` runs the -m gpu tests under $TESTS (default: all of tests/). On a fresh device machine the
-# whole set takes longer than one 10-minute call (Triton compiles every kernel variant first): run
+# whole set took longer than one 10-minute call (not profiled; likely first-use Triton compiles): run
 # it a directory per call, e.g. TESTS=tests/kernels, then TESTS="tests/models tests/samplers
 # tests/weight_sync", then TESTS=tests/rollout.
 . "$(dirname "$0")/device_setup.sh"
