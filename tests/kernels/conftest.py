@@ -32,3 +32,12 @@ def triton_interpreter() -> None:
             "Triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1; "
             "run with TRITON_INTERPRET=1 in the environment or run tests/kernels first"
         )
+
+
+@pytest.fixture
+def interpreter_engine(triton_interpreter: None) -> None:
+    """For tests of an engine on ``device="cpu"`` with the triton backend: its kernels must run in the
+    interpreter, which is off where CUDA is (compiled, they would get CPU tensors). Skipped there;
+    the ``-m gpu`` tests cover the device."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter engine test (CPU only)")

@@ -12,12 +12,7 @@ import rollout.kernels.decode_attention as decode_attention
 from rollout import LLM, CacheConfig, RunnerConfig, SamplingParams, SchedulerConfig
 from tests.models.tiny_models import CASES, random_seqs, save_tiny_checkpoint
 
-# An engine on device="cpu" with the triton backend: the kernels run in Triton's interpreter, which
-# is off where CUDA is (there they would get CPU tensors); the GPU tests (-m gpu) cover the device.
-pytestmark = [
-    pytest.mark.usefixtures("triton_interpreter"),
-    pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter engine test (CPU only)"),
-]
+pytestmark = pytest.mark.usefixtures("interpreter_engine")
 
 
 @pytest.mark.parametrize("case", ["qwen3", "llama_linear_rope_bias", "mistral_sliding"])

@@ -5,18 +5,12 @@ interpreter on CPU the engine must give what the torch backend gives, which has 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from rollout import LLM, CacheConfig, RunnerConfig, SamplingParams, SchedulerConfig
 from rollout.cuda_graphs import padded_tokens
 from tests.models.tiny_models import random_seqs, save_tiny_checkpoint
 
-# An engine on device="cpu" with the triton backend: the kernels run in Triton's interpreter, which
-# is off where CUDA is (there they would get CPU tensors); the GPU tests (-m gpu) cover the device.
-pytestmark = [
-    pytest.mark.usefixtures("triton_interpreter"),
-    pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter engine test (CPU only)"),
-]
+pytestmark = pytest.mark.usefixtures("interpreter_engine")
 
 
 # overlap: placeholder tokens filled on the device; mixed: steps with prompt tokens in one (here

@@ -12,12 +12,7 @@ from rollout import LLM, CacheConfig, RunnerConfig, SamplingParams, SchedulerCon
 from rollout.mixed_graphs import MixedGraphs, MixedLayout
 from tests.models.tiny_models import CASES, random_seqs, save_tiny_checkpoint
 
-# An engine on device="cpu" with the triton backend: the kernels run in Triton's interpreter, which
-# is off where CUDA is (there they would get CPU tensors); the GPU tests (-m gpu) cover the device.
-pytestmark = [
-    pytest.mark.usefixtures("triton_interpreter"),
-    pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter engine test (CPU only)"),
-]
+pytestmark = pytest.mark.usefixtures("interpreter_engine")
 
 
 class CountedLaunches:
