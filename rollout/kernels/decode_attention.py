@@ -485,10 +485,8 @@ def decode_attention_qkv(
     _, _, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
     check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight, True)
     batch = qkv.shape[0]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    if qkv.dtype != k_cache.dtype or qkv.device != k_cache.device:
-        raise ValueError(f"qkv is {qkv.dtype} on {qkv.device}, the cache {k_cache.dtype} on {k_cache.device}")
+    # its q columns as decode_attention's q: the cache's dtype and device, whole GQA groups
+    check_query(qkv[:, : num_heads * head_dim].unflatten(1, (num_heads, head_dim)), k_cache, v_cache)
     check_slots(slot_mapping, batch, qkv.device)
     out = torch.empty((batch, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     rope = _Rope(positions, cos_sin_cache, slot_mapping, q_weight, k_weight, eps)
