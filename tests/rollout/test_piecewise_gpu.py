@@ -131,9 +131,12 @@ def test_eager_step_graphs_on_steps_above_2048_tokens(tmp_path, graphs):
     assert not differ, (len(differ), differ[:4])
 
 
-def test_mixed_graphs_are_made_again_on_wake(tmp_path):
-    """sleep drops the graphs with the KV cache; wake_up captures the mixed graphs again over the
-    new storage, and they give the same tokens as before."""
+@pytest.mark.parametrize("keep", [False, True], ids=["recaptured", "kept"])
+def test_mixed_graphs_after_sleep_and_wake(tmp_path, keep):
+    """With ``sleep_keeps_graphs=False`` sleep drops the graphs with the KV cache and wake_up
+    captures the mixed graphs again over the new storage; with it on (the default) the same graphs
+    stay and replay over the storage mapped back at the same addresses. Either way they give the
+    same tokens as before."""
     family, overrides, block_size = CASES["qwen3"]
     save_tiny_checkpoint(tmp_path, family, **overrides)
     prompts = random_seqs([3, 30, 64, 9, 45], seed=9)
@@ -142,19 +145,23 @@ def test_mixed_graphs_are_made_again_on_wake(tmp_path):
         str(tmp_path),
         device="cuda",
         dtype="float32",
-        runner_config=RunnerConfig(max_mixed_graph_tokens=2048, max_piecewise_tokens=0),
+        runner_config=RunnerConfig(
+            max_mixed_graph_tokens=2048, max_piecewise_tokens=0, sleep_keeps_graphs=keep
+        ),
         cache_config=CacheConfig(block_size, num_blocks=256),
         scheduler_config=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=8),
     )
     runner = llm.engine.runner
     before = llm.generate(prompts, params, use_tqdm=False)
+    graphs = runner.mixed
     llm.sleep(1)
-    assert runner.mixed is None
+    assert (runner.mixed is graphs) if keep else (runner.mixed is None)
     llm.wake_up()
     assert runner.mixed is not None and runner.pieces is None
+    assert (runner.mixed is graphs) == keep
     calls = count_replays(runner)
     after = llm.generate(prompts, params, use_tqdm=False)
-    assert calls  # steps with prompt tokens replayed the new graphs
+    assert calls  # steps with prompt tokens replayed the graphs
     for a, b in zip(before, after, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         la, lb = torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs)
