@@ -61,8 +61,8 @@ def default_extend_config(
         # H100, bf16, head_dim 128 (`attention_kernels.py --extend --sweep`): 64 x 2048 prompts,
         # 256 x 64 tiles, 8 warps 347 TFLOP/s at group 2 and 368 at group 4, against 316 and 320
         # unpacked; W1-like chunks of 100-1024 tokens: packed 128 x 32 tiles 158 us, unpacked 173.
-        # Not for fp32: on the H200 the 256 x 64 fp32 tiles at head_dim 128 failed the 1e-5 check
-        # of test_extend_gpu_fp32_configs_are_exact (stop 21; the 128-row tiles passed).
+        # Not for fp32: at head_dim 128 its fp32 tiles need more shared memory than a Hopper block
+        # may have, and Triton refuses the launch (test_extend_gpu_fp32_configs_are_exact).
         if max_query_len >= 2048 and dtype != torch.float32:
             return ExtendConfig(block_m=256, block_n=64, num_warps=8, num_stages=3, pack_gqa=True)
         return ExtendConfig(block_m=min(128, positions * group), pack_gqa=True)

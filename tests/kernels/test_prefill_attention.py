@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from triton.runtime.errors import OutOfResources
 
 from rollout.kernels.prefill_attention import (
     ExtendConfig,
@@ -151,13 +152,14 @@ def test_extend_gpu_real_shapes(group, head_dim):
 
 _FP32_CONFIGS = [
     ExtendConfig(block_m=128, pack_gqa=True),
-    # >= 2048-token chunks in 16-bit dtypes; in fp32 at head_dim 128 it failed on the H200 (stops
-    # 21 and 24; error not recorded), so fp32 models do not use it. At head_dim 16 it passes.
+    # >= 2048-token chunks in 16-bit dtypes. Not for fp32 models (default_extend_config).
     ExtendConfig(block_m=256, block_n=64, num_warps=8, num_stages=3, pack_gqa=True),
     ExtendConfig(block_m=256, block_n=64, num_warps=8, num_stages=1, pack_gqa=True),
     ExtendConfig(block_m=256, block_n=64, num_warps=4, num_stages=3, pack_gqa=True),
 ]
-_FP32_FAILS = pytest.mark.xfail(reason="fp32, head_dim 128: see default_extend_config")
+# In fp32 at head_dim 128 the 256 x 64 tiles with 3 stages need more shared memory than a Hopper
+# block may have (263,424 of 232,448 bytes on the H200 for 4 warps): Triton refuses the launch.
+_TOO_BIG = pytest.mark.xfail(raises=OutOfResources, reason="fp32 256 x 64 x 3-stage tiles at head_dim 128")
 
 
 @pytest.mark.gpu
@@ -167,7 +169,7 @@ _FP32_FAILS = pytest.mark.xfail(reason="fp32, head_dim 128: see default_extend_c
         pytest.param(
             *shape,
             config,
-            marks=_FP32_FAILS if (i, shape[2]) == (1, 128) else (),
+            marks=_TOO_BIG if i in (1, 3) and shape[2] == 128 else (),
             id=f"d{shape[2]}-config{i}",
         )
         for i, config in enumerate(_FP32_CONFIGS)
