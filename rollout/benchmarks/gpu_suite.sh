@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one call (the device machine has no internet: missing wheels,
 # pyzmq and msgpack, travel in .whl/). Usage: bash rollout/benchmarks/gpu_suite.sh [tests|kernels|bench|host|all]
-# `tests` runs the -m gpu tests under $TESTS (default: all of tests/). On a fresh device machine the
-# whole set took longer than one 10-minute call (not profiled; likely first-use Triton compiles): run
-# it a directory per call, e.g. TESTS=tests/kernels, then TESTS="tests/models tests/samplers
-# tests/weight_sync", then TESTS=tests/rollout.
+# `tests` runs every test of tests/kernels (their kernel tests run on CUDA where it is) and the -m gpu
+# tests elsewhere, as 8 pytest processes in parallel on shards of the test ids (one process took
+# longer than a 10-minute call, most of it compiling kernels on one CPU core); the tests that read the
+# device's free memory (mem_get_info) run after them, alone. About 9 minutes on a fresh H200.
 . "$(dirname "$0")/device_setup.sh"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  # shellcheck disable=SC2086  # TESTS is a list of paths
-  timeout 560 python3 -m pytest ${TESTS:-tests} -q -m gpu -p no:cacheprovider -rf 2>&1 | tee "$out/pytest_gpu.log" | tail -25
+  logs=$(mktemp -d)
+  alone="tests/rollout/test_vmm_gpu.py tests/rollout/test_gpu_parity.py tests/weight_sync/test_weight_sync_gpu.py"
+  ignore=$(printf -- "--ignore=%s " tests/kernels $alone)
+  collect="python3 -m pytest --co -q -p no:cacheprovider"
+  # shellcheck disable=SC2086  # word lists
+  { $collect tests/kernels; $collect -m gpu tests $ignore; } | grep "::" >"$logs/ids"
+  split -n r/8 "$logs/ids" "$logs/shard."
+  for shard in "$logs"/shard.*; do
+    xargs -a "$shard" -d '\n' timeout 400 python3 -m pytest -q -p no:cacheprovider -rfEX >"$shard.log" 2>&1 &
+  done
+  wait
+  # shellcheck disable=SC2086
+  timeout 150 python3 -m pytest $alone -q -m gpu -p no:cacheprovider -rfEX >"$logs/alone.log" 2>&1
+  cat "$logs"/*.log >"$out/pytest_gpu.log"
+  echo "$(wc -l <"$logs/ids") tests in 8 shards, then $alone:"
+  for log in "$logs"/*.log; do grep -E "^[0-9]+ (passed|failed)|^no tests ran" "$log" | tail -1; done
+  grep -h -E "^(FAILED|ERROR|XPASS)" "$logs"/*.log
 fi
 if [ "$what" = kernels ]; then
   timeout 150 python3 -m rollout.benchmarks.sampling_kernel --out "$out" 2>&1 | tail -14
