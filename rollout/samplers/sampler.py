@@ -252,7 +252,8 @@ def _mask_top_k_top_p_sorted(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     mass_before = F.pad(cum[:, :-1], (1, 0))
     # top-p on the top-k-renormalized distribution: mass_before / mass_k < top_p.
     mass_k = cum.gather(1, k_idx)
-    in_nucleus = (mass_before < top_p[:, None] * mass_k).sum(dim=-1, keepdim=True)
+    # The top token is always in (its mass before is 0, but top_p * mass_k can round to 0 too).
+    in_nucleus = (mass_before < top_p[:, None] * mass_k).sum(dim=-1, keepdim=True).clamp_(min=1)
     # top_p == 1 must keep everything even where float32 cumsum rounding reaches 1 early. (The
     # minimum with k is exact-arithmetic redundant, as mass_before >= mass_k past k; it guards rounding.)
     num_keep = torch.where(top_p[:, None] < 1.0, torch.minimum(in_nucleus, k_idx + 1), k_idx + 1)

@@ -181,6 +181,16 @@ def test_top_p(top_p: float) -> None:
         assert chi2(counts, probs) < chi2_critical(len(nucleus) - 1)
 
 
+@pytest.mark.parametrize("top_p", [1e-300, 1e-44, 1e-30])
+def test_tiny_top_p_keeps_the_top_token(top_p: float) -> None:
+    """A top_p that float32 rounds to 0 (or whose product with the top-k mass does) still keeps the
+    most likely token: every draw is the argmax (it crashed the sampler: no token kept)."""
+    counts = draw_counts(SamplingParams(top_p=top_p), n=200)
+    assert counts[int(LOGITS10.argmax())] == 200
+    counts = draw_counts(SamplingParams(top_p=top_p, top_k=4), n=200)
+    assert counts[int(LOGITS10.argmax())] == 200
+
+
 def test_top_p_applies_to_the_top_k_renormalized_distribution() -> None:
     # probs 0.4/0.3/0.2/0.1: top_k=3 renormalizes to .444/.333/.222, whose 0.75-nucleus is 2 tokens
     # (on the unrenormalized distribution it would be 3).
