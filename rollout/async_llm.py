@@ -97,6 +97,10 @@ class AsyncLLM:
         self._streams[rid] = stream
         try:
             self.client.send(msg)
+        except BaseException:  # not sent (the core never saw it): nothing to abort, nothing kept
+            del self._streams[rid]
+            raise
+        try:
             while True:
                 await stream.event.wait()
                 stream.event.clear()
@@ -120,6 +124,8 @@ class AsyncLLM:
     ) -> tuple[AddRequest, OutputAccumulator]:
         if not isinstance(rid, str):
             raise TypeError(f"request_id must be a str, got {type(rid).__name__}")
+        if not rid.isascii() and not _utf8(rid):
+            raise ValueError(f"request_id must be encodable as UTF-8, got {rid!r}")
         if kind not in OUTPUT_KINDS:
             raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {kind!r}")
         if rid in self._streams:
@@ -311,3 +317,11 @@ class AsyncLLM:
 
     async def __aexit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return True

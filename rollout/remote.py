@@ -59,10 +59,10 @@ class RemoteEngine:
             rid: OutputAccumulator(rid, ids, text, p.n, bool(p.logprobs))
             for rid, (ids, text), p in zip(request_ids, prompts, params, strict=True)
         }
-        for rid, (ids, _), p in zip(request_ids, prompts, params, strict=True):
-            self.client.send(AddRequest(rid, ids, None, p.to_dict()))
         results: dict[str, RequestOutput] = {}
         try:
+            for rid, (ids, _), p in zip(request_ids, prompts, params, strict=True):
+                self.client.send(AddRequest(rid, ids, None, p.to_dict()))
             while len(results) < len(accs):
                 for msg in self.client.recv(0.25):
                     if isinstance(msg, Outputs):

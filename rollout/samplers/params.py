@@ -18,6 +18,7 @@ GREEDY_TEMPERATURE = 1e-5
 LogprobsMode = Literal["raw", "processed"]
 _LOGPROBS_MODES = ("raw", "processed")
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.manual_seed accepts: int64 or uint64
+_INT_MAX = 2**63 - 1  # every other int field: int64, as the engine's messages (msgpack) carry them
 
 
 @dataclass(frozen=True, init=False)
@@ -165,8 +166,9 @@ def _int(name: str, value: Any, *, lo: int | None = None, hi: int | None = None)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     value = int(value)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be in [{lo}, {'inf)' if hi is None else f'{hi}]'}, got {value!r}")
+    hi = _INT_MAX if hi is None else hi
+    if (lo is not None and value < lo) or value > hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
     return value
 
 

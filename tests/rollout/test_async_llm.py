@@ -193,6 +193,11 @@ def test_validation_raises_before_sending(llm):
                 await consume(llm, "v", prompt, params)
         with pytest.raises(ValueError, match="output_kind"):
             await consume(llm, "v", [1], SamplingParams(), kind="both")
+        with pytest.raises(ValueError, match="request_id"):
+            await consume(llm, "\ud800", [1], SamplingParams())
+        # a text prompt msgpack cannot encode: refused at the send, no stream kept (_no_leaks)
+        with pytest.raises(ValueError, match="surrogate"):
+            await consume(llm, "v", "Hi \ud800", SamplingParams())
         with pytest.raises(TypeError, match="SamplingParams"):
             await consume(llm, "v", [1], {"max_tokens": 3})
         # a text prompt is checked by the core: its error comes back to the caller

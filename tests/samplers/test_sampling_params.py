@@ -6,6 +6,7 @@ import dataclasses
 import math
 import re
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -27,12 +28,17 @@ BAD_VALUES = [
     ("top_p", math.nan),
     ("top_k", -2),
     ("top_k", 2.0),
+    ("top_k", 2**64),  # int fields are int64 (msgpack refused these after the request was queued)
+    ("max_tokens", 2**70),
+    ("n", 2**63),
+    ("stop_token_ids", [2**64]),
     ("min_p", -0.01),
     ("min_p", 1.5),
     ("min_p", math.nan),
     ("max_tokens", 0),
     ("max_tokens", None),
     ("min_tokens", -1),
+    ("min_tokens", 2**63),
     ("logprobs", -1),
     ("logprobs", MAX_LOGPROBS + 1),
     ("logprobs", True),
@@ -117,6 +123,12 @@ def test_boundary_values_are_accepted() -> None:
     )
     assert isinstance(p.temperature, float) and isinstance(p.top_p, float)
     assert SamplingParams(seed=-(2**63)).seed == -(2**63)
+    # The largest ints accepted still travel in the engine's messages (msgpack: int64 / uint64).
+    big = SamplingParams(
+        n=2**63 - 1, top_k=2**63 - 1, max_tokens=2**63 - 1, min_tokens=2**63 - 1,
+        stop_token_ids=[2**63 - 1], logit_bias={2**63 - 1: 1.0}, seed=2**64 - 1,
+    )  # fmt: skip
+    assert SamplingParams.from_dict(msgpack.unpackb(msgpack.packb(big.to_dict()))) == big
 
 
 def test_numpy_scalars_are_normalized_to_python_types() -> None:
