@@ -26,6 +26,7 @@ from rollout.samplers.params import SamplingParams
 from rollout.scheduler import ScheduledBatch, Scheduler
 from rollout.weight_sync.receiver import WeightReceiver
 
+MAX_WEIGHT_VERSION = 2**63 - 1  # int64: what the outputs, the messages and the prefix-cache salt hold
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of the n samples of one seeded prompt
 
 
@@ -424,9 +425,11 @@ class EngineCore:
         """The version an update will set: ``version`` (above the current one) or current + 1."""
         if version is None:
             return self.weight_version + 1
-        if not isinstance(version, int) or isinstance(version, bool) or version <= self.weight_version:
+        bad = not isinstance(version, int) or isinstance(version, bool)
+        if bad or not self.weight_version < version <= MAX_WEIGHT_VERSION:
             raise ValueError(
-                f"weight version must be an int above the current {self.weight_version}, got {version!r}"
+                f"weight version must be an int above the current {self.weight_version} and at most"
+                f" {MAX_WEIGHT_VERSION}, got {version!r}"
             )
         return version
 

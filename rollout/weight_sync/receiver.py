@@ -51,6 +51,11 @@ class WeightReceiver:
                 raise TypeError(f"weights must be (name, tensor) pairs, got {type(item).__name__}")
             if not isinstance(item[0], str):
                 raise TypeError(f"weight names must be str, got {item[0]!r}")
+            if item[1].layout != torch.strided or item[1].is_meta:  # would fail mid-write
+                raise ValueError(
+                    f"weight {item[0]}: needs a dense tensor holding data, got {item[1].layout} on"
+                    f" {item[1].device}"
+                )
         self._check([(n, tuple(t.shape), t.dtype) for n, t in items])
         self._write(items)
         return sum(t.numel() * t.element_size() for _, t in items)

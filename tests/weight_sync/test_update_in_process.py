@@ -55,6 +55,8 @@ def bad_updates(model):
     yield "non-floating dtype", good[:mid] + [(name, t.to(torch.int32))] + good[mid + 1 :]
     yield "missing weights", good[:mid] + good[mid + 1 :]
     yield "twice", good + [good[0]]
+    yield "dense tensor holding data", good[:mid] + [(name, t.to("meta"))] + good[mid + 1 :]
+    yield "dense tensor holding data", good[:mid] + [(name, t.to_sparse())] + good[mid + 1 :]
 
 
 def test_a_bad_update_changes_nothing(checkpoints):  # noqa: F811
@@ -64,6 +66,13 @@ def test_a_bad_update_changes_nothing(checkpoints):  # noqa: F811
     for message, update in bad_updates(checkpoints["new_model"]):
         with pytest.raises(ValueError, match=message):
             llm.update_weights(update)
+        assert llm.weight_version == 0 and llm.engine.weights_valid
+    good = list(checkpoints["new_model"].named_parameters())
+    for version in (2**63, 2**64):  # beyond int64 (2**64 failed after writing every weight)
+        with pytest.raises(ValueError, match="at most"):
+            llm.update_weights(good, version=version)
+        with pytest.raises(ValueError, match="at most"):
+            llm.update_weights_from_disk(checkpoints["new_dir"], version=version)
         assert llm.weight_version == 0 and llm.engine.weights_valid
     for n, p in llm.engine.runner.model.named_parameters():
         assert torch.equal(p, params[n]), n
