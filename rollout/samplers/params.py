@@ -54,7 +54,9 @@ class SamplingParams:
     min_p: float  # drop tokens with probability < min_p * max probability; 0 = off
     presence_penalty: float  # in [-2, 2]: subtracted from the logit of every token already output
     frequency_penalty: float  # in [-2, 2]: times a token's count in the output, subtracted from its logit
-    repetition_penalty: float  # > 0: logits of prompt and output tokens are divided by it (x it if < 0)
+    # in [1e-6, 1e6]: logits of prompt and output tokens are divided by it (x it if < 0); the bounds
+    # keep the penalized, temperature-scaled float32 logits finite (1e-40 gave NaN logprobs)
+    repetition_penalty: float
     logit_bias: tuple[tuple[int, float], ...]  # (token, bias in [-100, 100]) added to that token's logit
     seed: int | None  # None: the engine picks a random seed; else draws are reproducible
     max_tokens: int  # most output tokens to generate
@@ -106,7 +108,7 @@ class SamplingParams:
             "min_p": _float("min_p", min_p, lo=0.0, hi=1.0),
             "presence_penalty": _float("presence_penalty", presence_penalty, lo=-2.0, hi=2.0),
             "frequency_penalty": _float("frequency_penalty", frequency_penalty, lo=-2.0, hi=2.0),
-            "repetition_penalty": _float("repetition_penalty", repetition_penalty, lo=0.0, lo_open=True),
+            "repetition_penalty": _float("repetition_penalty", repetition_penalty, lo=1e-6, hi=1e6),
             "logit_bias": _logit_bias(logit_bias),
             "seed": None if seed is None else _int("seed", seed, lo=_SEED_MIN, hi=_SEED_MAX),
             "max_tokens": max_tokens,

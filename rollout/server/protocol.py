@@ -47,7 +47,7 @@ class _SamplingFields(_OpenAIBody):
     # extensions (vLLM's names where vLLM has them)
     top_k: StrictInt | None = None
     min_p: float | None = None
-    repetition_penalty: float | None = None  # > 0; 1 = off
+    repetition_penalty: float | None = None  # in [1e-6, 1e6]; 1 = off
     min_tokens: StrictInt | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[StrictInt] | None = None

@@ -149,3 +149,20 @@ def test_steady_penalized_decode_sends_no_history(checkpoint, overlap, sampling_
     out = llm.generate([PROMPTS[1]], params, use_tqdm=False)[0].outputs[0].token_ids
     assert out == _reference(model, PROMPTS[1], 16, 0.0, 0.7, 1.2)
     assert builds == [1]
+
+
+def test_extreme_repetition_penalties_keep_logprobs_finite(checkpoint):
+    """The bounds of repetition_penalty with a temperature just above greedy: the penalized,
+    scaled float32 logits stay finite, so processed logprobs are numbers (1e-40 gave NaN)."""
+    path, _ = checkpoint
+    llm = _engine(path, overlap=False)
+    for rep in (1e-6, 1e6):
+        params = SamplingParams(
+            temperature=2e-5, repetition_penalty=rep, max_tokens=8, ignore_eos=True, seed=1,
+            logprobs=5, logprobs_mode="processed",
+        )  # fmt: skip
+        for out in llm.generate(PROMPTS, params, use_tqdm=False):
+            completion = out.outputs[0]
+            assert all(-1e30 < lp <= 0.0 for lp in completion.logprobs), (rep, completion.logprobs)
+            top = [lp for step in completion.top_logprobs for lp in step.values()]
+            assert top and all(lp <= 0.0 for lp in top), rep

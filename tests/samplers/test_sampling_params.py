@@ -69,6 +69,8 @@ BAD_VALUES = [
     ("repetition_penalty", 0.0),
     ("repetition_penalty", -1.0),
     ("repetition_penalty", math.nan),
+    ("repetition_penalty", 1e-40),  # x / 1e-40 overflows float32: NaN logprobs
+    ("repetition_penalty", 1e39),
 ]
 
 
