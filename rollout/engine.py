@@ -136,6 +136,13 @@ class EngineCore:
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        for i in range(params.n):  # samples are keyed by their ids (prompt logprobs): no two alike
+            sample_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            owner = self._sample_owner(sample_id)
+            if owner is not None:
+                raise ValueError(
+                    f"request_id {request_id!r}: sample id {sample_id!r} is taken by request {owner!r}"
+                )
         ids, text = self.tokenize(prompt)
         self.check_params(params)
         group = _Group(request_id, ids, text)
@@ -155,6 +162,17 @@ class EngineCore:
         for req in group.children:
             self.scheduler.add(req)
         self._num_prompt_tokens += len(ids) * params.n
+
+    def _sample_owner(self, sample_id: str) -> str | None:
+        """The request in the engine with a sample of this id: ``rid`` for n = 1, ``rid#i`` else."""
+        group = self._groups.get(sample_id)
+        if group is not None and len(group.children) == 1:
+            return sample_id
+        parent, sep, index = sample_id.rpartition("#")
+        group = self._groups.get(parent) if sep else None
+        if group is None or len(group.children) == 1 or not (index.isascii() and index.isdecimal()):
+            return None
+        return parent if f"{parent}#{int(index)}" == sample_id and int(index) < len(group.children) else None
 
     def abort(self, request_ids: Sequence[str]) -> list[RequestOutput]:
         """Finish these requests now with reason "abort", keeping their partial outputs. Unknown or

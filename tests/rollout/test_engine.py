@@ -138,6 +138,29 @@ def test_bad_params_raise(tiny):
     assert not tiny.engine.has_unfinished()
 
 
+def test_request_ids_never_share_a_sample_id_and_prompt_logprobs_stay_apart(tiny):
+    """Samples of an n > 1 request are named ``rid#i``: a request named like one of them (before or
+    after) is refused, since a sample's prompt logprobs are keyed by its id (request "a#0" used to
+    get "a"'s); other ids with '#' are fine, and each request gets its own prompt logprobs."""
+    engine: EngineCore = tiny.engine
+    two = SamplingParams(n=2, prompt_logprobs=0, max_tokens=2, temperature=0)
+    one = SamplingParams(prompt_logprobs=0, max_tokens=2, temperature=0)
+    long, short = list(range(1, 11)), [20, 21, 22, 23]
+    engine.add_request("a", long, two)
+    for rid, params in (("a#0", one), ("a#1", one), ("a", one)):
+        with pytest.raises(ValueError, match=r"taken by request 'a'|already in use"):
+            engine.add_request(rid, short, params)
+    engine.add_request("a#2", short, one)  # not a sample of "a" (n = 2)
+    engine.add_request("b#0", short, one)
+    with pytest.raises(ValueError, match=r"sample id 'b#0' is taken by request 'b#0'"):
+        engine.add_request("b", long, two)
+    outs = {}
+    while engine.has_unfinished():
+        outs.update((o.request_id, o) for o in engine.step())
+    assert sorted(outs) == ["a", "a#2", "b#0"]
+    assert len(outs["a"].prompt_logprobs) == len(long) and len(outs["a#2"].prompt_logprobs) == len(short)
+
+
 def test_abort_returns_partial_output_and_frees_blocks(tiny):
     engine: EngineCore = tiny.engine
     engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True, seed=1))
