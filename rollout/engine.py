@@ -99,8 +99,12 @@ class EngineCore:
         self.blocks = BlockManager(self.runner.num_blocks, bs, self.cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.blocks)
         self.detokenizer = Detokenizer.from_pretrained(path)
-        # A sequence may not outgrow the context nor the whole cache (it could never be scheduled).
+        # A sequence may not outgrow the context nor the whole cache (it could never be scheduled),
+        # nor, without chunked prefill, one step's token budget (its prompt, or its recompute after
+        # a preemption, must then fit one step).
         self.max_total_tokens = min(self.model_config.max_model_len, self.runner.num_blocks * bs)
+        if not self.scheduler_config.enable_chunked_prefill:
+            self.max_total_tokens = min(self.max_total_tokens, self.scheduler_config.max_num_batched_tokens)
         self.weight_version = 0  # of the weights serving now; every output token records it
         self.weights = WeightReceiver(self.runner.model, self.device)
         self.memory = DeviceMemory(self.runner)

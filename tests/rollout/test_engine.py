@@ -292,6 +292,34 @@ def test_generation_stops_at_context_length(qwen3_path):
         LLM(qwen3_path, device="cpu", max_model_len=10**6)
 
 
+def test_without_chunked_prefill_a_sequence_fits_one_step(qwen3_path):
+    """With chunked prefill off a sequence must fit one step's token budget (its prompt, and its
+    recompute after a preemption): longer prompts are refused, outputs stop there with "length".
+    Before, such sequences were queued and never scheduled (generate spun forever)."""
+    llm = LLM(
+        qwen3_path,
+        device="cpu",
+        cache_config=CacheConfig(block_size=4, num_blocks=6),  # two sequences preempt each other
+        scheduler_config=SchedulerConfig(max_num_batched_tokens=16, enable_chunked_prefill=False),
+    )
+    with pytest.raises(ValueError, match="20 tokens"):
+        llm.generate([list(range(1, 21))], SamplingParams(max_tokens=4), use_tqdm=False)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=100, ignore_eos=True, temperature=0)
+    engine.add_request("x", list(range(1, 11)), params)
+    engine.add_request("y", list(range(11, 21)), params)
+    outs = []
+    for _ in range(200):  # bounded: a regression fails here instead of hanging
+        outs += engine.step()
+        if not engine.has_unfinished():
+            break
+    assert sorted(o.request_id for o in outs) == ["x", "y"]
+    for out in outs:
+        assert len(out.outputs[0].token_ids) == 6 and out.outputs[0].finish_reason == "length"
+    assert sum(o.outputs[0].num_preemptions for o in outs) > 0
+    engine.check_invariants()
+
+
 def test_weight_versions_and_counters(tiny):
     out = tiny.generate([[1, 2]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert out.weight_versions == [0, 0, 0, 0]
