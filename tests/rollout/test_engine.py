@@ -302,9 +302,9 @@ def test_without_chunked_prefill_a_sequence_fits_one_step(qwen3_path):
         cache_config=CacheConfig(block_size=4, num_blocks=6),  # two sequences preempt each other
         scheduler_config=SchedulerConfig(max_num_batched_tokens=16, enable_chunked_prefill=False),
     )
-    with pytest.raises(ValueError, match="20 tokens"):
-        llm.generate([list(range(1, 21))], SamplingParams(max_tokens=4), use_tqdm=False)
     engine = llm.engine
+    with pytest.raises(ValueError, match="20 tokens"):
+        engine.add_request("long", list(range(1, 21)), SamplingParams(max_tokens=4))
     params = SamplingParams(max_tokens=100, ignore_eos=True, temperature=0)
     engine.add_request("x", list(range(1, 11)), params)
     engine.add_request("y", list(range(11, 21)), params)
