@@ -138,17 +138,27 @@ class EngineCore:
         """Queue one prompt (its n samples). Raises ValueError and changes nothing on bad input."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        ids, text = self.tokenize(prompt)
+        self.check_params(params)
+        self.add_tokenized(request_id, ids, text, params)
+
+    def _check_request_id(self, request_id: str, n: int) -> None:
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        for i in range(params.n):  # samples are keyed by their ids (prompt logprobs): no two alike
-            sample_id = request_id if params.n == 1 else f"{request_id}#{i}"
+        for i in range(n):  # samples are keyed by their ids (prompt logprobs): no two alike
+            sample_id = request_id if n == 1 else f"{request_id}#{i}"
             owner = self._sample_owner(sample_id)
             if owner is not None:
                 raise ValueError(
                     f"request_id {request_id!r}: sample id {sample_id!r} is taken by request {owner!r}"
                 )
-        ids, text = self.tokenize(prompt)
-        self.check_params(params)
+
+    def add_tokenized(
+        self, request_id: str, ids: list[int], text: str | None, params: SamplingParams
+    ) -> None:
+        """``add_request`` for a prompt already through ``tokenize`` (``ids``, ``text``) and params
+        through ``check_params``; the request id is checked here."""
+        self._check_request_id(request_id, params.n)
         group = _Group(request_id, ids, text)
         eos = frozenset() if params.ignore_eos else frozenset(self.model_config.eos_token_ids)
         limit = min(self.max_total_tokens, len(ids) + params.max_tokens)

@@ -117,7 +117,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order. A prompt is a string (needs a
         tokenizer) or a list of token ids; one list of ints is one prompt. Every prompt and parameter is
-        validated before any is queued, so bad input raises ValueError and queues nothing."""
+        validated before any is queued, so bad input raises ValueError and queues nothing. Outputs of
+        requests queued on ``self.engine`` directly that finish meanwhile are not returned."""
         if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
         ):
@@ -140,23 +141,27 @@ class LLM:
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         if engine is None:
             return self._generate_remote(ids, tokenized, params, use_tqdm)
-        for rid, prompt, p in zip(ids, prompts, params, strict=True):
-            engine.add_request(rid, prompt, p)
         results: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        queued: list[str] = []
         bar = tqdm(
             total=len(prompts), desc="generate", unit="prompt", disable=not use_tqdm, dynamic_ncols=True
         )
         try:
+            for rid, (prompt_ids, text), p in zip(ids, tokenized, params, strict=True):
+                engine.add_tokenized(rid, prompt_ids, text, p)  # the checked ids (prompts may be iterators)
+                queued.append(rid)
             while len(results) < len(ids):
                 for out in engine.step():
-                    results[out.request_id] = out
-                    bar.update(1)
+                    if out.request_id in wanted:  # not requests queued through the engine directly
+                        results[out.request_id] = out
+                        bar.update(1)
                 if use_tqdm:
                     bar.set_postfix(out_tokens=engine.stats().num_output_tokens, refresh=False)
                 if not engine.has_unfinished() and len(results) < len(ids):
                     raise RuntimeError("engine stopped with requests unfinished")  # internal invariant
         except BaseException:
-            engine.abort([rid for rid in ids if rid not in results])
+            engine.abort([rid for rid in queued if rid not in results])
             raise
         finally:
             bar.close()

@@ -161,6 +161,25 @@ def test_request_ids_never_share_a_sample_id_and_prompt_logprobs_stay_apart(tiny
     assert len(outs["a"].prompt_logprobs) == len(long) and len(outs["a#2"].prompt_logprobs) == len(short)
 
 
+def test_generate_queues_all_or_nothing_and_returns_only_its_own(tiny):
+    """LLM.generate queues the ids it validated (a one-shot iterator prompt is read once), takes
+    back what it queued when a later add fails, and returns only its own outputs while requests
+    queued on the engine directly finish beside it (a KeyError before)."""
+    engine: EngineCore = tiny.engine
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    outs = tiny.generate([[1, 2, 3], iter([4, 5, 6])], greedy, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outs] == [[1, 2, 3], [4, 5, 6]]
+    engine.add_request("mine", [7, 8], SamplingParams(max_tokens=1))
+    (out,) = tiny.generate([[9, 10]], greedy, use_tqdm=False)
+    assert out.prompt_token_ids == [9, 10] and "mine" not in engine.request_ids
+    k = int(tiny.generate([[1]], greedy, use_tqdm=False)[0].request_id.split("-")[1])
+    engine.add_request(f"llm-{k + 2}", [7, 8], SamplingParams(max_tokens=500, ignore_eos=True))
+    with pytest.raises(ValueError, match="already in use"):
+        tiny.generate([[1, 2], [3, 4]], greedy, use_tqdm=False)  # llm-{k+1} queued, llm-{k+2} clashes
+    assert engine.request_ids == [f"llm-{k + 2}"]
+    engine.abort([f"llm-{k + 2}"])
+
+
 def test_abort_returns_partial_output_and_frees_blocks(tiny):
     engine: EngineCore = tiny.engine
     engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True, seed=1))
