@@ -18,6 +18,7 @@ their partial outputs; "wait": they finish first, new ones are held meanwhile)::
 
     running/paused --update--> updating_weights --done--> the state before
     running/paused --sleep--> sleeping --wake_up (all tags)--> the state before
+    (after sleep(2): sleeping --wake_up--> updating_weights --complete update--> the state before)
 
 Requests arriving meanwhile are held. A bucketed update (process group or CUDA IPC) stays in
 ``updating_weights`` from ``begin_weight_update`` to its last bucket. An update that fails after
@@ -337,7 +338,10 @@ class ControlPlane:
     def _do_wake_up(self, call_id: int, tags: list[str] | None = None) -> dict[str, Any]:
         info = dict(self.engine.wake_up(tags))
         if self.state is EngineState.SLEEPING and self.engine.memory.level == 0:
-            self._leave_exclusive()
+            if self.engine.weights_valid:
+                self._leave_exclusive()
+            else:  # sleep(2) dropped them: requests stay held until a complete update (a repair)
+                self.state = EngineState.UPDATING_WEIGHTS
         info["state"] = self.state.value
         return info
 

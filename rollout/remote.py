@@ -55,6 +55,10 @@ class RemoteEngine:
     ) -> dict[str, RequestOutput]:
         """Send validated requests and wait for all of them; ``on_finished(num_output_tokens)`` is
         called as each one finishes. On any error (also KeyboardInterrupt) the rest are aborted."""
+        state = self.client.call("get_state")
+        if state["state"] != "running":  # its requests would be held, and nothing here can resume it
+            detail = "" if state["weights_valid"] else " (weights incomplete: send a complete update)"
+            raise RuntimeError(f"the engine is {state['state']}{detail}: generate needs it running")
         accs = {
             rid: OutputAccumulator(rid, ids, text, p.n, bool(p.logprobs))
             for rid, (ids, text), p in zip(request_ids, prompts, params, strict=True)

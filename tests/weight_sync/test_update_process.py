@@ -91,6 +91,8 @@ def test_sleep_holds_requests_and_wake_restores_outputs(llm, checkpoints, expect
     assert state["state"] == "sleeping" and state["sleep_level"] == 1
     with pytest.raises(ValueError, match="cannot resume while sleeping"):
         llm.client.call("resume")
+    with pytest.raises(RuntimeError, match="sleeping"):  # held, nothing could wake it: it hung
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert llm.wake_up()["state"] == "running"
     # Same tokens; logprobs within 1e-5, not bit-equal: the wake reset the prefix cache and requests
     # may reach the core in other batches, and either changes fp32 summation order (a wrong weight
@@ -103,6 +105,17 @@ def test_sleep_holds_requests_and_wake_restores_outputs(llm, checkpoints, expect
         assert sender.push(checkpoints["new_model"]) == llm.weight_version
     assert llm.client.call("get_state")["state"] == "sleeping"  # the KV cache is still released
     assert llm.wake_up(["kv_cache"])["state"] == "running"
+    assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), expected)
+    # Woken whole after sleep(2) with no weights sent: requests wait for weights (the core died
+    # on the first step before); a complete update resumes it.
+    llm.sleep(2)
+    assert llm.wake_up()["state"] == "updating_weights"
+    with pytest.raises(RuntimeError, match="weights incomplete"):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    with WeightSender(llm) as sender:
+        sender.push(checkpoints["new_model"])
+    state = llm.client.call("get_state", check_invariants=True)
+    assert state["state"] == "running" and state["weights_valid"]
     assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), expected)
 
 
