@@ -8,6 +8,7 @@ unknown model or route, 413 body too large, 501 not supported by this engine, 50
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rollout.client import EngineDeadError
 
 M = TypeVar("M", bound=BaseModel)
+_log = logging.getLogger("rollout.server")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -105,6 +107,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def engine_dead(exc: EngineDeadError) -> APIError:
+    """The 503 for a dead engine: its cause (a traceback with the server's paths) goes to the
+    server's log, not to the client."""
+    _log.error("the engine is not running: %s", exc)
+    return APIError(503, "the engine is not running (the cause is in the server's log)")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every error (ours, routing's, FastAPI's own validation, engine death) with the error
     object; other exceptions become a 500 with the object too (and are logged by uvicorn)."""
@@ -125,7 +134,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(APIError(400, f"{'.'.join(loc)}: {first.get('msg')}", loc[0] if loc else None))
 
     async def on_dead(request: Request, exc: Exception) -> Response:
-        return error_response(APIError(503, f"the engine is not running: {exc}"))
+        assert isinstance(exc, EngineDeadError)
+        return error_response(engine_dead(exc))
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http)

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from rollout.client import EngineDeadError
-from rollout.server.errors import APIError
+from rollout.server.errors import APIError, engine_dead
 
 T = TypeVar("T")
 
@@ -89,7 +89,7 @@ async def _ended(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     except APIError as e:
         yield sse(e.body())
     except EngineDeadError as e:
-        yield sse(APIError(503, f"the engine is not running: {e}").body())
+        yield sse(engine_dead(e).body())
     yield DONE
 
 

@@ -3,6 +3,8 @@ server keeps serving; auth on and off."""
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import pytest
 
@@ -38,6 +40,7 @@ COMPLETION = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
         ({**COMPLETION, "max_tokens": 10**6}, "max_tokens"),
         ({**COMPLETION, "logprobs": 21}, "logprobs"),
         ({**COMPLETION, "seed": 2**70}, "seed"),
+        ({**COMPLETION, "top_k": 2**64}, "top_k"),  # msgpack could not carry it: param was "cannot"
         ({**COMPLETION, "stop": [""]}, "stop"),
         ({**COMPLETION, "prompt": []}, "prompt"),
         ({**COMPLETION, "prompt": [[]]}, "prompt"),
@@ -102,6 +105,39 @@ def test_malformed_bodies(secured):
         # the server still serves
         r = c.post("/v1/completions", json=COMPLETION)
         assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 2
+
+
+def test_extreme_values_neither_kill_the_engine_nor_take_ids(secured):
+    """A top_p below float32's range killed the engine core (every later request got a 503); ints
+    beyond int64 failed after the request was registered, and its id stayed taken for good."""
+    with secured.client() as c:
+        r = c.post("/v1/completions", json={**COMPLETION, "top_p": 1e-300})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 2
+        for field in ("top_k", "max_tokens", "min_tokens"):
+            body = {"prompt_token_ids": [1, 2, 3], "request_id": "x1", "sampling_params": {field: 2**70}}
+            error(c.post("/generate", json=body), 400, field)
+        r = c.post(
+            "/generate",
+            json={"prompt_token_ids": [1, 2, 3], "request_id": "x1", "sampling_params": {"max_tokens": 2}},
+        )
+        assert r.status_code == 200, r.text
+        raw = b'{"prompt_token_ids": [1], "request_id": "\\ud800", "sampling_params": {}}'  # a lone surrogate
+        r = c.post("/generate", content=raw, headers={"content-type": "application/json"})
+        error(r, 400)
+        assert c.get("/health").status_code == 200
+
+
+def test_a_dead_engine_answers_503_without_its_traceback(caplog):
+    from rollout.client import EngineDeadError
+    from rollout.server.errors import engine_dead
+
+    cause = (
+        'engine core failed:\nTraceback (most recent call last):\n  File "/srv/rollout/core_proc.py", line 56'
+    )
+    with caplog.at_level(logging.ERROR, logger="rollout.server"):
+        err = engine_dead(EngineDeadError(cause))
+    assert err.status == 503 and "Traceback" not in err.message and "/srv" not in err.message
+    assert "core_proc.py" in caplog.text  # the cause is logged on the server
 
 
 def test_huge_prompts(secured):
