@@ -4,12 +4,13 @@ over an engine core process)."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from rollout.client import EngineCoreClient
+from rollout.control import PAUSE_MODES
 from rollout.engine import EngineCore, EngineStats
 from rollout.outputs import RequestOutput
 from rollout.remote import RemoteEngine
@@ -61,12 +62,13 @@ class LLM:
 
     # ---- weights and memory -------------------------------------------------------------------
     def update_weights(self, weights: Weights, version: int | None = None, pause: str = "keep") -> int:
-        """Load new weights in place: an ``nn.Module`` with HF parameter names (plain, DDP, FSDP...)
-        or ``(hf_name, tensor)`` pairs. In process they are copied directly; to an engine process
+        """Load new weights in place: an ``nn.Module`` with HF parameter names (plain, DDP, FSDP...),
+        a state dict or ``(hf_name, tensor)`` pairs. In process they are copied directly; to an engine process
         they go over CUDA IPC (same GPU), NCCL (another GPU) or gloo (CPU): see
         ``rollout.weight_sync.WeightSender``, which this keeps open between calls. The whole update
         is validated first: a bad one raises ``ValueError`` and the old weights keep serving.
         Returns the new weight version (``version`` if given, which must grow; else current + 1)."""
+        _check_pause(pause)  # in process it has no use, but a bad one is still a bad one
         if self._sender is None:
             self._sender = WeightSender(self)
         version_out = self._sender.push(weights, version=version, pause=pause)
@@ -75,6 +77,7 @@ class LLM:
 
     def update_weights_from_disk(self, path: str, version: int | None = None, pause: str = "keep") -> int:
         """Reload the weights from a safetensors directory (e.g. a trainer's ``save_pretrained``)."""
+        _check_pause(pause)
         if self.engine is not None:
             return self.engine.update_weights_from_disk(str(path), version)
         return self._call("update_weights_from_disk", path=str(path), version=version, pause=pause)
@@ -128,6 +131,9 @@ class LLM:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
+        elif isinstance(sampling_params, Mapping):
+            raise TypeError("sampling_params must be SamplingParams or a list of them, got a mapping: "
+                            "use SamplingParams.from_dict(...)")  # fmt: skip
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
@@ -188,3 +194,8 @@ class LLM:
         finally:
             bar.close()
         return [results[rid] for rid in ids]
+
+
+def _check_pause(pause: str) -> None:
+    if not isinstance(pause, str) or pause not in PAUSE_MODES:
+        raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {pause!r}")

@@ -59,7 +59,7 @@ class DeviceMemory:
     @torch.no_grad()  # not inference_mode: the new storage must stay writable by weight updates
     def sleep(self, level: int) -> dict[str, float]:
         """Release memory; returns what was freed (bytes measured with ``mem_get_info`` on CUDA)."""
-        if level not in (1, 2):
+        if isinstance(level, bool) or not isinstance(level, int) or level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
         if self._asleep is not None:
             raise ValueError(f"the engine is already asleep (level {self._asleep.level})")

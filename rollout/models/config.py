@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -132,8 +133,15 @@ class ModelConfig:
         limit = spec.max_position_embeddings
         if max_model_len is None:
             max_model_len = limit
-        elif not 0 < max_model_len <= limit:
-            raise ValueError(f"max_model_len={max_model_len} must be in [1, max_position_embeddings={limit}]")
+        elif (
+            isinstance(max_model_len, bool)
+            or not isinstance(max_model_len, numbers.Integral)
+            or not 0 < max_model_len <= limit
+        ):
+            raise ValueError(
+                f"max_model_len={max_model_len!r} must be an int in [1, max_position_embeddings={limit}]"
+            )
+        max_model_len = int(max_model_len)
         windows = set(spec.sliding_windows)
         return cls(
             path=path,

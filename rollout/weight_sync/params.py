@@ -11,7 +11,7 @@ it gathered; the other ranks drop it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +39,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def full_weights(source: nn.Module | Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[FullWeight]]:
-    """The full weights of a model (see the module doc) or of ``(name, tensor)`` pairs."""
+def full_weights(
+    source: nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+) -> Iterator[list[FullWeight]]:
+    """The full weights of a model (see the module doc), of a state dict or of ``(name, tensor)`` pairs."""
+    if isinstance(source, Mapping):
+        source = list(source.items())
     if not isinstance(source, nn.Module):
         items = []
         for pair in source:

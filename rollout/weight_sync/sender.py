@@ -20,7 +20,7 @@ every rank: all ranks join each parameter's gather, rank 0 (the one built with t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from rollout.llm import LLM
 
 TRANSPORTS = ("auto", "direct", "cuda_ipc", "nccl", "gloo")
-Weights = nn.Module | Iterable[tuple[str, torch.Tensor]]
+# a model, a state dict, or (hf_name, tensor) pairs
+Weights = nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 
 class EngineControl(Protocol):

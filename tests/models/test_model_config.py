@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +60,10 @@ def test_max_model_len(tmp_path):
         ModelConfig.from_pretrained(tmp_path, max_model_len=129)
     with pytest.raises(ValueError, match="max_model_len=0"):
         ModelConfig.from_pretrained(tmp_path, max_model_len=0)
+    for bad in (1.5, True, "64"):  # 1.5 made the engine's token limit a float
+        with pytest.raises(ValueError, match="max_model_len="):
+            ModelConfig.from_pretrained(tmp_path, max_model_len=bad)
+    assert ModelConfig.from_pretrained(tmp_path, max_model_len=np.int64(32)).max_model_len == 32
 
 
 def test_unknown_architecture(tmp_path):

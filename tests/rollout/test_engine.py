@@ -129,6 +129,8 @@ def test_bad_params_raise(tiny):
         tiny.generate([[1, 2]], SamplingParams(max_tokens=-1))
     with pytest.raises(ValueError, match="stop_token_ids"):
         tiny.generate([[1, 2]], SamplingParams(stop_token_ids=[10**6]), use_tqdm=False)
+    with pytest.raises(TypeError, match="from_dict"):  # a dict was read as a list of its keys
+        tiny.generate([[1, 2]], {"max_tokens": 3}, use_tqdm=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="2 sampling params for 1 prompts"):
         tiny.generate([[1, 2]], [SamplingParams(), SamplingParams()], use_tqdm=False)
     with pytest.raises(ValueError, match="already in use"):

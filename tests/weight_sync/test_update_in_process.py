@@ -34,6 +34,13 @@ def test_update_from_module_equals_fresh_engine_and_versions_tokens(checkpoints,
     with pytest.raises(ValueError, match="above the current 7"):
         llm.update_weights(checkpoints["new_model"], version=7)
     assert llm.weight_version == 7
+    # a state dict works as the pairs do; a bad pause mode is refused even in process
+    assert llm.update_weights(checkpoints["new_model"].state_dict()) == 8
+    with pytest.raises(ValueError, match="pause mode"):
+        llm.update_weights(checkpoints["new_model"], pause="bogus")
+    with pytest.raises(ValueError, match="pause mode"):
+        llm.update_weights_from_disk(checkpoints["new_dir"], pause="bogus")
+    assert llm.weight_version == 8
     llm.engine.check_invariants()
 
 
@@ -122,6 +129,9 @@ def test_prefix_cache_never_serves_kv_of_older_weights(checkpoints, expected):  
 def test_sleep_and_wake_keep_outputs(checkpoints, expected):  # noqa: F811
     llm = make(checkpoints["old"])
     before = fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    for bad in (True, 1.0, 3):  # True and 1.0 were taken as level 1
+        with pytest.raises(ValueError, match="sleep level"):
+            llm.sleep(bad)
     info = llm.sleep(1)
     assert info["kv_cache_bytes"] > 0 and info["weight_bytes"] > 0
     assert all(p.numel() == 0 for p in llm.engine.runner.model.parameters())
