@@ -74,19 +74,29 @@ def to_messages(prompt: Any, system_prompt: str | None = None) -> list[dict[str,
 
 
 def encode_prompt(
-    tokenizer: Any, prompt: Any, *, system_prompt: str | None = None, chat: bool = True
+    tokenizer: Any,
+    prompt: Any,
+    *,
+    system_prompt: str | None = None,
+    chat: bool = True,
+    template_kwargs: Mapping[str, Any] | None = None,
+    special_tokens: bool = False,
 ) -> list[int]:
-    """Token ids of one prompt: rendered with the chat template (generation prompt added) when
-    ``chat`` and the tokenizer has one, else the raw string encoded without special tokens."""
-    if chat and getattr(tokenizer, "chat_template", None):
+    """Token ids of one prompt: rendered with the chat template (generation prompt added; with
+    ``template_kwargs``, e.g. ``{"enable_thinking": False}``, ``tools`` or ``chat_template``) when
+    ``chat`` and the tokenizer has one, else the raw string encoded, with the tokenizer's special
+    tokens (BOS) only if ``special_tokens``."""
+    kwargs = dict(template_kwargs or {})
+    if chat and (kwargs.get("chat_template") or getattr(tokenizer, "chat_template", None)):
         text = tokenizer.apply_chat_template(
-            to_messages(prompt, system_prompt), tokenize=False, add_generation_prompt=True
+            to_messages(prompt, system_prompt), tokenize=False, add_generation_prompt=True, **kwargs
         )
+        special_tokens = False  # a rendered template holds its own
     elif isinstance(prompt, str):
         text = prompt if system_prompt is None else system_prompt + prompt
     else:
         raise ValueError("message-list prompts need a tokenizer with a chat template")
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = tokenizer.encode(text, add_special_tokens=special_tokens)
     if not ids:
         raise ValueError(f"prompt {prompt!r} encodes to no tokens")
     return list(ids)

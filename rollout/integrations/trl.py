@@ -91,8 +91,9 @@ def make_rollout_func(
     ``params``: engine sampling params (default: from the trainer's args, see
     ``sampling_params_from_trainer``). ``sync_model(trainer)`` returns what to push (default: the
     trainer's unwrapped model). ``chat``: None (default, as TRL does) renders chat-message prompts with
-    the tokenizer's chat template and encodes string prompts as they are; True templates strings too
-    (as one user message); False never templates."""
+    the tokenizer's chat template (with the trainer's ``chat_template_kwargs``, ``chat_template`` and
+    ``tools``) and encodes string prompts as they are, special tokens (BOS) included; True templates
+    strings too (as one user message); False never templates (and adds no special tokens)."""
     state = {"synced_step": None}
 
     def rollout_func(prompts: list[Any], trainer: Any) -> dict[str, Any]:
@@ -106,12 +107,15 @@ def make_rollout_func(
                 client.update_weights(model)
                 state["synced_step"] = step
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        template = _template_kwargs(trainer)
         ids = [
             encode_prompt(
                 tokenizer,
                 p,
                 system_prompt=system_prompt,
                 chat=not isinstance(p, str) if chat is None else chat,
+                template_kwargs=template,
+                special_tokens=chat is None,  # TRL encodes untemplated strings with BOS
             )
             for p in prompts
         ]
@@ -123,6 +127,17 @@ def make_rollout_func(
         return to_trl_outputs(batch, extra_fields)
 
     return rollout_func
+
+
+def _template_kwargs(trainer: Any) -> dict[str, Any]:
+    """What GRPOTrainer passes to ``apply_chat_template`` besides the messages: its
+    ``chat_template_kwargs`` (e.g. ``enable_thinking``), ``chat_template`` and ``tools``."""
+    kwargs = dict(getattr(trainer, "chat_template_kwargs", None) or {})
+    if getattr(trainer, "chat_template", None):
+        kwargs["chat_template"] = trainer.chat_template
+    if getattr(trainer, "tools", None):
+        kwargs["tools"] = trainer.tools
+    return kwargs
 
 
 def check_trl_outputs(out: dict[str, Any], num_prompts: int | None = None) -> None:

@@ -92,6 +92,50 @@ def test_unrepeated_prompts_get_one_completion_each(client, hf_model):
     assert all(len(c) <= 3 for c in out["completion_ids"])
 
 
+THINKING_TEMPLATE = (  # a Qwen3-style template that honours enable_thinking
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+
+class _EchoClient:
+    """Returns each prompt's ids as its completion: the test reads what the adapter encoded."""
+
+    def generate(self, ids, n, params):
+        rows = [list(p) for p in ids for _ in range(n)]
+        k = len(rows)
+        return RolloutBatch(
+            rows, [[5]] * k, [[-1.0]] * k, [[1]] * k, [[0]] * k, ["stop"] * k, list(range(k)), n
+        )
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}])
+def test_prompts_are_the_ids_trl_itself_makes(kwargs):
+    """The adapter's prompt ids equal GRPOTrainer._tokenize_prompts' (TRL's own code, on a stand-in
+    trainer): chat_template_kwargs reach the template (they were dropped) and string prompts get the
+    tokenizer's BOS (they were encoded without special tokens)."""
+    trl = pytest.importorskip("trl")
+    from transformers import AutoTokenizer
+
+    from rollout.presets import resolve_model
+
+    path = resolve_model("tiny")[0]
+    tok = AutoTokenizer.from_pretrained(path, bos_token="<|im_start|>", add_bos_token=True)
+    tok.chat_template = THINKING_TEMPLATE
+    attrs = dict(chat_template_kwargs=kwargs, chat_template=None, tools=None)
+    stand_in = SimpleNamespace(processing_class=tok, _is_vlm=False, environment_factories=None, **attrs)
+    trainer = fake_trainer(SimpleNamespace(training=True), tok, 1)
+    trainer.__dict__.update(attrs)
+    func = make_rollout_func(_EchoClient(), sync_weights=False)  # type: ignore[arg-type]
+    for prompts in ([[{"role": "user", "content": "hi"}]], ["ab"]):
+        want = [list(ids) for ids in trl.GRPOTrainer._tokenize_prompts(stand_in, prompts)[0]]
+        assert func(prompts, trainer)["prompt_ids"] == want, prompts
+    chat_ids = func([[{"role": "user", "content": "hi"}]], trainer)["prompt_ids"][0]
+    assert ("<think>" in tok.decode(chat_ids)) == bool(kwargs)
+
+
 def test_trainer_generation_settings_become_sampling_params():
     args = SimpleNamespace(
         temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, max_completion_length=32, repetition_penalty=1.2
