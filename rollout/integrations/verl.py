@@ -43,8 +43,9 @@ class RolloutWorker:
         n: int = 1,
         params: SamplingParams | None = None,
     ) -> None:
-        """``response_length``: the fixed width of ``responses`` (and the default ``max_tokens``).
-        ``params``: sampling settings (``max_tokens`` is capped at ``response_length``)."""
+        """``response_length``: the fixed width of ``responses`` and the ``max_tokens`` of every
+        request, as in verl's rollouts. ``params``: the other sampling settings (their ``max_tokens``
+        is replaced: SamplingParams' default of 16 silently capped responses at 16 tokens)."""
         if not isinstance(response_length, int) or response_length < 1:
             raise ValueError(f"response_length must be an int >= 1, got {response_length!r}")
         self.client = client
@@ -52,7 +53,7 @@ class RolloutWorker:
         self.pad_token_id = int(pad_token_id)
         self.n = n
         base = params or SamplingParams(max_tokens=response_length, detokenize=False)
-        self.params = base.replace(max_tokens=min(base.max_tokens, response_length))
+        self.params = base.replace(max_tokens=response_length)
 
     # ---- generation ---------------------------------------------------------------------------
     def generate_sequences(self, prompts: Any) -> dict[str, torch.Tensor]:

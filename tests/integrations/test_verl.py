@@ -48,6 +48,17 @@ def test_generate_sequences_layout_and_logprobs(client, hf_model):
     assert (out["weight_versions"] == client.weight_version).all()
 
 
+def test_response_length_is_every_request_max_tokens(client):
+    """params without max_tokens (SamplingParams' default is 16) capped responses at 16 tokens of a
+    64-token response_length; response_length is max_tokens, as in verl's rollouts."""
+    params = SamplingParams(temperature=1.0, ignore_eos=True, seed=2)
+    worker = RolloutWorker(client, response_length=40, pad_token_id=PAD, params=params)
+    assert worker.params.max_tokens == 40 and worker.params.seed == 2
+    ids, mask = left_pad([[1, 2, 3]])
+    out = worker.generate_sequences({"input_ids": ids, "attention_mask": mask})
+    assert out["response_mask"].sum().item() == 40
+
+
 def test_greedy_meta_info_and_dataproto_like_input(client):
     worker = RolloutWorker(client, response_length=4, pad_token_id=PAD, n=3)
     ids, mask = left_pad([[5, 6, 7]])
