@@ -12,7 +12,7 @@ import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -23,7 +23,8 @@ from rollout.client import EngineInfo
 from rollout.integrations.rollout_client import RolloutBatch, check_prompt_ids, rollout_params
 from rollout.outputs import RequestOutput
 from rollout.samplers.params import SamplingParams
-from rollout.weight_sync.sender import WeightSender
+from rollout.weight_sync.params import full_weights
+from rollout.weight_sync.sender import Weights, WeightSender
 
 
 class HTTPRolloutClient:
@@ -149,11 +150,12 @@ class HTTPRolloutClient:
 
     def update_weights(
         self,
-        weights: torch.nn.Module | Iterable[tuple[str, torch.Tensor]],
+        weights: Weights,
         version: int | None = None,
         pause: str = "keep",
     ) -> int:
-        """Push weights (a module, plain or wrapped, or ``(hf_name, tensor)`` pairs; see the class doc);
+        """Push weights (a module, plain or wrapped, a state dict or ``(hf_name, tensor)`` pairs; see
+        the class doc);
         returns the new weight version."""
         if self.shared_dir is None:
             if self._sender is None:
@@ -161,8 +163,16 @@ class HTTPRolloutClient:
             return int(self._sender.push(weights, version=version, pause=pause))
         from safetensors.torch import save_file
 
-        named = weights.named_parameters() if isinstance(weights, torch.nn.Module) else weights
-        tensors = {k: t.detach().to("cpu").contiguous() for k, t in named}
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[tuple[int, tuple[int, ...], torch.dtype]] = set()
+        with full_weights(weights) as items:  # unwraps DDP / compile / FSDP, takes a state dict
+            for w in items:
+                t = w.get().detach()
+                key = (t.data_ptr(), tuple(t.shape), t.dtype)
+                if key in seen:  # a tied alias (safetensors refuses shared memory); the engine ties
+                    continue
+                seen.add(key)
+                tensors[w.name] = t.to("cpu").contiguous()
         os.makedirs(self.shared_dir, exist_ok=True)
         save_file(tensors, os.path.join(self.shared_dir, "model.safetensors"))
         return self.update_weights_from_disk(self.shared_dir, version=version, pause=pause)

@@ -69,3 +69,13 @@ def test_http_generate_and_weight_update(server_url, hf_model, tmp_path):
     assert client.update_weights(model, version=v0 + 5) == v0 + 5 == client.weight_version
     again = client.generate(prompts[:1], n=1, params=SamplingParams(max_tokens=2))
     assert again.weight_versions[0] == [v0 + 5, v0 + 5]
+    # through shared_dir too: a wrapped module (its names were '_orig_mod.model...') and a tied
+    # model's state dict (safetensors refused the shared lm_head) give the same greedy tokens
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    want = client.generate(prompts, n=1, params=greedy).completion_ids
+    wrapped = torch.nn.Module()
+    wrapped._orig_mod = model  # what torch.compile's wrapper holds
+    for weights in (wrapped, model.state_dict()):
+        version = client.weight_version + 1
+        assert client.update_weights(weights) == version
+        assert client.generate(prompts, n=1, params=greedy).completion_ids == want
