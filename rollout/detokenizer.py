@@ -39,7 +39,10 @@ class Detokenizer:
         params = req.params
         text = self.decode(req.output_token_ids, params.skip_special_tokens)
         longest = max(len(s) for s in params.stop)
-        search_from = max(0, len(req.text) - longest + 1)
+        # Only text that changed can hold a new match: the old text minus its trailing U+FFFD (an
+        # incomplete UTF-8 character the new bytes complete in place), if the new text keeps it.
+        stable = req.text.rstrip("\ufffd")
+        search_from = max(0, len(stable) - longest + 1) if text.startswith(stable) else 0
         found: tuple[int, str] | None = None
         for stop in params.stop:
             idx = text.find(stop, search_from)

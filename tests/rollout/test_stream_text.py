@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from types import SimpleNamespace
 
 import pytest
 
@@ -92,6 +93,38 @@ def test_a_step_decodes_only_a_window(detok):
     d = IncrementalDetokenizer(Counting(detok.tokenizer))
     assert "".join(d.step([t]) for t in ids) + d.finish([], None) == detok.decode(ids)
     assert sum(decoded) < 10 * len(ids)
+
+
+def first_stop(detok: Detokenizer, ids: list[int], stop: str) -> tuple[int, str] | None:
+    """Feed ``ids`` one at a time to ``check_stop``: (tokens fed, text) when it stops."""
+    req = SimpleNamespace(params=SamplingParams(stop=[stop]), output_token_ids=[], text="")
+    for i, t in enumerate(ids):
+        req.output_token_ids.append(t)
+        if detok.check_stop(req) is not None:  # type: ignore[arg-type]
+            return i + 1, req.text
+    return None
+
+
+def test_stop_strings_ending_in_multibyte_characters(detok):
+    """A stop string whose last character's bytes come in several tokens: the text before held
+    U+FFFD there, which the last byte replaces in place; the search must look at it again (such
+    stops were missed)."""
+    for before, stop in (("a", "ʐ"), ("x", "aʐ"), ("é", "€"), ("ok ", "𝄞"), ("日", "本")):
+        ids = list((before + stop + "tail").encode())
+        assert first_stop(detok, ids, stop) == (len((before + stop).encode()), before), (before, stop)
+    rng = random.Random(7)
+    for _ in range(200):  # the stop is found at the first token whose text holds it, cut there
+        ids = random_ids(rng)
+        text = detok.decode(ids)
+        if len(text) < 2:
+            continue
+        i = rng.randrange(len(text) - 1)
+        stop = text[i : i + rng.randint(1, 3)]
+        if "\ufffd" in stop:
+            continue
+        k = next(k for k in range(1, len(ids) + 1) if stop in detok.decode(ids[:k]))
+        prefix = detok.decode(ids[:k])
+        assert first_stop(detok, ids, stop) == (k, prefix[: prefix.index(stop)]), (ids, stop)
 
 
 def test_holdback_waits_for_the_end(detok):
