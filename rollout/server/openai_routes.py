@@ -194,6 +194,7 @@ class _Completion:
     async def events(self, streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[bytes]:
         started: set[int] = set()
         prompt_lps: dict[int, RequestOutput] = {}
+        text_offsets: dict[int, int] = {}  # per choice: where its next token's text starts
         completion_tokens = 0
         async for i, out in merge(streams):
             if out.prompt_logprobs is not None:
@@ -217,7 +218,10 @@ class _Completion:
                 logprobs = None
                 if self.k is not None:
                     all_tops = p_tops + (list(tops) if tops is not None else [None] * len(ids))
-                    logprobs = completion_logprobs(self.st, p_ids + ids, p_lps + lps, all_tops, 0)
+                    start = text_offsets.get(idx, 0)
+                    logprobs = completion_logprobs(self.st, p_ids + ids, p_lps + lps, all_tops, start)
+                    if logprobs["tokens"]:
+                        text_offsets[idx] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                 choice: dict[str, Any] = {
                     "index": idx,
                     "text": text,

@@ -74,6 +74,18 @@ def test_stream_equals_whole(client):
     assert texts == [c.text for c in whole.choices]
     assert ids == [extra(c, "token_ids") for c in whole.choices]
     assert finish == ["length", "length"] and usage.completion_tokens == 24 and usage.prompt_tokens == 7
+    # logprobs with echo: the streamed pieces add up to the whole one's (text_offset restarted at 0
+    # in every chunk)
+    kw = {**kw, "logprobs": 1, "echo": True}
+    whole = client.completions.create(**kw)
+    tokens, offsets = [[], []], [[], []]
+    for chunk in client.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            tokens[ch.index] += ch.logprobs.tokens
+            offsets[ch.index] += ch.logprobs.text_offset
+    assert tokens == [c.logprobs.tokens for c in whole.choices]
+    assert offsets == [c.logprobs.text_offset for c in whole.choices]
+    assert all(o == sorted(o) and o[-1] > 7 for o in offsets)
 
 
 def test_logprobs_and_echo_for_loglikelihood(client):
