@@ -34,10 +34,15 @@ class Detokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def check_stop(self, req: Request) -> str | None:
-        """Update ``req.text``; if a stop string now appears, cut the text there and return it."""
+    def check_stop(self, req: Request, search: bool = True) -> str | None:
+        """Update ``req.text``; if a stop string now appears, cut the text there and return it.
+        ``search=False`` only updates the text (stop strings are ignored before ``min_tokens``, and
+        one that ended there is never matched later)."""
         params = req.params
         text = self.decode(req.output_token_ids, params.skip_special_tokens)
+        if not search:
+            req.text = text
+            return None
         longest = max(len(s) for s in params.stop)
         # Only text that changed can hold a new match: the old text minus its trailing U+FFFD (an
         # incomplete UTF-8 character the new bytes complete in place), if the new text keeps it.

@@ -358,10 +358,15 @@ class EngineCore:
             self.scheduler.finish(req, "stop", token)
         elif token in req.eos_token_ids:
             self.scheduler.finish(req, "stop", None)
-        elif params.stop and (hit := self.detokenizer.check_stop(req)) is not None:
+        elif params.stop and (hit := self._stop_string(req)) is not None:
             self.scheduler.finish(req, "stop", hit)
         elif len(req.token_ids) >= req.max_total_tokens:
             self.scheduler.finish(req, "length")
+
+    def _stop_string(self, req: Request) -> str | None:
+        """The stop string the output now holds; none before ``min_tokens`` tokens are out (vLLM)."""
+        assert self.detokenizer is not None  # check_params refuses stop strings without a tokenizer
+        return self.detokenizer.check_stop(req, search=req.num_output_tokens >= req.params.min_tokens)
 
     def _output(self, group: _Group) -> RequestOutput:
         outputs = []

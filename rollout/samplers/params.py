@@ -60,7 +60,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...]  # (token, bias in [-100, 100]) added to that token's logit
     seed: int | None  # None: the engine picks a random seed; else draws are reproducible
     max_tokens: int  # most output tokens to generate
-    min_tokens: int  # EOS and stop_token_ids are banned until this many tokens are out
+    min_tokens: int  # EOS and stop_token_ids are banned, stop strings ignored, until this many are out
     stop: tuple[str, ...]  # stop strings (a bare str is wrapped); the match ends the output
     stop_token_ids: tuple[int, ...]  # tokens that end the output, besides EOS
     ignore_eos: bool  # keep generating past EOS (benchmarks)

@@ -243,6 +243,13 @@ def test_stop_token_ids_stop_strings_and_min_tokens(tiny):
         use_tqdm=False,
     )
     assert out[0].outputs[0].text == decoded[: decoded.index(stop) + len(stop)]
+    # stop strings are ignored before min_tokens, and one that ended there never matches later (as
+    # vLLM); the output forced to "aaaa..." by a logit bias
+    forced = SamplingParams(temperature=0, max_tokens=20, stop=["aa"], logit_bias={97: 100.0})
+    c = tiny.generate(prompt, forced, use_tqdm=False)[0].outputs[0]
+    assert c.token_ids == [97, 97] and c.text == "" and c.stop_reason == "aa"
+    c = tiny.generate(prompt, forced.replace(min_tokens=5), use_tqdm=False)[0].outputs[0]
+    assert c.token_ids == [97] * 5 and c.text == "aaa" and c.finish_reason == "stop"
 
 
 def test_eos_stops_unless_ignored(qwen3_path):
