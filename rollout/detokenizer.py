@@ -61,9 +61,14 @@ class Detokenizer:
         return stop
 
     def final_text(self, req: Request) -> str:
+        """The sample's text: cut at its stop string; without the text of the EOS or stop token
+        that ended it unless ``include_stop_str_in_output`` (as vLLM; the token id stays)."""
         if isinstance(req.stop_reason, str):
             return req.text  # cut at the stop string by check_stop
-        return self.decode(req.output_token_ids, req.params.skip_special_tokens)
+        ids = req.output_token_ids
+        if req.finish_reason == "stop" and not req.params.include_stop_str_in_output:
+            ids = ids[:-1]
+        return self.decode(ids, req.params.skip_special_tokens)
 
 
 class IncrementalDetokenizer:

@@ -213,8 +213,15 @@ def test_stop_token_ids_stop_strings_and_min_tokens(tiny):
     )
     c = out[0].outputs[0]
     assert c.token_ids == ids[: cut + 1] and c.finish_reason == "stop" and c.stop_reason == stop_tok
-    assert c.text == tiny.get_tokenizer().decode(ids[: cut + 1])
-    # the same with a stop string that never matches: the stop token's text is still in the output
+    # the stop token's text is left out (as vLLM), unless include_stop_str_in_output
+    assert c.text == tiny.get_tokenizer().decode(ids[:cut])
+    params = SamplingParams(
+        temperature=0, max_tokens=20, stop_token_ids=[stop_tok], include_stop_str_in_output=True
+    )
+    assert tiny.generate(prompt, params, use_tqdm=False)[0].outputs[0].text == tiny.get_tokenizer().decode(
+        ids[: cut + 1]
+    )
+    # the same with a stop string that never matches
     out = tiny.generate(
         prompt,
         SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_tok], stop=["\x00never"]),
