@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rollout.request import Request
@@ -12,8 +13,9 @@ from rollout.samplers.params import SamplingParams
 
 
 class Detokenizer:
-    """Wraps a Hugging Face tokenizer. Stop strings are checked by decoding a request's output after
-    each new token and searching only the part that could contain a new match."""
+    """Wraps a Hugging Face tokenizer. Stop strings are checked on a request's text, extended after
+    each new token by an ``IncrementalDetokenizer`` (a short window decoded per step, not the whole
+    output), and searched only where a new match could be."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -35,29 +37,32 @@ class Detokenizer:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def check_stop(self, req: Request, search: bool = True) -> str | None:
-        """Update ``req.text``; if a stop string now appears, cut the text there and return it.
-        ``search=False`` only updates the text (stop strings are ignored before ``min_tokens``, and
-        one that ended there is never matched later)."""
+        """Extend ``req.text`` by its new tokens; if a stop string now appears, cut the text there and
+        return it. ``search=False`` only extends the text (stop strings are ignored before
+        ``min_tokens``, and one that ended there is never matched later). The text grows only by
+        whole characters (an incomplete UTF-8 one waits for its bytes), so what was searched never
+        changes and only its last ``len(stop) - 1`` characters are searched again."""
         params = req.params
-        text = self.decode(req.output_token_ids, params.skip_special_tokens)
+        scan = req.stop_scan
+        if scan is None:
+            scan = req.stop_scan = StopScan(IncrementalDetokenizer(self, params.skip_special_tokens))
+        ids = req.output_token_ids
+        searched = len(req.text)
+        req.text += scan.text.step(ids[scan.fed :])
+        scan.fed = len(ids)
         if not search:
-            req.text = text
             return None
         longest = max(len(s) for s in params.stop)
-        # Only text that changed can hold a new match: the old text minus its trailing U+FFFD (an
-        # incomplete UTF-8 character the new bytes complete in place), if the new text keeps it.
-        stable = req.text.rstrip("\ufffd")
-        search_from = max(0, len(stable) - longest + 1) if text.startswith(stable) else 0
+        search_from = max(0, searched - longest + 1)
         found: tuple[int, str] | None = None
         for stop in params.stop:
-            idx = text.find(stop, search_from)
+            idx = req.text.find(stop, search_from)
             if idx >= 0 and (found is None or idx < found[0]):
                 found = (idx, stop)
         if found is None:
-            req.text = text
             return None
         idx, stop = found
-        req.text = text[: idx + len(stop)] if params.include_stop_str_in_output else text[:idx]
+        req.text = req.text[: idx + len(stop)] if params.include_stop_str_in_output else req.text[:idx]
         return stop
 
     def final_text(self, req: Request) -> str:
@@ -157,3 +162,11 @@ class IncrementalDetokenizer:
             self._sent.append(piece)
             self._num_sent += len(piece)
         return piece
+
+
+@dataclass
+class StopScan:
+    """A request's incremental text for stop strings: its detokenizer and the output ids fed to it."""
+
+    text: IncrementalDetokenizer
+    fed: int = 0

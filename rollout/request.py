@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rollout.samplers.params import SamplingParams
+
+if TYPE_CHECKING:
+    from rollout.detokenizer import StopScan
 
 
 class RequestStatus(enum.Enum):
@@ -47,6 +51,7 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     text: str = ""  # detokenized output (only when a tokenizer is present and detokenize is on)
+    stop_scan: StopScan | None = None  # the Detokenizer's incremental text for stop strings
     sampling_values: tuple | None = None  # the model runner's RowValues (cached; see samplers.tensors)
 
     def __post_init__(self) -> None:

@@ -236,19 +236,20 @@ def test_stop_token_ids_stop_strings_and_min_tokens(tiny):
             use_tqdm=False,
         )
         assert stop_tok not in out[0].outputs[0].token_ids[:10]
-    # stop strings are found in the text and cut from it
-    decoded = tiny.get_tokenizer().decode(ids)
-    assert text == decoded
-    stop = decoded[8:10]
-    out = tiny.generate(prompt, SamplingParams(temperature=0, max_tokens=20, stop=[stop]), use_tqdm=False)
-    c = out[0].outputs[0]
-    assert c.finish_reason == "stop" and c.stop_reason == stop
-    assert c.text == decoded[: decoded.index(stop)]
-    out = tiny.generate(
-        prompt,
-        SamplingParams(temperature=0, max_tokens=20, stop=[stop], include_stop_str_in_output=True),
-        use_tqdm=False,
+    # stop strings are found in the text and cut from it (the output biased to ASCII letters: the
+    # random model's bytes are mostly invalid UTF-8, and a stop string is matched in whole characters)
+    assert text == tiny.get_tokenizer().decode(ids)
+    letters = SamplingParams(
+        temperature=0, max_tokens=20, ignore_eos=True, logit_bias={t: 50.0 for t in range(97, 123)}
     )
+    decoded = tiny.generate(prompt, letters, use_tqdm=False)[0].outputs[0].text
+    assert decoded.isascii() and len(decoded) == 20
+    stop = decoded[8:10]
+    c = tiny.generate(prompt, letters.replace(stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    assert c.text == decoded[: decoded.index(stop)] and len(c.token_ids) == decoded.index(stop) + 2
+    params = letters.replace(stop=[stop], include_stop_str_in_output=True)
+    out = tiny.generate(prompt, params, use_tqdm=False)
     assert out[0].outputs[0].text == decoded[: decoded.index(stop) + len(stop)]
     # stop strings are ignored before min_tokens, and one that ended there never matches later (as
     # vLLM); the output forced to "aaaa..." by a logit bias
