@@ -497,6 +497,7 @@ class EngineCore:
         self._weights_dropped = False
         self.blocks.reset_prefix_cache()
         self.blocks.hash_salt = version.to_bytes(8, "little")
+        self.scheduler.weights_changed()  # in-flight KV is older than the new salt: never cached
         self.weight_version = version
         return version
 

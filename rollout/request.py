@@ -47,6 +47,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)  # KV blocks in sequence order
     block_hashes: list[bytes] = field(default_factory=list)  # chained hash of each full block of token_ids
     num_preemptions: int = 0
+    cacheable: bool = True  # False while its KV holds positions computed under older weights
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it

@@ -132,6 +132,10 @@ class Scheduler:
                 break
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            if req.num_cached_tokens < 0:  # first admission: count what the cache saved
+                req.num_cached_tokens = min(req.num_computed_tokens, req.num_prompt_tokens)
+                self.blocks.num_hit_tokens += req.num_cached_tokens
+                self.blocks.num_queried_tokens += req.num_prompt_tokens
             scheduled.append(self._entry(req, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
@@ -151,10 +155,6 @@ class Scheduler:
         self.blocks.acquire(hits)
         req.block_ids = hits
         req.num_computed_tokens = len(hits) * bs
-        self.blocks.num_queried_tokens += req.num_prompt_tokens
-        if req.num_cached_tokens < 0:  # first admission: count what the cache saved
-            req.num_cached_tokens = min(req.num_computed_tokens, req.num_prompt_tokens)
-            self.blocks.num_hit_tokens += req.num_cached_tokens
 
     def _unmatch(self, req: Request) -> None:
         self.blocks.free(req.block_ids)
@@ -168,11 +168,23 @@ class Scheduler:
         req.block_ids.extend(self.blocks.allocate(need))
         return True
 
+    def weights_changed(self) -> None:
+        """After a weight update (the prefix cache reset, its salt changed): a request holding KV
+        computed under the old weights never registers its blocks (they would be matched as new
+        KV), until a preemption recomputes it; hashes under the old salt are dropped."""
+        for req in (*self.running, *self.waiting):
+            if req.num_computed_tokens > 0:
+                req.cacheable = False
+            req.block_hashes = []
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.blocks.free(req.block_ids)
         req.block_ids = []
         req.num_computed_tokens = 0
+        if not req.cacheable:  # recomputed from scratch under the current weights
+            req.cacheable = True
+            req.block_hashes = []
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
@@ -199,7 +211,7 @@ class Scheduler:
                 self.num_prompt_tokens_computed += min(after, num_prompt) - before
             num_tokens = len(req.token_ids)
             full = (after if after < num_tokens else num_tokens) // bs
-            if full > before // bs:
+            if full > before // bs and req.cacheable:
                 self.blocks.compute_hashes(req.token_ids[: full * bs], req.block_hashes)
                 self.blocks.cache_blocks(req.block_ids, req.block_hashes, before // bs, full)
 
@@ -213,8 +225,8 @@ class Scheduler:
         # block is computed (runs per token: the common case exits here).
         if num_tokens % bs or req.num_computed_tokens < num_tokens:
             return
-        if req.status is not RequestStatus.RUNNING:
-            return  # finished or preempted: nothing to cache
+        if req.status is not RequestStatus.RUNNING or not req.cacheable:
+            return  # finished or preempted, or its KV predates the weights: nothing to cache
         full = num_tokens // bs
         self.blocks.compute_hashes(req.token_ids[: full * bs], req.block_hashes)
         self.blocks.cache_blocks(req.block_ids, req.block_hashes, full - 1, full)

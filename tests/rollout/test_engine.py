@@ -182,6 +182,31 @@ def test_generate_queues_all_or_nothing_and_returns_only_its_own(tiny):
     engine.abort([f"llm-{k + 2}"])
 
 
+def test_cached_token_counts_come_from_the_admission_that_succeeds():
+    """A request that matched cached blocks but could not grow is put back, and those blocks may be
+    evicted before it is admitted: it reported the first attempt's hits (12 tokens "cached" where 4
+    were)."""
+    llm = LLM("tiny", device="cpu", cache_config=CacheConfig(block_size=4, num_blocks=10))
+    e = llm.engine
+    greedy = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    p = list(range(10, 22))  # 3 blocks, cached once done
+    e.add_request("p", p, greedy)
+    while e.has_unfinished():
+        e.step()
+    e.add_request("l", list(range(100, 120)), greedy.replace(max_tokens=16))  # grows to 9 blocks
+    e.step()
+    before = e.stats()
+    e.add_request("q", p + list(range(200, 216)), greedy.replace(max_tokens=2))
+    outs = {}
+    while e.has_unfinished():
+        outs.update((o.request_id, o) for o in e.step())
+    computed = e.stats().num_prompt_tokens_computed - before.num_prompt_tokens_computed
+    q = outs["q"].outputs[0]
+    assert q.num_cached_tokens == 28 - computed
+    assert e.stats().num_cached_tokens - before.num_cached_tokens == q.num_cached_tokens
+    e.check_invariants()
+
+
 def test_abort_returns_partial_output_and_frees_blocks(tiny):
     engine: EngineCore = tiny.engine
     engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True, seed=1))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rollout import LLM, CacheConfig, SamplingParams
+from rollout import LLM, CacheConfig, SamplingParams, SchedulerConfig
 from tests.weight_sync.helpers import GREEDY, PROMPTS, assert_same, checkpoints, fingerprint  # noqa: F401
 
 CACHE = CacheConfig(num_blocks=64)
@@ -124,6 +124,71 @@ def test_prefix_cache_never_serves_kv_of_older_weights(checkpoints, expected):  
     assert all(o.num_cached_tokens == 0 for o in llm.generate(PROMPTS, plain, use_tqdm=False))
     assert llm.generate(PROMPTS, plain, use_tqdm=False)[0].num_cached_tokens > 0  # new version's KV
     assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), expected, atol=0)
+
+
+def drain(engine, watch: str | None = None) -> tuple[dict, list[int] | None]:
+    """Step until idle: the outputs by id, and ``watch``'s tokens when it was first preempted."""
+    outs, snap = {}, None
+    while engine.has_unfinished():
+        outs.update((o.request_id, o) for o in engine.step())
+        sched = engine.scheduler
+        req = next((r for r in (*sched.running, *sched.waiting) if r.request_id == watch), None)
+        if snap is None and req is not None and req.num_preemptions:
+            snap = list(req.token_ids)  # recomputed from here, under the current weights
+    return outs, snap
+
+
+def fresh_greedy(path: str, prompt: list[int], max_tokens: int, block_size: int = 16):
+    llm = LLM(
+        path, device="cpu", cache_config=CacheConfig(block_size, num_blocks=128, enable_prefix_caching=False)
+    )
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+
+
+def test_kv_in_flight_at_an_update_is_never_cached(checkpoints):  # noqa: F811
+    """A request holding KV computed under the old weights when an update lands never registers
+    its blocks, until a preemption recomputes it: (a) a prompt shorter than a block, filling it
+    after the update (its block was cached under the new salt and served to another request); (b)
+    one mid-prefill at the update, preempted later, that matched its own mixed block again."""
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    e = LLM(checkpoints["old"], device="cpu", cache_config=CacheConfig(num_blocks=64)).engine
+    a_prompt = [5, 17, 42, 99, 7, 3, 250, 11, 64, 8]
+    e.add_request("a", a_prompt, greedy)
+    for _ in range(3):
+        e.step()
+    e.update_weights_from_disk(checkpoints["new_dir"])
+    a = drain(e)[0]["a"].outputs[0]
+    b_prompt = (a_prompt + a.token_ids)[:16] + [1, 2, 3]
+    e.add_request("b", b_prompt, greedy)
+    b = drain(e)[0]["b"].outputs[0]
+    want = fresh_greedy(checkpoints["new_dir"], b_prompt, 12)
+    assert b.num_cached_tokens == 0 and b.token_ids == want.token_ids
+    assert max(abs(x - y) for x, y in zip(b.logprobs, want.logprobs, strict=True)) < 1e-5
+
+    llm = LLM(
+        checkpoints["old"],
+        device="cpu",
+        cache_config=CacheConfig(block_size=4, num_blocks=16),
+        scheduler_config=SchedulerConfig(max_num_batched_tokens=3),
+    )
+    e = llm.engine
+    e.add_request("b", list(range(30, 50)), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    for _ in range(8):
+        e.step()
+    e.add_request(
+        "a", [5, 17, 42, 99, 7, 3, 250, 11], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    )
+    e.step()  # a's first block half computed under the old weights
+    e.update_weights_from_disk(checkpoints["new_dir"])
+    outs, ctx = drain(e, watch="a")
+    assert ctx is not None  # the pressure preempted it
+    a = outs["a"].outputs[0]
+    done = len(ctx) - 8
+    want = fresh_greedy(checkpoints["new_dir"], ctx, len(a.token_ids) - done, block_size=4)
+    assert a.token_ids[done:] == want.token_ids
+    assert max(abs(x - y) for x, y in zip(a.logprobs[done:], want.logprobs, strict=True)) < 1e-5
+    e.check_invariants()
 
 
 def test_sleep_and_wake_keep_outputs(checkpoints, expected):  # noqa: F811
