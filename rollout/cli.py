@@ -8,12 +8,17 @@ import sys
 import time
 from collections.abc import Sequence
 
+WORKLOADS = (
+    "throughput", "rl", "decode", "prefill", "weight_sync", "serve", "core_overhead", "host_overhead",
+    "step_profile",
+)  # fmt: skip
+
 
 def _generate(args: argparse.Namespace) -> int:
     from rollout import LLM, SamplingParams
 
+    prompts: list = [_prompt_ids(p) for p in args.prompt_ids] if args.prompt_ids else list(args.prompt)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format, seed=args.seed)
-    prompts: list = [json.loads(p) for p in args.prompt_ids] if args.prompt_ids else list(args.prompt)
     params = SamplingParams(
         n=args.n,
         temperature=args.temperature,
@@ -54,6 +59,17 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_ids(text: str) -> list:
+    """One ``--prompt-ids`` value: a JSON list (its ids are checked by the engine)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--prompt-ids {text!r} is not JSON: {e}") from None
+    if not isinstance(value, list):  # a bare 5 became the prompt [5], two such flags one prompt
+        raise ValueError(f"--prompt-ids {text!r} must be a JSON list of token ids")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rollout", description="rollout-engine: an LLM rollout engine for RL"
@@ -63,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "model", nargs="?", default="tiny", help="local HF model directory or preset (default: tiny)"
     )
-    g.add_argument("--prompt", action="append", default=None, help="a text prompt (repeatable)")
-    g.add_argument(
+    given = g.add_mutually_exclusive_group()
+    given.add_argument("--prompt", action="append", default=None, help="a text prompt (repeatable)")
+    given.add_argument(
         "--prompt-ids", action="append", default=None, help="a JSON list of token ids (repeatable)"
     )
     g.add_argument("--n", type=int, default=1)
@@ -84,11 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU benchmarks of BENCHMARKS.md: throughput (W1), rl (W2), decode (W3), prefill (W4)",
         add_help=False,
     )
-    workloads = [
-        "throughput", "rl", "decode", "prefill", "weight_sync", "serve", "core_overhead", "host_overhead",
-        "step_profile",
-    ]  # fmt: skip
-    b.add_argument("workload", choices=workloads)
+    b.add_argument("workload", nargs="?", choices=WORKLOADS)
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the workload (--help for them)")
     b.set_defaults(func=_bench)
     d = sub.add_parser("demo", help="demos: grpo (train the tiny model with GRPO on CPU)", add_help=False)
@@ -109,13 +122,25 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
+    if args.workload is None:  # `rollout bench` or `rollout bench --help`
+        wanted = any(a in ("-h", "--help") for a in args.rest)
+        print("usage: rollout bench WORKLOAD [options]  (rollout bench WORKLOAD --help for them)")
+        print("workloads: " + ", ".join(WORKLOADS), file=sys.stdout if wanted else sys.stderr)
+        return 0 if wanted else 2
     module = importlib.import_module(f"rollout.benchmarks.{args.workload}")
     module.main(args.rest)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # bench and demo pass their options on; a leading option (`rollout demo --help`) is not part of
+    # argparse's remainder, so it comes back unknown and is passed on too.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command not in ("bench", "demo"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command in ("bench", "demo"):
+        args.rest = [*unknown, *args.rest]
     if args.command == "generate" and not args.prompt and not args.prompt_ids:
         args.prompt = ["Hello, world"]
     try:

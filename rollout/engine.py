@@ -78,7 +78,7 @@ class EngineCore:
         seed: int = 0,
     ) -> None:
         path, load_format = resolve_model(model, load_format)
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = resolve_device(device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # kernels, graphs and streams go to the current device
         self.model_config = ModelConfig.from_pretrained(
@@ -532,5 +532,17 @@ class EngineCore:
         self.blocks.check_invariants(held)
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device (None: cuda when available, else cpu); ValueError for one this
+    machine cannot run (a typo, cuda without CUDA, other kinds)."""
+    if device is None:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device: {e}") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"device {device!r}: only cuda and cpu are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    return dev

@@ -85,8 +85,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         multiprocess=not args.in_process,
         threads=args.threads,
     )
-    if config.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {config.steps}")
+    for flag in ("steps", "prompts_per_step", "samples_per_prompt", "num_digits", "threads"):
+        if getattr(args, flag) < 1:  # before seconds of engine start-up, naming the flag
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     bar = tqdm(total=config.steps, desc="grpo", unit="step", dynamic_ncols=True)

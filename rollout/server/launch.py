@@ -15,12 +15,26 @@ import threading
 from typing import Any
 
 
+def port_number(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(text)  # argparse: "invalid port_number value"
+    return port
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``serve`` subcommand."""
     s = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible + native + admin routes)")
     s.add_argument("model", help="local HF model directory or preset (tiny, qwen3-0.6b, ...)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, local only)")
-    s.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    s.add_argument("--port", type=port_number, default=8000, help="port (0: any free one)")
     s.add_argument(
         "--api-key", default=os.environ.get("ROLLOUT_API_KEY"), help="Bearer key of the API routes"
     )
@@ -32,7 +46,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dtype", default="auto")
     s.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--max-model-len", type=positive_int, default=None)
     s.add_argument("--num-blocks", type=int, default=None, help="fixed KV cache block count")
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     s.add_argument("--max-num-seqs", type=int, default=256)
@@ -58,7 +72,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     from rollout import AsyncLLM, CacheConfig, SchedulerConfig
     from rollout.detokenizer import Detokenizer
+    from rollout.engine import resolve_device
     from rollout.presets import resolve_model
+
+    resolve_device(args.device)  # a clear error here, not a traceback from the engine process
 
     config = ServerConfig(
         model_name=args.served_model_name or args.model,

@@ -430,6 +430,42 @@ def test_cli_generate_json():
     assert bad.returncode == 2 and "99999" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "code", "says"),
+    [
+        (["demo", "--help"], 0, "rollout demo grpo"),  # argparse refused the leading --help
+        (["bench", "--help"], 0, "step_profile"),
+        (["bench"], 2, "workloads"),
+        (["generate", "tiny", "--prompt-ids", "5"], 2, "must be a JSON list"),  # ran as the prompt [5]
+        (["generate", "tiny", "--prompt-ids", "[1,"], 2, "is not JSON"),
+        (["generate", "tiny", "--prompt", "x", "--prompt-ids", "[1]"], 2, "not allowed with"),
+        (["generate", "tiny", "--device", "bogus"], 2, "is not a device"),
+        (["generate", "tiny", "--device", "meta"], 2, "only cuda and cpu"),
+        (["serve", "tiny", "--port", "99999"], 2, "--port"),  # an OverflowError traceback
+        (["serve", "tiny", "--max-model-len", "0"], 2, "--max-model-len"),
+        (["demo", "grpo", "--threads", "0"], 2, "--threads must be >= 1"),  # after engine start-up
+    ],
+)
+def test_cli_refuses_bad_arguments_clearly(argv, code, says, capsys):
+    from rollout.cli import main
+
+    try:
+        got = main(argv)
+    except SystemExit as e:  # argparse's own errors and --help
+        got = e.code
+    out = capsys.readouterr()
+    assert got == code and says in out.out + out.err, (got, out)
+
+
+def test_cli_generate_repeated_prompt_ids_are_separate_prompts(capsys):
+    from rollout.cli import main
+
+    argv = ["generate", "tiny", "--prompt-ids", "[5]", "--prompt-ids", "[6]", "--max-tokens", "2"]
+    assert main([*argv, "--json", "--device", "cpu"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["prompt_token_ids"] for r in records] == [[5], [6]]  # was one prompt [5, 6]
+
+
 def test_memory_profile_step_samples_max_num_seqs_rows_the_costliest_way():
     """The KV budget's profile step runs the forward on one prompt of the step budget, then samples
     max_num_seqs rows on the torch path with top-p, min-p, penalties and processed top logprobs
