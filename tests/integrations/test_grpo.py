@@ -38,6 +38,11 @@ def test_group_advantages():
     torch.testing.assert_close(adv[:4].std(unbiased=False), torch.tensor(1.0), atol=1e-3, rtol=0)
     with pytest.raises(ValueError):
         group_advantages(r, n=3)
+    # equal rewards whose float32 mean is off by an ulp (0.7, a DigitTask 1.25/3): exactly zero, not
+    # the rounding residual over eps (up to 7e-2, the same sign for the whole group)
+    for value, n in ((0.7, 16), (100.7, 8), (1.25 / 3, 4)):
+        assert group_advantages(torch.full((n,), value), n).abs().max() == 0, value
+        assert group_advantages(torch.full((n,), value, dtype=torch.float64), n).abs().max() == 0
 
 
 def test_policy_loss_gradient_and_clipping():
