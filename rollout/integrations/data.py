@@ -50,10 +50,18 @@ def load_prompt_dataset(path: str | Sequence[str], split: str = "train") -> Any:
         ext = os.path.splitext(p)[1].lower()
         if ext not in _FORMATS:
             raise ValueError(f"prompt file {p!r}: unsupported extension {ext!r} (use {', '.join(_FORMATS)})")
+        if os.path.getsize(p) == 0:  # datasets raised a bare StopIteration for an empty .jsonl
+            raise ValueError(f"prompt file {p!r} is empty")
         formats.add(_FORMATS[ext])
     if len(formats) != 1:
         raise ValueError(f"prompt files mix formats {sorted(formats)}; load them one format at a time")
-    return datasets.load_dataset(formats.pop(), data_files=[os.fspath(p) for p in paths], split=split)
+    files = [os.fspath(p) for p in paths]
+    try:
+        return datasets.load_dataset(formats.pop(), data_files=files, split=split)
+    except (StopIteration, datasets.exceptions.DatasetGenerationError) as e:
+        raise ValueError(f"prompt files {files} hold no rows: {e!r}") from None
+    except ValueError as e:  # e.g. 'Instruction "train" corresponds to no data!' for [] or a bare header
+        raise ValueError(f"prompt files {files}: {e}") from None
 
 
 def to_messages(prompt: Any, system_prompt: str | None = None) -> list[dict[str, str]]:
@@ -119,8 +127,9 @@ def prompt_batches(
     """Yield tokenized batches from a dataset (anything indexable yielding row dicts, e.g. a
     ``datasets.Dataset`` or a list of dicts). Prompts longer than ``max_prompt_len`` are skipped
     (an RL loop cannot learn from a prompt the engine must reject)."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    for name, value in (("batch_size", batch_size), ("epochs", epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     columns = getattr(dataset, "column_names", None)
     if columns is not None and field not in columns:
         raise ValueError(f"dataset has no column {field!r} (columns: {columns})")

@@ -73,3 +73,14 @@ def test_bad_inputs(tmp_path, hf_model):
     ds = datasets.Dataset.from_list([{"question": "q"}])
     with pytest.raises(ValueError, match="no column 'prompt'"):
         next(prompt_batches(ds, tok, 1))
+    # empty files: a clear error (a bare StopIteration from datasets for .jsonl before)
+    for name, content in (("e.jsonl", ""), ("e.csv", ""), ("e.json", "[]"), ("h.csv", "prompt\n")):
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(ValueError, match="empty|no rows|no data"):
+            load_prompt_dataset(str(path))
+    rows = [{"prompt": "a"}, {"prompt": "b"}]
+    for kwargs in ({"batch_size": True}, {"epochs": 0}, {"epochs": 1.5}):  # True ran as 1, 0 as nothing
+        args = {"batch_size": 1, **kwargs}
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            next(prompt_batches(rows, tok, args.pop("batch_size"), **args))
