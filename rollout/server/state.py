@@ -129,14 +129,20 @@ class ServerState:
         m = self.metrics
         start = time.perf_counter()
         last: float | None = None
+        finished = 0  # samples whose finish was seen
+        refused = False
         m.in_flight.inc()
         m.prompt_tokens.inc(len(prompt_ids))
         try:
             async for out in self.llm.generate(prompt_ids, params, request_id, output_kind="delta"):
                 last = m.observe(out, time.perf_counter(), start, last)
+                finished += sum(c.finish_reason is not None for c in out.outputs)
                 yield out
             m.e2e.observe(time.perf_counter() - start)
         except (ValueError, TypeError) as e:
+            refused = True
             raise bad_value(e) from None
         finally:
             m.in_flight.dec()
+            if not refused and finished < params.n:  # left early (a client gone): the rest aborted
+                m.finished.labels("abort").inc(params.n - finished)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 
@@ -123,6 +124,26 @@ def test_metrics_parse(secured):
     assert value("rollout_generation_tokens", "_total") >= 4
     assert 0.0 <= value("rollout_kv_cache_usage_ratio") <= 1.0
     assert value("rollout_weight_version") == secured.state()["weight_version"]
+
+    # samples of a stream the client left count as finished with "abort" (they were not counted)
+    def aborted() -> float:
+        with secured.client() as c:
+            text = c.get("/metrics").text
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        fam = fams.get("rollout_request_finished")
+        samples = fam.samples if fam else []
+        return sum(s.value for s in samples if s.labels.get("finish_reason") == "abort")
+
+    before = aborted()
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 2000, "n": 2, "stream": True, "ignore_eos": True}
+    with secured.client() as c, c.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+    deadline = time.monotonic() + 30
+    while aborted() < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert aborted() == before + 2
 
 
 def test_admin_refused(secured, open_server):
