@@ -364,9 +364,11 @@ class EngineCore:
             self.scheduler.finish(req, "length")
 
     def _stop_string(self, req: Request) -> str | None:
-        """The stop string the output now holds; none before ``min_tokens`` tokens are out (vLLM)."""
+        """The stop string the output now holds, searched from the token after the first
+        ``min_tokens`` (vLLM's rule, the one EOS and stop token ids follow: none of them can end the
+        output before token min_tokens + 1)."""
         assert self.detokenizer is not None  # check_params refuses stop strings without a tokenizer
-        return self.detokenizer.check_stop(req, search=req.num_output_tokens >= req.params.min_tokens)
+        return self.detokenizer.check_stop(req, search=req.num_output_tokens > req.params.min_tokens)
 
     def _output(self, group: _Group) -> RequestOutput:
         outputs = []

@@ -281,8 +281,10 @@ def test_stop_token_ids_stop_strings_and_min_tokens(tiny):
     forced = SamplingParams(temperature=0, max_tokens=20, stop=["aa"], logit_bias={97: 100.0})
     c = tiny.generate(prompt, forced, use_tqdm=False)[0].outputs[0]
     assert c.token_ids == [97, 97] and c.text == "" and c.stop_reason == "aa"
+    # the first search comes with token min_tokens + 1 (as EOS is first allowed there), over the
+    # new text and the last len(stop) - 1 characters before it
     c = tiny.generate(prompt, forced.replace(min_tokens=5), use_tqdm=False)[0].outputs[0]
-    assert c.token_ids == [97] * 5 and c.text == "aaa" and c.finish_reason == "stop"
+    assert c.token_ids == [97] * 6 and c.text == "aaaa" and c.finish_reason == "stop"
 
 
 def test_eos_stops_unless_ignored(qwen3_path):
