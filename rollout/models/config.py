@@ -127,6 +127,8 @@ class ModelConfig:
         architectures = getattr(hf_config, "architectures", None) or []
         if not architectures:
             raise ValueError("config has no 'architectures' entry; cannot pick a model class")
+        if getattr(hf_config, "quantization_config", None):
+            raise ValueError("quantized checkpoints (config.quantization_config) are not supported")
         architecture = architectures[0]
         # The model's own spec gives head_dim, KV heads and windows exactly as the model will build them.
         spec = get_model_class(architecture).decoder_spec(hf_config)

@@ -45,7 +45,7 @@ def safetensors_files(path: str | Path) -> list[Path]:
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(_weight_map(index).values()))
         missing = [name for name in shards if not (path / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that do not exist: {missing}")
@@ -56,17 +56,46 @@ def safetensors_files(path: str | Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {str(path)!r}")
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a safetensors index: {e}") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ValueError(f"{index} has no 'weight_map' of tensor names to shard files")
+    return weight_map
+
+
 def read_weight_specs(files: list[Path]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """``(name, shape, dtype)`` of every tensor, from the headers only (no tensor data is read)."""
+    """``(name, shape, dtype)`` of every tensor, from the headers only (no tensor data is read). A
+    sharded checkpoint's headers must hold exactly the tensors its index names, each in its shard."""
     specs = []
+    where: dict[str, str] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        try:
+            handle_cm = safe_open(str(file), framework="pt")
+        except Exception as e:  # safetensors' own error type, not a ValueError: a truncated file
+            raise ValueError(f"weight file {file} cannot be read: {e}") from None
+        with handle_cm as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                if name in where:
+                    raise ValueError(f"weight {name!r} is in both {where[name]} and {file.name}")
+                where[name] = file.name
                 tensor_slice = handle.get_slice(name)
                 code = tensor_slice.get_dtype()
                 if code not in _ST_DTYPES:
                     raise ValueError(f"weight {name!r} in {file.name} has unsupported dtype {code}")
                 specs.append((name, tuple(tensor_slice.get_shape()), _ST_DTYPES[code]))
+    index = files[0].parent / "model.safetensors.index.json" if files else None
+    if index is not None and index.is_file():
+        weight_map = _weight_map(index)
+        wrong = sorted(
+            {n for n, f in weight_map.items() if where.get(n) != f} | (where.keys() - weight_map.keys())
+        )
+        if wrong:
+            raise ValueError(f"{index} names tensors its shards do not hold as listed: {wrong[:5]}")
     return specs
 
 

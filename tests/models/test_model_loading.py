@@ -72,6 +72,40 @@ def test_missing_shard_is_reported(tmp_path):
         load_model(ModelConfig.from_pretrained(tmp_path, device="cpu"), "cpu")
 
 
+def test_bad_index_or_shard_files_are_value_errors(tmp_path):
+    """An index without a weight_map (KeyError), one naming a tensor no shard holds (accepted
+    silently), a tensor in two shards, and a truncated shard (safetensors' own error type) are
+    ValueErrors naming the problem, from headers only."""
+    hf = save_tiny_checkpoint(tmp_path, "llama")
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    (tmp_path / "model.safetensors").unlink(missing_ok=True)
+    index_path = tmp_path / "model.safetensors.index.json"
+    good = index_path.read_text()
+    index = json.loads(good)
+    shard = sorted(set(index["weight_map"].values()))[0]
+    edits = [
+        ({"metadata": {}}, "no 'weight_map'"),
+        ({**index, "weight_map": {**index["weight_map"], "model.layers.0.mlp.foo.weight": shard}}, "foo"),
+    ]
+    for edited, match in edits:
+        index_path.write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=match):
+            read_weight_specs(safetensors_files(tmp_path))
+    index_path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a safetensors index"):
+        safetensors_files(tmp_path)
+    index_path.write_text(good)
+    files = safetensors_files(tmp_path)
+    first = load_file(str(files[0]))
+    name = next(iter(first))
+    save_file({**load_file(str(files[1])), name: first[name]}, str(files[1]))  # a second copy
+    with pytest.raises(ValueError, match="in both"):
+        read_weight_specs(files)
+    files[1].write_bytes(files[1].read_bytes()[:50])
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_weight_specs(files)
+
+
 def test_missing_directory_and_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ModelConfig.from_pretrained(tmp_path / "nope")
@@ -202,3 +236,30 @@ def test_load_model_in_bfloat16(checkpoint):
     logits = prefill_logits(model, random_seqs([4, 6]), block_size=4, num_blocks=16)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()  # the sampler upcasts
     assert torch.get_default_dtype() == torch.float32  # restored after construction
+
+
+def test_mistral_with_layer_types_matches_hf_per_layer(tmp_path):
+    """transformers 5 reads a Mistral config with layer_types as Ministral: only the layers marked
+    sliding get the window (ours put it on every layer: logits 4.6 apart)."""
+    from transformers import AutoModelForCausalLM
+
+    save_tiny_checkpoint(tmp_path, "mistral", sliding_window=8)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["layer_types"] = ["full_attention"] + ["sliding_attention"] * (config["num_hidden_layers"] - 1)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours_config = ModelConfig.from_pretrained(tmp_path, device="cpu")
+    model = load_model(ours_config, "cpu")
+    assert model.spec.sliding_windows[0] is None and model.spec.sliding_windows[1] == 8
+    seqs = random_seqs([5, 17, 33], seed=4)
+    ours = prefill_logits(model, seqs, block_size=4, num_blocks=64)
+    torch.testing.assert_close(ours, torch.cat(hf_logits(hf, seqs)), atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_checkpoints_are_refused(tmp_path):
+    save_tiny_checkpoint(tmp_path, "llama")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantized checkpoints"):
+        ModelConfig.from_pretrained(tmp_path, device="cpu")
