@@ -54,6 +54,12 @@ from rollout.weight_sync.manifest import Manifest
 PAUSE_MODES = ("abort", "wait", "keep")
 
 
+def check_pause_mode(mode: str) -> None:
+    """ValueError unless ``mode`` is one of ``PAUSE_MODES``."""
+    if mode not in PAUSE_MODES:
+        raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
+
+
 class EngineState(str, enum.Enum):
     RUNNING = "running"  # admitting and stepping
     DRAINING = "draining"  # pause(wait): stepping in-flight requests, holding new ones
@@ -162,8 +168,7 @@ class ControlPlane:
             self.outbox.append(ControlAck(msg.call_id, True, result, None))
 
     def _do_pause(self, call_id: int, mode: str = "abort") -> Any:
-        if mode not in PAUSE_MODES:
-            raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {mode!r}")
+        check_pause_mode(mode)
         if self.state in (EngineState.SLEEPING, EngineState.UPDATING_WEIGHTS) or self._after_drain:
             raise ValueError(f"the engine is {self.state.value}; it does not take pause() now")
         if mode == "abort":
@@ -350,8 +355,7 @@ class ControlPlane:
     ) -> Any:
         """Run ``action`` with the engine stopped under ``pause``. The engine returns to the state it
         had unless ``stay`` (the action opens a phase a later call ends)."""
-        if pause not in PAUSE_MODES:
-            raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {pause!r}")
+        check_pause_mode(pause)
         held = (EngineState.SLEEPING, EngineState.UPDATING_WEIGHTS)
         busy = self._resume_to is not None or self.state in held
         if busy and not (state is EngineState.UPDATING_WEIGHTS and self._may_update_now()):

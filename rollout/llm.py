@@ -10,7 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from rollout.client import EngineCoreClient
-from rollout.control import PAUSE_MODES
+from rollout.control import check_pause_mode
 from rollout.engine import EngineCore, EngineStats
 from rollout.outputs import RequestOutput
 from rollout.remote import RemoteEngine
@@ -68,7 +68,7 @@ class LLM:
         ``rollout.weight_sync.WeightSender``, which this keeps open between calls. The whole update
         is validated first: a bad one raises ``ValueError`` and the old weights keep serving.
         Returns the new weight version (``version`` if given, which must grow; else current + 1)."""
-        _check_pause(pause)  # in process it has no use, but a bad one is still a bad one
+        check_pause_mode(pause)  # in process it has no use, but a bad one is still a bad one
         if self._sender is None:
             self._sender = WeightSender(self)
         version_out = self._sender.push(weights, version=version, pause=pause)
@@ -77,7 +77,7 @@ class LLM:
 
     def update_weights_from_disk(self, path: str, version: int | None = None, pause: str = "keep") -> int:
         """Reload the weights from a safetensors directory (e.g. a trainer's ``save_pretrained``)."""
-        _check_pause(pause)
+        check_pause_mode(pause)
         if self.engine is not None:
             return self.engine.update_weights_from_disk(str(path), version)
         return self._call("update_weights_from_disk", path=str(path), version=version, pause=pause)
@@ -194,8 +194,3 @@ class LLM:
         finally:
             bar.close()
         return [results[rid] for rid in ids]
-
-
-def _check_pause(pause: str) -> None:
-    if not isinstance(pause, str) or pause not in PAUSE_MODES:
-        raise ValueError(f"pause mode must be one of {PAUSE_MODES}, got {pause!r}")
