@@ -178,15 +178,13 @@ class EngineCore:
         self._num_prompt_tokens += len(ids) * params.n
 
     def _sample_owner(self, sample_id: str) -> str | None:
-        """The request in the engine with a sample of this id: ``rid`` for n = 1, ``rid#i`` else."""
-        group = self._groups.get(sample_id)
-        if group is not None and len(group.children) == 1:
-            return sample_id
-        parent, sep, index = sample_id.rpartition("#")
-        group = self._groups.get(parent) if sep else None
-        if group is None or len(group.children) == 1 or not (index.isascii() and index.isdecimal()):
-            return None
-        return parent if f"{parent}#{int(index)}" == sample_id and int(index) < len(group.children) else None
+        """The request in the engine with a sample of this id (``rid`` for n = 1, ``rid#i`` else):
+        only ``sample_id`` itself or the part before its last '#' can own it."""
+        for owner in (sample_id, sample_id.rpartition("#")[0]):
+            group = self._groups.get(owner)
+            if group is not None and any(r.request_id == sample_id for r in group.children):
+                return owner
+        return None
 
     def abort(self, request_ids: Sequence[str]) -> list[RequestOutput]:
         """Finish these requests now with reason "abort", keeping their partial outputs. Unknown or
