@@ -182,9 +182,8 @@ class Scheduler:
         self.blocks.free(req.block_ids)
         req.block_ids = []
         req.num_computed_tokens = 0
-        if not req.cacheable:  # recomputed from scratch under the current weights
-            req.cacheable = True
-            req.block_hashes = []
+        req.cacheable = True  # recomputed from scratch under the current weights (its hashes were
+        # dropped by weights_changed and, uncacheable, it computed none since)
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
