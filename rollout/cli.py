@@ -124,8 +124,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.workload is None:  # `rollout bench` or `rollout bench --help`
         wanted = any(a in ("-h", "--help") for a in args.rest)
-        print("usage: rollout bench WORKLOAD [options]  (rollout bench WORKLOAD --help for them)")
-        print("workloads: " + ", ".join(WORKLOADS), file=sys.stdout if wanted else sys.stderr)
+        usage = "usage: rollout bench WORKLOAD [options]  (rollout bench WORKLOAD --help for them)"
+        print(f"{usage}\nworkloads: {', '.join(WORKLOADS)}", file=sys.stdout if wanted else sys.stderr)
         return 0 if wanted else 2
     module = importlib.import_module(f"rollout.benchmarks.{args.workload}")
     module.main(args.rest)

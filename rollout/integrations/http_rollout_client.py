@@ -155,8 +155,7 @@ class HTTPRolloutClient:
         pause: str = "keep",
     ) -> int:
         """Push weights (a module, plain or wrapped, a state dict or ``(hf_name, tensor)`` pairs; see
-        the class doc);
-        returns the new weight version."""
+        the class doc); returns the new weight version."""
         if self.shared_dir is None:
             if self._sender is None:
                 self._sender = WeightSender(self, host=self.weight_host, timeout_s=self.timeout_s)
