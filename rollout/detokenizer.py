@@ -76,13 +76,16 @@ class Detokenizer:
         return self.decode(ids, req.params.skip_special_tokens)
 
 
+_MAX_WAIT = 8  # unread tokens ending inside a character before the text is read up to 3 from the end
+
+
 class IncrementalDetokenizer:
     """The text of one sample, handed out piece by piece as its tokens arrive.
 
     The prefix/read-offset scheme of TGI and vLLM: a step decodes only a short window (the tokens of
     the previous step's text plus the new ones) and keeps what the new tokens added, so it costs
     O(window + new tokens). Text that ends in an incomplete UTF-8 character (U+FFFD) waits for the
-    bytes that complete it; the last ``holdback`` characters wait until the end while a stop string
+    bytes that complete it (or show it invalid: see ``_MAX_WAIT``); the last ``holdback`` characters wait until the end while a stop string
     could still cut them. At the end, the core's final text (cut at the stop string) wins.
 
     Decoding starts without prompt context, as the core's final text does (``final_text`` decodes the
@@ -156,6 +159,17 @@ class IncrementalDetokenizer:
             self._pending += after[len(before) :]
             del window[: self._read]  # the tokens just read become the next window's prefix
             self._read = len(window)
+        elif len(window) - self._read > _MAX_WAIT:
+            # Still incomplete after many tokens: bytes that are invalid for good (an untrained
+            # model's), or tokens that each end inside a character. Read up to 3 tokens from the
+            # end (the bytes after them decide any character they end in) if their text stays as
+            # it is in the whole window's; else the window grows, as before
+            cut = len(window) - 3
+            done = decode(window[:cut], skip)
+            if len(done) > len(before) and after.startswith(done):
+                self._pending += done[len(before) :]
+                del window[: self._read]
+                self._read = cut - self._read
 
     def _send(self, piece: str) -> str:
         if piece:

@@ -28,6 +28,7 @@ from rollout.weight_sync.receiver import WeightReceiver
 
 MAX_WEIGHT_VERSION = 2**63 - 1  # int64: what the outputs, the messages and the prefix-cache salt hold
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of the n samples of one seeded prompt
+_UINT64_MASK = 2**64 - 1
 
 
 @dataclass
@@ -166,7 +167,10 @@ class EngineCore:
             if params.seed is None:
                 seed = self._rng.getrandbits(63)
             else:
-                seed = (params.seed + i * _SEED_STRIDE) % (1 << 63)
+                # Two's complement of (seed + i * stride) mod 2**64: distinct seeds modulo 2**64
+                # stay distinct (as torch.manual_seed, -1 and 2**64 - 1 are one seed)
+                seed = (params.seed + i * _SEED_STRIDE) & _UINT64_MASK
+                seed -= (seed >> 63) << 64
             leader = group.children[0] if group.children and self.cache_config.enable_prefix_caching else None
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(child_id, ids, params, seed, eos, limit, self._arrivals, request_id, leader)

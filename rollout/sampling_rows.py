@@ -102,7 +102,7 @@ def sampling_rows(
                 v = req.sampling_values = values_of(req.params)
             values.append(v)
             rows.requests.append(req)
-            seeds.append(req.seed)  # in [0, 2**63): drawn or derived by the engine
+            seeds.append(req.seed)  # int64: drawn or derived by the engine
             # The RNG counter: the index of the output token sampled now. update_computed already
             # counted it as pending, together with any token still in flight before it.
             offset = req.num_output_tokens + req.num_pending - 1

@@ -313,6 +313,20 @@ def test_seeds_reproduce_across_batches_and_n_differs(tiny):
     assert [c.index for c in many] == [0, 1, 2, 3]
 
 
+def test_seeds_distinct_modulo_2_64_sample_differently(tiny):
+    # Sample seeds are derived mod 2**64 (they were mod 2**63: seeds 0 and 2**63, and -1 and
+    # 2**63 - 1, drew the same tokens); as torch.manual_seed, -1 and 2**64 - 1 are one seed.
+    def tokens(seed: int, n: int = 1) -> list[tuple[int, ...]]:
+        p = SamplingParams(seed=seed, max_tokens=16, ignore_eos=True, n=n)
+        return [tuple(c.token_ids) for c in tiny.generate([[1, 2, 3]], p, use_tqdm=False)[0].outputs]
+
+    assert tokens(0) != tokens(2**63)
+    assert tokens(-1) != tokens(2**63 - 1)
+    assert tokens(-1) == tokens(2**64 - 1)
+    assert tokens(2**64 - 1, n=3)[0] == tokens(2**64 - 1)[0]  # sample 0 keeps the seed itself
+    assert len(set(tokens(2**63, n=3))) == 3
+
+
 def test_steady_decode_reuses_sampling_tensors(tiny, sampling_builds):
     # A decode step over the same rows as the step before advances the previous sampling tensors'
     # RNG counters on the device instead of building new ones; any change of rows rebuilds them.

@@ -64,8 +64,9 @@ def test_pieces_add_up_to_the_full_decode(detok, skip):
             shown = ""
             for p in pieces[:-1]:
                 shown += p
-                assert full.startswith(shown)  # nothing handed out changes later
-                assert not p.endswith("\ufffd")  # an incomplete character waits for its bytes
+                # nothing handed out changes later: an incomplete character waits for its bytes,
+                # and a U+FFFD handed out (of bytes invalid for good) stays one
+                assert full.startswith(shown)
         partial += "\ufffd" in full
         specials += "<|" in full
     assert partial > 50 and (specials > 50) == (not skip)
@@ -146,6 +147,26 @@ def test_stop_checks_decode_a_window_not_the_whole_output(detok):
         req.output_token_ids.append(t)
         assert counting.check_stop(req) is None  # type: ignore[arg-type]
     assert req.text == detok.decode(ids) and sum(decoded) < 10 * len(ids)
+
+
+def test_invalid_bytes_do_not_grow_the_window(detok):
+    """An output of bytes that never form UTF-8 (an untrained model's) is sent as U+FFFD after a
+    few tokens instead of held back (and decoded again, longer) at every step; the text is still the
+    full decode, and a character split over tokens still waits for its bytes."""
+    decoded: list[int] = []
+
+    class Counting(Detokenizer):
+        def decode(self, token_ids, skip_special_tokens=True):
+            decoded.append(len(token_ids))
+            return super().decode(token_ids, skip_special_tokens)
+
+    ids = [0xE4, 0xFF, 0xBD] * 300  # a lead byte, then invalid ones: every step ends incomplete
+    d = IncrementalDetokenizer(Counting(detok.tokenizer))
+    pieces = [d.step([t]) for t in ids]
+    assert "".join(pieces) + d.finish([], None) == detok.decode(ids)
+    assert max(decoded) <= 16 and sum(map(len, pieces)) > 850  # was 900 tokens, all at the finish
+    d = IncrementalDetokenizer(detok)
+    assert [d.step([t]) for t in "a日".encode()] == ["a", "", "", "日"]
 
 
 def test_holdback_waits_for_the_end(detok):
