@@ -93,6 +93,11 @@ class RunnerConfig:
     # program repeats the norm + RoPE ahead of its first K/V tile, and at batch 32 / 256 that cost
     # more than the launch it saves (2.58 / 9.47 ms against 2.41 / 9.40; W1 -2%).
     small_batch_decode_rope: bool = True
+    # Decode-only steps of any size (past small_batch_gemv_rows too) launch the q/k norm + RoPE +
+    # store kernel and the decode attention (split and merge) as programmatic dependents (Hopper+;
+    # elsewhere plain launches): the attention's programs start while the q/k kernel finishes and
+    # the merge's while the splits finish. The GEMMs around them (cuBLAS) stay plain launches.
+    decode_attention_pdl: bool = True
     # CUDA: the weights and the KV cache live in address ranges that sleep keeps reserved while
     # it gives their physical memory back (rollout/vmm.py), so wake_up maps new memory at the
     # same addresses and the CUDA graphs stay valid instead of being captured again. The graphs'

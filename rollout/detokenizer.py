@@ -85,8 +85,9 @@ class IncrementalDetokenizer:
     The prefix/read-offset scheme of TGI and vLLM: a step decodes only a short window (the tokens of
     the previous step's text plus the new ones) and keeps what the new tokens added, so it costs
     O(window + new tokens). Text that ends in an incomplete UTF-8 character (U+FFFD) waits for the
-    bytes that complete it (or show it invalid: see ``_MAX_WAIT``); the last ``holdback`` characters wait until the end while a stop string
-    could still cut them. At the end, the core's final text (cut at the stop string) wins.
+    bytes that complete it (or show it invalid: see ``_MAX_WAIT``); the last ``holdback`` characters
+    wait until the end while a stop string could still cut them. At the end, the core's final text
+    (cut at the stop string) wins.
 
     Decoding starts without prompt context, as the core's final text does (``final_text`` decodes the
     output ids alone), so the pieces add up to exactly that text.

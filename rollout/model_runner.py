@@ -94,6 +94,7 @@ class ModelRunner:
                     module.gemv_rows, module.gemv_pdl = rc.small_batch_gemv_rows, rc.small_batch_gemv_pdl
                 if hasattr(module, "decode_rope"):
                     module.decode_rope = rc.small_batch_decode_rope
+                    module.decode_pdl = rc.decode_attention_pdl
         self.split_counters: torch.Tensor | None = None  # see AttentionMetadata.split_counters
         if backend == "triton" and self.runner_config.fused_decode_merge:
             rows = max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)

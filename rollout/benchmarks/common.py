@@ -16,9 +16,10 @@ from rollout.config import RunnerConfig
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
     """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge`` /
-    ``--gemv-rows`` / ``--gemv-pdl`` / ``--decode-rope``: how the engine under test runs its steps
-    (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens`` / ``fused_decode_merge`` /
-    ``small_batch_gemv_rows`` / ``small_batch_gemv_pdl`` / ``small_batch_decode_rope``)."""
+    ``--gemv-rows`` / ``--gemv-pdl`` / ``--decode-rope`` / ``--decode-pdl``: how the engine under
+    test runs its steps (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens`` /
+    ``fused_decode_merge`` / ``small_batch_gemv_rows`` / ``small_batch_gemv_pdl`` /
+    ``small_batch_decode_rope`` / ``decode_attention_pdl``)."""
     defaults = RunnerConfig()
     parser.add_argument(
         "--piecewise-tokens",
@@ -53,6 +54,12 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.small_batch_decode_rope,
         help="RunnerConfig.small_batch_decode_rope (small decode steps: q/k norm + RoPE in the attention)",
     )
+    parser.add_argument(
+        "--decode-pdl",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.decode_attention_pdl,
+        help="RunnerConfig.decode_attention_pdl (decode steps: q/k kernel, attention as dependent launches)",
+    )
 
 
 def graph_config(args: argparse.Namespace) -> RunnerConfig:
@@ -64,6 +71,7 @@ def graph_config(args: argparse.Namespace) -> RunnerConfig:
         small_batch_gemv_rows=args.gemv_rows,
         small_batch_gemv_pdl=args.gemv_pdl,
         small_batch_decode_rope=args.decode_rope,
+        decode_attention_pdl=args.decode_pdl,
     )
 
 

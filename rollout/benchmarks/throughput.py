@@ -238,6 +238,7 @@ def _run_child(args: argparse.Namespace, engine: str, wl: str, result_file: Path
         str(args.gemv_rows),
         "--gemv-pdl" if args.gemv_pdl else "--no-gemv-pdl",
         "--decode-rope" if args.decode_rope else "--no-decode-rope",
+        "--decode-pdl" if args.decode_pdl else "--no-decode-pdl",
         *(["--trace"] if args.trace else []),
         *(["--gc-freeze"] if args.gc_freeze else []),
         *(["--profile"] if args.profile else []),

@@ -110,6 +110,10 @@ class DecoderAttention(nn.Module):
         # q/k norm + RoPE + K/V store in their attention launch (``decode_attention_qkv``;
         # RunnerConfig.small_batch_decode_rope).
         self.decode_rope = False
+        # With ``fused`` and the triton backend: every decode-only step launches the q/k norm +
+        # RoPE + store kernel and the attention as programmatic dependents (RunnerConfig.
+        # decode_attention_pdl), whatever its size.
+        self.decode_pdl = False
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
@@ -132,8 +136,9 @@ class DecoderAttention(nn.Module):
             if attn.backend == "triton":  # K/V stored by the same kernel: no store_kv launch
                 assert attn.k_cache is not None and attn.v_cache is not None, "KV cache not bound"
                 small = 0 < num_tokens <= self.gemv_rows
-                pdl = self.gemv_pdl and small
-                if small and self.decode_rope and meta.max_query_len == 1 and meta.extend_tiles is None:
+                decode_only = meta.max_query_len == 1 and meta.extend_tiles is None
+                pdl = (self.gemv_pdl and small) or (self.decode_pdl and decode_only)
+                if small and self.decode_rope and decode_only:
                     out = attn.decode_qkv(qkv, positions, table, qw, kw, self.eps, meta, pdl=pdl)
                     return out.view(num_tokens, -1)
                 q = qk_norm_rope_store(

@@ -31,8 +31,8 @@ def test_trace_times_each_step_by_the_batch_it_collected():
     work = Workload("t", [[5] * 20, [7] * 9], [6, 4], 1.0)
     args = argparse.Namespace(
         max_batched=16, piecewise_tokens=0, mixed_graph_tokens=0, fused_merge=False,
-        gemv_rows=0, gemv_pdl=False, decode_rope=True, trace=True, profile_admission=False, gc_freeze=False,
-        profile=False, gpu_profile=False, result="unused.json",
+        gemv_rows=0, gemv_pdl=False, decode_rope=True, decode_pdl=True, trace=True, profile_admission=False,
+        gc_freeze=False, profile=False, gpu_profile=False, result="unused.json",
     )  # fmt: skip
     res = run_ours("tiny", work, args)
     buckets = res["step_ms_by_batch"]
