@@ -97,7 +97,10 @@ class RunnerConfig:
     # store kernel and the decode attention (split and merge) as programmatic dependents (Hopper+;
     # elsewhere plain launches): the attention's programs start while the q/k kernel finishes and
     # the merge's while the splits finish. The GEMMs around them (cuBLAS) stay plain launches.
-    decode_attention_pdl: bool = True
+    # Off until measured: built in stop 26 when no GPU was lent (`rollout bench step_profile
+    # --decode-pdl` against `--no-decode-pdl`; tests/rollout/test_decode_pdl_gpu.py checks that
+    # the outputs are the same).
+    decode_attention_pdl: bool = False
     # CUDA: the weights and the KV cache live in address ranges that sleep keeps reserved while
     # it gives their physical memory back (rollout/vmm.py), so wake_up maps new memory at the
     # same addresses and the CUDA graphs stay valid instead of being captured again. The graphs'
