@@ -36,7 +36,7 @@ import enum
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rollout.engine import EngineCore
+from rollout.engine import EngineCore, sample_ids
 from rollout.messages import (
     AbortRequests,
     AddRequest,
@@ -131,8 +131,12 @@ class ControlPlane:
             if self.state is EngineState.RUNNING:
                 self.engine.add_request(rid, prompt, params)
             else:
-                if rid in self.engine.request_ids:
-                    raise ValueError(f"request_id {rid!r} is already in use")
+                # what add_request checks at resume(), against the engine's and the held requests
+                self.engine.check_request_id(rid, params.n)
+                mine = set(sample_ids(rid, params.n))
+                for other, held in self._held.items():
+                    if not mine.isdisjoint(sample_ids(other, held.params.n)):
+                        raise ValueError(f"request_id {rid!r}: a sample id is taken by request {other!r}")
                 self.engine.tokenize(prompt)
                 self.engine.check_params(params)
                 self._held[rid] = _Held(prompt, params)
@@ -386,7 +390,9 @@ class ControlPlane:
     def _run_exclusive(self, action: Callable[[], Any], state: EngineState, stay: bool) -> Any:
         nested = self._resume_to is not None  # an update inside a sleep or repairing a failed one
         if not nested:
-            self._resume_to = EngineState.RUNNING if self.state is EngineState.DRAINING else self.state
+            # DRAINING too: the drain (pause "wait", deferred calls) goes on after this call and
+            # _settle ends it (answers the pauses, runs the deferred calls)
+            self._resume_to = self.state
             self.state = state
         try:
             result = action()
@@ -410,7 +416,12 @@ class ControlPlane:
 
     def _run_after_drain(self) -> None:
         pending, self._after_drain = self._after_drain, []
-        self.state = EngineState.RUNNING  # the drain is over; each call stops the engine itself
+        # The drain is over: a pause("wait") that drained too is answered now and the calls return
+        # the engine to paused, else to running (each call stops the engine itself)
+        if self._drain_acks:
+            self._enter_paused("wait")
+        else:
+            self.state = EngineState.RUNNING
         for cid, run, _ in pending:
             try:
                 result = run()
@@ -418,9 +429,6 @@ class ControlPlane:
                 self.outbox.append(ControlAck(cid, False, None, f"{type(e).__name__}: {e}"))
                 continue
             self.outbox.append(ControlAck(cid, True, result, None))
-        if self._drain_acks and self.state is EngineState.RUNNING:
-            self.state, self.pause_mode = EngineState.PAUSED, "wait"
-            self._answer_drains()
 
     def _transfer(self, fn: Callable[[], Any]) -> Any:
         """Run a transfer; transport failures (a dead sender, a timeout) become ``TransferError``."""

@@ -31,6 +31,11 @@ _SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads the seeds of the n samples of one s
 _UINT64_MASK = 2**64 - 1
 
 
+def sample_ids(request_id: str, n: int) -> list[str]:
+    """The ids of a prompt's samples: the request id itself for n = 1, ``rid#i`` for n > 1."""
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
+
 @dataclass
 class _Group:
     """The n samples of one prompt."""
@@ -143,11 +148,12 @@ class EngineCore:
         self.check_params(params)
         self.add_tokenized(request_id, ids, text, params)
 
-    def _check_request_id(self, request_id: str, n: int) -> None:
+    def check_request_id(self, request_id: str, n: int) -> None:
+        """Raise ``ValueError`` if a prompt ``request_id`` with ``n`` samples would clash with a
+        request in the engine: its id, or a sample id (see ``sample_ids``)."""
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        for i in range(n):  # samples are keyed by their ids (prompt logprobs): no two alike
-            sample_id = request_id if n == 1 else f"{request_id}#{i}"
+        for sample_id in sample_ids(request_id, n):  # samples are keyed by their ids: no two alike
             owner = self._sample_owner(sample_id)
             if owner is not None:
                 raise ValueError(
@@ -159,11 +165,11 @@ class EngineCore:
     ) -> None:
         """``add_request`` for a prompt already through ``tokenize`` (``ids``, ``text``) and params
         through ``check_params``; the request id is checked here."""
-        self._check_request_id(request_id, params.n)
+        self.check_request_id(request_id, params.n)
         group = _Group(request_id, ids, text)
         eos = frozenset() if params.ignore_eos else frozenset(self.model_config.eos_token_ids)
         limit = min(self.max_total_tokens, len(ids) + params.max_tokens)
-        for i in range(params.n):
+        for i, child_id in enumerate(sample_ids(request_id, params.n)):
             if params.seed is None:
                 seed = self._rng.getrandbits(63)
             else:
@@ -172,7 +178,6 @@ class EngineCore:
                 seed = (params.seed + i * _SEED_STRIDE) & _UINT64_MASK
                 seed -= (seed >> 63) << 64
             leader = group.children[0] if group.children and self.cache_config.enable_prefix_caching else None
-            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(child_id, ids, params, seed, eos, limit, self._arrivals, request_id, leader)
             self._arrivals += 1
             group.children.append(req)

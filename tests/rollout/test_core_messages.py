@@ -22,6 +22,7 @@ from rollout.messages import (
     encode,
 )
 from rollout.outputs import NewTokens, RequestDelta, SampleDelta
+from rollout.presets import resolve_model
 from rollout.stream import OutputAccumulator
 
 
@@ -329,3 +330,74 @@ def test_control_errors_are_acknowledged(plane):
     plane.outbox.clear()
     assert call(plane, "abort_all", 4)[0].result == 0
     assert plane.state is EngineState.RUNNING
+
+
+# ---- exclusive calls inside a drain, and held requests' ids (control-plane audit, stop 26) -------
+_GREEDY4 = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True).to_dict()
+
+
+def drive(plane: ControlPlane) -> tuple[dict[int, ControlAck], list[str]]:
+    for _ in range(50):
+        if not plane.can_step:
+            break
+        plane.step()
+    acks = {m.call_id: m for m in plane.outbox if isinstance(m, ControlAck)}
+    done = [d.request_id for m in plane.outbox if isinstance(m, Outputs) for d in m.deltas if d.finished]
+    plane.outbox.clear()
+    return acks, done
+
+
+@pytest.mark.parametrize("mode", ["keep", "abort"])
+def test_update_during_a_deferred_sleep_keeps_the_drain(plane, engine, mode):
+    plane.handle(AddRequest("a", [1, 2, 3], None, _GREEDY4))
+    plane.handle(ControlCall(1, "sleep", {"level": 1, "pause": "wait"}))  # deferred: drains first
+    plane.handle(AddRequest("b", [4, 5, 6], None, _GREEDY4))  # held
+    plane.handle(
+        ControlCall(2, "update_weights_from_disk", {"path": resolve_model("tiny")[0], "pause": mode})
+    )
+    acks, done1 = drive(plane)
+    assert acks[2].ok, acks[2]  # it was applied: it must not be reported as failed
+    assert acks[1].ok and engine.memory.level == 1  # the deferred sleep ran once the drain ended
+    plane.handle(ControlCall(3, "wake_up", {}))
+    acks, done = drive(plane)
+    assert acks[3].ok and plane.state is EngineState.RUNNING
+    # the request held during the drain is answered: aborted by pause "abort", else served after the wake
+    assert ("b" in done1) == (mode == "abort") and "b" in done1 + done and not plane._held
+
+
+def test_update_during_a_pause_wait_drain_still_answers_the_pause(plane):
+    plane.handle(AddRequest("a", [1, 2, 3], None, _GREEDY4))
+    plane.handle(ControlCall(1, "pause", {"mode": "wait"}))
+    plane.handle(
+        ControlCall(2, "update_weights_from_disk", {"path": resolve_model("tiny")[0], "pause": "keep"})
+    )
+    acks, done = drive(plane)
+    assert "a" in done and acks[2].ok
+    assert acks.get(1) == ControlAck(1, True, "paused", None) and plane.state is EngineState.PAUSED
+
+
+def test_pause_wait_then_sleep_wait_answers_the_pause_and_wakes_paused(plane):
+    plane.handle(AddRequest("a", [1, 2, 3], None, _GREEDY4))
+    plane.handle(ControlCall(1, "pause", {"mode": "wait"}))
+    plane.handle(ControlCall(2, "sleep", {"level": 1, "pause": "wait"}))
+    acks, done = drive(plane)
+    assert "a" in done and acks[2].ok
+    assert acks.get(1) == ControlAck(1, True, "paused", None)
+    plane.handle(ControlCall(3, "wake_up", {}))
+    acks, _ = drive(plane)
+    assert acks[3].ok and plane.state is EngineState.PAUSED  # the pause the caller asked for holds
+
+
+def test_held_requests_are_refused_on_arrival_for_sample_id_clashes(plane):
+    # while paused, requests are held: refused at once for the clashes add_request refuses (they
+    # failed at resume() instead)
+    one = SamplingParams(max_tokens=2, ignore_eos=True).to_dict()
+    two = SamplingParams(max_tokens=2, n=2, ignore_eos=True).to_dict()
+    plane.handle(AddRequest("x#1", [1, 2], None, one))
+    plane.handle(ControlCall(1, "pause", {"mode": "keep"}))
+    plane.outbox.clear()
+    plane.handle(AddRequest("x", [1, 2], None, two))  # clashes with the live sample x#1
+    plane.handle(AddRequest("y", [1, 2], None, two))
+    plane.handle(AddRequest("y#0", [1, 2], None, one))  # clashes with the held y's sample y#0
+    failed = [m.request_id for m in plane.outbox if isinstance(m, RequestFailed)]
+    assert failed == ["x", "y#0"] and list(plane._held) == ["y"]
