@@ -92,6 +92,7 @@ class ControlPlane:
         self._after_drain: list[tuple[int, Callable[[], Any], EngineState]] = []
         self._resume_to: EngineState | None = None  # the state an exclusive call returns to
         self._update_version = 0  # the version the open bucketed update will set
+        self._deferred_begin: int | None = None  # call id of a begin_weight_update waiting for a drain
 
     # ---- the loop ---------------------------------------------------------------------------
     @property
@@ -246,6 +247,11 @@ class ControlPlane:
     def _do_update_weights_from_disk(
         self, call_id: int, path: str, version: int | None = None, pause: str = "keep"
     ) -> Any:
+        # Refuse a bad update before the pause: "abort" must not end the requests in flight (nor
+        # "wait" drain them) for an update that changes nothing. The action checks again.
+        self.engine.next_weight_version(version)
+        self.engine.weights.check_disk(path)
+
         def action() -> int:
             return self.engine.update_weights_from_disk(path, version)
 
@@ -284,14 +290,20 @@ class ControlPlane:
         (``receive_weight_buckets``) or, with ``buffers``, over CUDA IPC (``weight_bucket`` for each,
         in order, then ``finish_weight_update``). The engine holds requests until the update ends."""
         parsed = Manifest.from_wire(manifest)
+        self.engine.next_weight_version(version)  # before the pause, as update_weights_from_disk
+        self.engine.weights.check_manifest(parsed)
 
         def action() -> int:
+            self._deferred_begin = None
             self.engine.check_can_update()
             self._update_version = self.engine.next_weight_version(version)
             self.engine.weights.begin(parsed, buffers)
             return self._update_version
 
-        return self._exclusive(call_id, pause, action, EngineState.UPDATING_WEIGHTS, stay=True)
+        result = self._exclusive(call_id, pause, action, EngineState.UPDATING_WEIGHTS, stay=True)
+        if result is _DEFERRED:
+            self._deferred_begin = call_id
+        return result
 
     def _do_receive_weight_buckets(self, call_id: int) -> int:
         """Receive the open update's buckets from the group's rank 0 and commit it."""
@@ -324,7 +336,15 @@ class ControlPlane:
 
     def _do_abort_weight_update(self, call_id: int) -> bool:
         """Drop the open update (its sender failed). If buckets were written already the weights are a
-        mix, and the engine holds requests until a complete update arrives."""
+        mix, and the engine holds requests until a complete update arrives. A begin still waiting
+        for the drain (its sender gave up waiting) is withdrawn."""
+        if self._deferred_begin is not None:
+            cid, self._deferred_begin = self._deferred_begin, None
+            self._after_drain = [entry for entry in self._after_drain if entry[0] != cid]
+            self.outbox.append(ControlAck(cid, False, None, "ValueError: the weight update was aborted"))
+            if not self._after_drain and not self._drain_acks and self.state is EngineState.DRAINING:
+                self._do_resume(0)  # the drain was for this update only: back to running
+            return True
         if not self.engine.weights.in_progress:
             return False
         self.engine.weights.end(complete=False)

@@ -470,6 +470,8 @@ class EngineCore:
     def next_weight_version(self, version: int | None) -> int:
         """The version an update will set: ``version`` (above the current one) or current + 1."""
         if version is None:
+            if self.weight_version >= MAX_WEIGHT_VERSION:  # current + 1 would leave int64
+                raise ValueError(f"weight version {self.weight_version} is the largest there is (int64)")
             return self.weight_version + 1
         bad = not isinstance(version, int) or isinstance(version, bool)
         if bad or not self.weight_version < version <= MAX_WEIGHT_VERSION:

@@ -66,6 +66,12 @@ def full_weights(
 
 def _weight(name: str, tensor: torch.Tensor) -> FullWeight:
     tensor = tensor.detach()
+    if tensor.layout != torch.strided or tensor.is_meta:
+        # Refused before the manifest goes out: packing it would fail after earlier buckets were
+        # written, leaving the engine with a mix of old and new weights.
+        raise ValueError(
+            f"weight {name!r}: needs a dense tensor holding data, got {tensor.layout} on {tensor.device}"
+        )
     if _is_dtensor(tensor):
         return FullWeight(name, tuple(tensor.shape), tensor.dtype, tensor.full_tensor, sharded=True)
     return FullWeight(name, tuple(tensor.shape), tensor.dtype, lambda: tensor)

@@ -46,6 +46,9 @@ class WeightGroup:
             raise ValueError(f"rank {rank} is outside a group of {world_size}")
         if (backend == "nccl") != (device.type == "cuda"):
             raise ValueError(f"backend {backend!r} cannot move buckets on {device}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s <= 1e9:
+            # (timedelta raises OverflowError past ~8.6e13 s: not a ValueError, it killed the engine core)
+            raise ValueError(f"timeout_s must be a number of seconds in (0, 1e9], got {timeout_s!r}")
         timeout = datetime.timedelta(seconds=timeout_s)
         if store is None:
             store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)

@@ -62,15 +62,21 @@ class WeightReceiver:
 
     def apply_disk(self, path: str) -> int:
         """Reload from a safetensors directory (single or sharded); every header is checked first."""
-        if not isinstance(path, str) or not Path(path).is_dir():
-            raise ValueError(f"weight directory {path!r} does not exist")
-        try:
-            files = safetensors_files(path)
-        except FileNotFoundError as e:
-            raise ValueError(str(e)) from None
-        self._check(read_weight_specs(files))
+        files = self.check_disk(path)
         self._write(iter_weights(files))
         return sum(f.stat().st_size for f in files)
+
+    def check_disk(self, path: str) -> list[Path]:
+        """Validate a safetensors directory's headers as ``apply_disk`` would; returns its files."""
+        try:
+            if not isinstance(path, str) or not Path(path).is_dir():
+                raise ValueError(f"weight directory {path!r} does not exist")
+            files = safetensors_files(path)
+            specs = read_weight_specs(files)
+        except OSError as e:  # also a name too long, a directory we may not read: bad input
+            raise ValueError(f"weight directory {path!r:.300}: {e.strerror or e}") from None
+        self._check(specs)
+        return files
 
     # ---- process group ------------------------------------------------------------------------
     def init_group(
@@ -93,6 +99,10 @@ class WeightReceiver:
         return True
 
     # ---- bucketed updates (process group or CUDA IPC) ---------------------------------------
+    def check_manifest(self, manifest: Manifest) -> None:
+        """Validate a bucketed update's names, shapes and dtypes (as ``begin`` does)."""
+        self._check(list(manifest.specs()))
+
     def begin(self, manifest: Manifest, buffers: list[dict[str, Any]] | None = None) -> None:
         """Validate a whole bucketed update before any data moves. Without ``buffers`` the buckets
         come over the weight group (``receive_group``), with them over CUDA IPC (``copy_bucket``)."""

@@ -20,6 +20,7 @@ every rank: all ranks join each parameter's gather, rank 0 (the one built with t
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -148,13 +149,7 @@ class WeightSender:
     ) -> int:
         client = self._client()
         group = self._group(backend)
-        client.call(
-            "begin_weight_update",
-            timeout_s=self.timeout_s,
-            manifest=manifest.to_wire(),
-            version=version,
-            pause=pause,
-        )
+        self._begin(client, manifest=manifest.to_wire(), version=version, pause=pause)
         receive = client.start_call("receive_weight_buckets")
         try:
             group.send(manifest, (w.get() for w in weights))
@@ -183,8 +178,35 @@ class WeightSender:
             backend=backend,
             timeout_s=self.timeout_s,
         )
-        self.group = WeightGroup(self.host, store.port, 0, 2, backend, device, self.timeout_s, store=store)
-        client.wait_call(joined, "init_weight_group", self.timeout_s)
+        # Host the group in a thread while listening for the engine's answer: an engine that refuses
+        # (it is in another sender's group already: the LLM's own, or one that died) answers at once,
+        # and the rendezvous would otherwise wait out the whole timeout for a peer that never comes
+        # (after a refusal the thread still does, in the background, and ends with its timeout).
+        made: list[WeightGroup | BaseException] = []
+
+        def host() -> None:
+            try:
+                made.append(
+                    WeightGroup(self.host, store.port, 0, 2, backend, device, self.timeout_s, store=store)
+                )
+            except BaseException as e:  # noqa: BLE001 (re-raised below)
+                made.append(e)
+
+        thread = threading.Thread(target=host, name="rollout-weight-group", daemon=True)
+        thread.start()
+        answered = False
+        while thread.is_alive() and not answered:
+            try:
+                client.wait_call(joined, "init_weight_group", 0.2)  # raises the engine's refusal
+                answered = True
+            except TimeoutError:
+                pass
+        thread.join()
+        if isinstance(made[0], BaseException):
+            raise made[0]
+        self.group = made[0]
+        if not answered:
+            client.wait_call(joined, "init_weight_group", self.timeout_s)
         return self.group
 
     def _push_ipc(
@@ -199,14 +221,7 @@ class WeightSender:
                 torch.empty(max(size, 1), dtype=torch.uint8, device=device) for _ in range(nbuf)
             ]
         handles = [cuda_ipc.share(b) for b in self._ipc_buffers]
-        client.call(
-            "begin_weight_update",
-            timeout_s=self.timeout_s,
-            manifest=manifest.to_wire(),
-            version=version,
-            pause=pause,
-            buffers=handles,
-        )
+        self._begin(client, manifest=manifest.to_wire(), version=version, pause=pause, buffers=handles)
         tensors = (w.get() for w in weights)
         pending: list[int | None] = [None] * nbuf
         try:
@@ -228,6 +243,19 @@ class WeightSender:
         return client.call("finish_weight_update", timeout_s=self.timeout_s)
 
     # ---- helpers ------------------------------------------------------------------------------
+    def _begin(self, client: EngineControl, **args: Any) -> None:
+        """``begin_weight_update``; if it gets no answer (pause "wait": a drain longer than our
+        timeout), withdraw it, or the engine would open the update once drained and hold every
+        request for buckets that never come."""
+        try:
+            client.call("begin_weight_update", timeout_s=self.timeout_s, **args)
+        except (ValueError, TypeError):
+            raise  # refused: nothing is open
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.call("abort_weight_update", timeout_s=30.0)
+            raise
+
     def _client(self) -> EngineControl:
         assert self.llm is not None
         if callable(getattr(type(self.llm), "start_call", None)):
