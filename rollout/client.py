@@ -105,7 +105,12 @@ class EngineCoreClient:
         core_env["PYTHONPATH"] = os.pathsep.join([*path_dirs, core_env.get("PYTHONPATH", "")])
         cmd = [sys.executable, "-m", "rollout.core_proc", json.dumps(spec)]
         self.proc = subprocess.Popen(cmd, env=core_env)
-        self._finalizer = weakref.finalize(self, _cleanup, self.proc, self._ctx, self.input, self.socket_dir)
+        # The finalizer holds both sockets: collected in a reference cycle, the client's weakrefs
+        # (the context's socket set among them) are cleared before it runs, and a socket that
+        # ctx.destroy cannot see stays open and makes ctx.term() wait forever.
+        self._finalizer = weakref.finalize(
+            self, _cleanup, self.proc, self._ctx, (self.input, self.output), self.socket_dir
+        )
         self._call_ids = 0
         self._acks: dict[int, ControlAck] = {}  # answers that arrived while waiting for another
         self._dead: EngineDeadError | None = None
@@ -119,7 +124,19 @@ class EngineCoreClient:
     def send(self, msg: Message) -> None:
         """Queue one message to the core (never blocks)."""
         self.check_alive()
-        self.input.send(encode(msg), zmq.NOBLOCK, copy=False)
+        try:
+            self.input.send(encode(msg), zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # no peer (SNDHWM is 0): the core closed its sockets, it failed and is exiting
+            self._fail_disconnected()
+
+    def _fail_disconnected(self) -> None:
+        """Raise ``EngineDeadError`` for a core that closed its input socket: with the cause from its
+        ``EngineDead`` message when that is still unread, else with how its process ended."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5.0)
+        self.recv(0)  # an unread EngineDead frame raises here, with the core's traceback
+        self.check_alive()
+        self.mark_dead(EngineDeadError(f"engine core process {self.proc.pid} closed its connection"))
 
     def next_call_id(self) -> int:
         self._call_ids += 1
@@ -214,8 +231,11 @@ def ack_result(ack: ControlAck) -> Any:
     raise {"ValueError": ValueError, "TypeError": TypeError}.get(kind, RuntimeError)(text)
 
 
-def _cleanup(proc: subprocess.Popen, ctx: zmq.Context, input_socket: zmq.Socket, socket_dir: str) -> None:
+def _cleanup(
+    proc: subprocess.Popen, ctx: zmq.Context, sockets: tuple[zmq.Socket, zmq.Socket], socket_dir: str
+) -> None:
     """Stop the core process (politely, then by force) and remove the sockets and their directory."""
+    input_socket = sockets[0]
     if proc.poll() is None:
         with contextlib.suppress(zmq.ZMQError):
             input_socket.send(encode(ControlCall(0, "shutdown", {})), zmq.NOBLOCK)
@@ -228,6 +248,8 @@ def _cleanup(proc: subprocess.Popen, ctx: zmq.Context, input_socket: zmq.Socket,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+    for sock in sockets:
+        sock.close(linger=0)
     ctx.destroy(linger=0)
     shutil.rmtree(socket_dir, ignore_errors=True)
 

@@ -119,7 +119,7 @@ def _drain_input(inp: zmq.Socket, plane: ControlPlane) -> None:
         try:
             msg = decode(frame, check=True)
             plane.handle(msg)
-        except MessageError as e:
+        except (MessageError, RecursionError) as e:  # RecursionError: nested too deep to check or print
             plane.num_rejected_messages += 1
             log.warning("rejected a malformed message (%d bytes): %s", len(frame), e)
             call_id = control_call_id(frame)

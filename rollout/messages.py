@@ -14,6 +14,7 @@ Core -> client: ``Ready`` (once, after start-up), ``Outputs`` (per step), ``Requ
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -148,7 +149,7 @@ def control_call_id(frame: bytes) -> int | None:
     """The call id of a frame that is a ``ControlCall`` with a valid id but is otherwise malformed
     (unknown method, bad arguments), so the core can refuse it; None for anything else."""
     try:
-        values = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        values = msgpack.unpackb(frame, raw=False, strict_map_key=False)  # as decode() reads it
     except Exception:
         return None
     if isinstance(values, list) and len(values) >= 2 and values[0] == ControlCall.TAG:
@@ -261,6 +262,10 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+_PREVIEW = reprlib.Repr()  # bounded depth: a hostile frame nests as deep as msgpack allows
+_PREVIEW.maxlevel = 4
+
+
 def _preview(value: object, limit: int = 80) -> str:
-    text = repr(value)
+    text = _PREVIEW.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
