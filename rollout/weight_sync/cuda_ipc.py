@@ -65,16 +65,19 @@ def open_shared(data: dict[str, Any], device: torch.device) -> torch.Tensor:
             "CUDA IPC needs the trainer's buffer on the engine's GPU; use a process group across GPUs"
         )
     torch.cuda._lazy_init()
-    storage = torch.UntypedStorage._new_shared_cuda(
-        device.index if device.index is not None else torch.cuda.current_device(),
-        data["handle"],
-        data["storage_bytes"],
-        data["storage_offset"],
-        data["ref_handle"],
-        data["ref_offset"],
-        data["event_handle"] or None,
-        data["event_sync"],
-    )
+    try:
+        storage = torch.UntypedStorage._new_shared_cuda(
+            device.index if device.index is not None else torch.cuda.current_device(),
+            data["handle"],
+            data["storage_bytes"],
+            data["storage_offset"],
+            data["ref_handle"],
+            data["ref_offset"],
+            data["event_handle"] or None,
+            data["event_sync"],
+        )
+    except (RuntimeError, TypeError) as e:  # a malformed or stale handle: bad input, not a dead core
+        raise ValueError(f"cannot open the shared CUDA buffer: {e}") from None
     flat = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
     start = int(data["tensor_offset"])
     return flat[start : start + int(data["numel"])]

@@ -38,6 +38,24 @@ def test_cuda_ipc_from_another_process_equals_fresh_engine(checkpoints):  # noqa
         checkpoints["new_model"].to("cpu")
 
 
+def test_a_malformed_ipc_handle_is_refused_and_the_engine_serves(checkpoints):  # noqa: F811
+    # _new_shared_cuda's RuntimeError escaped the control plane and killed the core (audit, stop 26)
+    from rollout.weight_sync.cuda_ipc import device_uuid, share
+    from rollout.weight_sync.manifest import plan_buckets
+
+    model = checkpoints["new_model"]
+    manifest = plan_buckets([(n, tuple(p.shape), torch.bfloat16) for n, p in model.named_parameters()])
+    buffer = torch.empty(max(manifest.bucket_sizes), dtype=torch.uint8, device="cuda:0")
+    bad = {**share(buffer), "handle": b"\x00" * 64}
+    assert bad["uuid"] == device_uuid(torch.device("cuda:0"))
+    with LLM(checkpoints["old"], multiprocess=True, device="cuda:0", **KW) as llm:
+        with pytest.raises(ValueError, match="cannot open the shared CUDA buffer"):
+            llm.client.call("begin_weight_update", manifest=manifest.to_wire(), buffers=[bad])
+        state = llm.client.call("get_state")
+        assert state["state"] == "running" and state["weight_version"] == 0
+        assert llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_nccl_from_gpu0_to_engine_on_gpu1(checkpoints):  # noqa: F811
     expected = reference(checkpoints["new_dir"], "cuda:1")
