@@ -109,7 +109,7 @@ class EngineCoreClient:
         # (the context's socket set among them) are cleared before it runs, and a socket that
         # ctx.destroy cannot see stays open and makes ctx.term() wait forever.
         self._finalizer = weakref.finalize(
-            self, _cleanup, self.proc, self._ctx, (self.input, self.output), self.socket_dir
+            self, _cleanup, self.proc, self._ctx, (self.input, self.output), self.socket_dir, os.getpid()
         )
         self._call_ids = 0
         self._acks: dict[int, ControlAck] = {}  # answers that arrived while waiting for another
@@ -232,9 +232,17 @@ def ack_result(ack: ControlAck) -> Any:
 
 
 def _cleanup(
-    proc: subprocess.Popen, ctx: zmq.Context, sockets: tuple[zmq.Socket, zmq.Socket], socket_dir: str
+    proc: subprocess.Popen,
+    ctx: zmq.Context,
+    sockets: tuple[zmq.Socket, zmq.Socket],
+    socket_dir: str,
+    owner_pid: int,
 ) -> None:
-    """Stop the core process (politely, then by force) and remove the sockets and their directory."""
+    """Stop the core process (politely, then by force) and remove the sockets and their directory.
+    Only in the process that started the core: a forked child (a data loader worker) exiting
+    normally runs the finalizers too, and removed its parent's socket directory."""
+    if os.getpid() != owner_pid:
+        return
     input_socket = sockets[0]
     if proc.poll() is None:
         with contextlib.suppress(zmq.ZMQError):

@@ -119,3 +119,25 @@ def test_malformed_control_call_with_int_keyed_args_is_answered():
                 await asyncio.wait_for(llm.call("get_stat", x={1: 2}), 10)
 
         asyncio.run(main())
+
+
+def test_a_forked_child_exiting_leaves_the_parents_engine_alone():
+    # a forked child (a data loader worker) that exits normally runs the client's finalizer: it
+    # removed the parent's socket directory
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from rollout import LLM, CacheConfig, SamplingParams
+        llm = LLM("tiny", multiprocess=True, device="cpu", cache_config=CacheConfig(num_blocks=16))
+        if os.fork() == 0:
+            sys.exit(0)
+        os.wait()
+        out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+        print(os.path.exists(llm.client.socket_dir), len(out[0].outputs[0].token_ids), flush=True)
+        llm.shutdown()
+        """
+    )
+    env = {**os.environ, **ONE_THREAD}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "4"]
