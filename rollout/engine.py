@@ -179,6 +179,10 @@ class EngineCore:
                 seed -= (seed >> 63) << 64
             leader = group.children[0] if group.children and self.cache_config.enable_prefix_caching else None
             req = Request(child_id, ids, params, seed, eos, limit, self._arrivals, request_id, leader)
+            if params.prompt_logprobs is not None:  # the first prompt token has no logprob; a
+                # 1-token prompt has no other (no step ever reports prompt rows for it)
+                req.prompt_logprobs.append(None)
+                req.prompt_top_logprobs.append(None)
             self._arrivals += 1
             group.children.append(req)
         self._groups[request_id] = group
@@ -331,9 +335,6 @@ class EngineCore:
             req = s.request
             if prompt_lps and req.request_id in prompt_lps:
                 lps, top_lps = prompt_lps[req.request_id]
-                if not req.prompt_logprobs:
-                    req.prompt_logprobs.append(None)
-                    req.prompt_top_logprobs.append(None)
                 # entry j is prompt token start + 1 + j; a recompute after preemption repeats some
                 skip = max(len(req.prompt_logprobs) - 1 - s.start, 0)
                 req.prompt_logprobs.extend(lps[skip:])

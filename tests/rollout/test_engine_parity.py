@@ -123,3 +123,14 @@ def test_chunked_prompt_logprobs_match_unchunked(checkpoints):
         rtol=0,
     )
     assert results[0].outputs[0].token_ids == results[1].outputs[0].token_ids
+
+
+def test_one_token_prompt_logprobs_have_one_entry(tmp_path):
+    # one entry per prompt token, the first None, for a 1-token prompt too (it got [])
+    save_tiny_checkpoint(tmp_path, "qwen3")
+    llm = LLM(str(tmp_path), device="cpu", cache_config=CacheConfig(block_size=4, num_blocks=16))
+    params = SamplingParams(n=2, temperature=0, max_tokens=2, prompt_logprobs=1)
+    for prompt in ([17], [17, 42]):
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        assert len(out.prompt_logprobs) == len(out.prompt_top_logprobs) == len(prompt)
+        assert out.prompt_logprobs[0] is None and out.prompt_top_logprobs[0] is None
