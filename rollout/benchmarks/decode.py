@@ -25,10 +25,13 @@ from rollout import LLM, SamplingParams
 from rollout.benchmarks.common import measure_ceilings, model_bytes, prompts_pending
 
 
-def time_decode(llm: LLM, batch: int, context: int, steps: int, rng: random.Random) -> float | None:
-    """Mean ms of ``steps`` decode steps with exactly ``batch`` sequences of about ``context`` tokens;
-    None if they do not fit in the KV cache. Requests admitted early start decoding while later ones
-    prefill, so max_tokens leaves room for the whole prefill phase: nobody finishes while timed."""
+def time_decode(
+    llm: LLM, batch: int, context: int, steps: int, rng: random.Random
+) -> tuple[float, float] | None:
+    """(mean ms, mean KV tokens per sequence) of ``steps`` decode steps with exactly ``batch`` sequences
+    of ``context`` prompt tokens; None if they do not fit in the KV cache. Requests admitted early
+    start decoding while later ones prefill, so max_tokens leaves room for the whole prefill phase:
+    nobody finishes while timed, and each sequence holds more than ``context`` tokens by then."""
     engine = llm.engine
     bs = engine.cache_config.block_size
     prefill_steps = -(-batch * context // engine.scheduler_config.max_num_batched_tokens) + 2
@@ -42,13 +45,16 @@ def time_decode(llm: LLM, batch: int, context: int, steps: int, rng: random.Rand
     while prompts_pending(engine.scheduler):
         engine.step()
     engine.step()  # first pure decode step (warm)
+    kv_before = sum(r.num_computed_tokens for r in engine.scheduler.running)
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
     ms = (time.perf_counter() - start) / steps * 1e3
+    kv_after = sum(r.num_computed_tokens for r in engine.scheduler.running)
     assert len(engine.scheduler.running) == batch, "a sequence finished while timed"
     engine.abort(ids)
-    return ms
+    # each timed step reads every sequence's KV, one token longer per step: the mean over the steps
+    return ms, (kv_before + kv_after) / 2 / batch
 
 
 VARIANTS = {  # name -> (fused ops, overlapped loop)
@@ -96,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
             llm.engine.runner.graphs = graphs if use_graphs else None
             for context in args.contexts:
                 for batch in args.batches:
-                    ms = time_decode(llm, batch, context, args.steps, rng)
-                    floor_ms = (weights + batch * context * kvb) / ceil["copy_bytes_per_s"] * 1e3
+                    timed = time_decode(llm, batch, context, args.steps, rng)
+                    ms, kv_tokens = timed if timed is not None else (None, context)
+                    floor_ms = (weights + batch * kv_tokens * kvb) / ceil["copy_bytes_per_s"] * 1e3
                     rows.append(
                         dict(
                             variant=variant,
@@ -105,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                             batch=batch,
                             context=context,
                             step_ms=ms,
+                            kv_tokens_per_seq=kv_tokens,  # KV read per sequence over the timed steps
                             floor_ms=floor_ms,
                         )
                     )
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         if r["step_ms"] is None:
             print(f"{head}  does not fit in the KV cache")
             continue
-        gbs = (weights + r["batch"] * r["context"] * kvb) / (r["step_ms"] / 1e3) / 1e9
+        gbs = (weights + r["batch"] * r["kv_tokens_per_seq"] * kvb) / (r["step_ms"] / 1e3) / 1e9
         pct = 100 * r["floor_ms"] / r["step_ms"]
         print(f"{head} {r['step_ms']:8.2f} {r['floor_ms']:8.2f} {gbs:6.0f} {pct:6.1f}")
 

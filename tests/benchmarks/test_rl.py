@@ -46,3 +46,33 @@ def test_steps_that_collected_nothing_count_in_no_batch_bucket():
     assert s["decode_only"]["steps"] == 2 and s["decode_only"]["tokens"] == 3
     assert s["decode_batch_1-8"]["steps"] == 1
     assert abs(s["decode_only"]["seconds"] - 0.004) < 1e-12
+
+
+def test_rl_bench_warm_up_leaves_no_prompt_cached(monkeypatch, tmp_path):
+    """W2's "prompt tokens computed": each prompt once, plus the last partial block once per further
+    sample; the warm-up (the first 4 prompts) must not have computed any of them beforehand."""
+    import json
+    import random
+
+    import torch
+
+    from rollout.benchmarks import rl
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", attention_bias=False,
+        rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=8192, tie_word_embeddings=True,
+        torch_dtype="float32", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=10240,
+    )))  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    # short outputs: the lengths are not what is checked
+    monkeypatch.setattr(rl.random.Random, "expovariate", lambda self, lambd: 0.0)
+    rl.main(["--model", str(model), "--num-prompts", "4", "--n", "2", "--out", str(tmp_path),
+             "--piecewise-tokens", "0", "--mixed-graph-tokens", "0"])  # fmt: skip
+    res = json.loads((tmp_path / "rl.json").read_text())
+    rng = random.Random(0)
+    lens = [len([rng.randrange(100, 10000) for _ in range(rng.randint(256, 512))]) for _ in range(4)]
+    assert res["prompt_tokens_submitted"] == 2 * sum(lens)
+    assert res["prompt_tokens_computed"] == sum(n + (n - (n - 1) // 16 * 16) for n in lens)

@@ -21,8 +21,8 @@ def test_throughput_keeps_the_median_run():
 
 def test_trace_times_each_step_by_the_batch_it_collected():
     """--trace on the CPU with the tiny model: every step lands in one bucket, batches with prompt
-    tokens in -1 (the warm-up left the prompts' full blocks cached: 13 tokens to compute, one
-    step), decode batches of 1-2 rows in bucket 0."""
+    tokens in -1 (29 prompt tokens at 16 a step: two steps; the warm-up leaves nothing cached),
+    decode batches of 1-2 rows in bucket 0."""
     import argparse
 
     from rollout.benchmarks.throughput import run_ours
@@ -36,6 +36,41 @@ def test_trace_times_each_step_by_the_batch_it_collected():
     )  # fmt: skip
     res = run_ours("tiny", work, args)
     buckets = res["step_ms_by_batch"]
-    assert set(buckets) == {-1, 0} and buckets[-1][0] == 1 and buckets[0][0] >= 3
+    assert set(buckets) == {-1, 0} and buckets[-1][0] == 2 and buckets[0][0] >= 3
     assert sum(n for n, _ in buckets.values()) == res["num_steps"]
     assert res["out_tokens"] == 10 and len(res["admission_steps_ms"]) == buckets[-1][0]
+
+
+def _args(**kw):
+    import argparse
+
+    base = dict(
+        max_batched=8192, piecewise_tokens=0, mixed_graph_tokens=0, fused_merge=False, gemv_rows=0,
+        gemv_pdl=False, decode_rope=True, decode_pdl=False, trace=False, profile_admission=False,
+        gc_freeze=False, profile=False, gpu_profile=False, result="unused.json",
+    )  # fmt: skip
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_timed_run_computes_every_prompt_token(monkeypatch):
+    """The warm-up runs the workload's first prompts: it must not leave them in the prefix cache, or
+    the timed generate skips their prefill (W1: 5,088 of 142,827 prompt tokens)."""
+    import rollout
+    from rollout.benchmarks.throughput import run_ours
+    from rollout.benchmarks.workloads import Workload
+
+    made = []
+
+    class Spy(rollout.LLM):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(rollout, "LLM", Spy)
+    work = Workload("t", [[5] * 40, [7] * 33], [3, 2], 1.0)  # two full blocks each
+    res = run_ours("tiny", work, _args())
+    stats = made[0].stats()
+    assert res["out_tokens"] == 5
+    assert stats.num_cached_tokens == 0  # was 64: both prompts' full blocks, from the warm-up
+    # warm-up and timed run each computed both prompts in full
+    assert stats.num_prompt_tokens_computed == 2 * 73
