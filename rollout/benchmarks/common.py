@@ -117,10 +117,16 @@ def measure_ceilings() -> dict:
 
 
 def model_bytes(llm) -> tuple[int, int]:
-    """(weight bytes, KV bytes per token) of an LLM's model."""
+    """(weight bytes a decode step reads, KV bytes per token) of an LLM's model. An untied input
+    embedding is left out: a step reads only its rows' embeddings, not the table (a tied one is
+    the LM head, read whole, and ``parameters()`` yields it once)."""
     mc = llm.engine.model_config
     kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * mc.dtype.itemsize
-    weights = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    model = llm.engine.runner.model
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.spec.tie_word_embeddings:
+        table = model.model.embed_tokens.weight
+        weights -= table.numel() * table.element_size()
     return weights, kv_per_token
 
 
