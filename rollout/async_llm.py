@@ -231,6 +231,7 @@ class AsyncLLM:
                     continue
                 for msg in self.client.recv(0):  # drain what is queued, without blocking
                     self._dispatch(msg)
+                self.client.check_alive()  # a failure reported after those messages
         except asyncio.CancelledError:
             raise
         except BaseException as e:

@@ -144,7 +144,11 @@ class EngineCoreClient:
 
     def recv(self, timeout_s: float) -> list[Message]:
         """Messages the core sent, waiting up to ``timeout_s`` for the first. Raises
-        ``EngineDeadError`` when the core reported a failure or is gone."""
+        ``EngineDeadError`` when the core reported a failure or is gone; messages that came before
+        a failure report are returned first (outputs of requests that finished before it), and the
+        failure raises from the next call (``is_dead`` is already true)."""
+        if self._dead is not None:
+            raise self._dead
         frames = []
         if self.output.poll(int(timeout_s * 1000)):
             while True:
@@ -154,7 +158,15 @@ class EngineCoreClient:
                     break
         if not frames:
             self.check_alive()
-        return [self.decode(f) for f in frames]
+        msgs: list[Message] = []
+        for frame in frames:
+            try:
+                msgs.append(self.decode(frame))
+            except EngineDeadError:
+                if msgs:
+                    return msgs
+                raise
+        return msgs
 
     def decode(self, frame: bytes) -> Message:
         """Decode one output frame; an ``EngineDead`` message marks the client dead and raises."""

@@ -141,3 +141,26 @@ def test_a_forked_child_exiting_leaves_the_parents_engine_alone():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "4"]
+
+
+def test_outputs_sent_before_a_core_failure_are_delivered():
+    # the outputs and the failure report read in one batch: the outputs were dropped, so a request
+    # that had finished got EngineDeadError too
+    from rollout.messages import AddRequest, Outputs
+
+    bad = f"{__name__}:BadInvariants"
+    llm = LLM("tiny", multiprocess=True, engine_class=bad, env=ONE_THREAD, **ENGINE_ARGS)
+    client = llm.client
+    try:
+        params = SamplingParams(max_tokens=2, ignore_eos=True).to_dict()
+        client.send(AddRequest("done", [1, 2, 3], None, params))
+        time.sleep(2.0)  # the request finishes; nothing is read meanwhile
+        client.start_call("get_state", check_invariants=True)  # the core fails and exits
+        client.proc.wait(30)
+        msgs = client.recv(1.0)
+        finished = [d.request_id for m in msgs if isinstance(m, Outputs) for d in m.deltas if d.finished]
+        assert finished == ["done"] and client.is_dead
+        with pytest.raises(EngineDeadError, match="injected invariant violation"):
+            client.recv(0.1)
+    finally:
+        llm.shutdown()
