@@ -64,14 +64,19 @@ def full_weights(
     yield [_weight(_clean(n), p) for n, p in model.named_parameters()]
 
 
-def _weight(name: str, tensor: torch.Tensor) -> FullWeight:
-    tensor = tensor.detach()
+def check_dense(name: str, tensor: torch.Tensor) -> None:
+    """ValueError for a tensor that holds no dense data (meta, sparse): refused before anything is
+    written or sent, since copying it would fail after earlier weights were written, leaving a mix
+    of old and new weights."""
     if tensor.layout != torch.strided or tensor.is_meta:
-        # Refused before the manifest goes out: packing it would fail after earlier buckets were
-        # written, leaving the engine with a mix of old and new weights.
         raise ValueError(
             f"weight {name!r}: needs a dense tensor holding data, got {tensor.layout} on {tensor.device}"
         )
+
+
+def _weight(name: str, tensor: torch.Tensor) -> FullWeight:
+    tensor = tensor.detach()
+    check_dense(name, tensor)  # before the manifest goes out
     if _is_dtensor(tensor):
         return FullWeight(name, tuple(tensor.shape), tensor.dtype, tensor.full_tensor, sharded=True)
     return FullWeight(name, tuple(tensor.shape), tensor.dtype, lambda: tensor)

@@ -24,6 +24,7 @@ from rollout.models.loader import iter_weights, read_weight_specs, safetensors_f
 from rollout.models.weights import WeightMapper, check_weights, write_weights
 from rollout.weight_sync import cuda_ipc
 from rollout.weight_sync.manifest import Manifest, TensorEntry, unpack
+from rollout.weight_sync.params import check_dense
 from rollout.weight_sync.process_group import WeightGroup
 
 
@@ -51,11 +52,7 @@ class WeightReceiver:
                 raise TypeError(f"weights must be (name, tensor) pairs, got {type(item).__name__}")
             if not isinstance(item[0], str):
                 raise TypeError(f"weight names must be str, got {item[0]!r}")
-            if item[1].layout != torch.strided or item[1].is_meta:  # would fail mid-write
-                raise ValueError(
-                    f"weight {item[0]}: needs a dense tensor holding data, got {item[1].layout} on"
-                    f" {item[1].device}"
-                )
+            check_dense(*item)
         self._check([(n, tuple(t.shape), t.dtype) for n, t in items])
         self._write(items)
         return sum(t.numel() * t.element_size() for _, t in items)
@@ -108,7 +105,7 @@ class WeightReceiver:
         come over the weight group (``receive_group``), with them over CUDA IPC (``copy_bucket``)."""
         if self._session is not None:
             raise ValueError("a weight update is already in progress")
-        self._check(list(manifest.specs()))
+        self.check_manifest(manifest)
         if buffers is None:
             if self.group is None:
                 raise ValueError("no weight group: init_weight_group() first")
