@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import random
 
 from rollout import LLM, CacheConfig, SchedulerConfig
 from rollout.benchmarks.decode import time_decode
+from tests.models.tiny_models import BENCH_SHAPE, tiny_config
 
 
 def test_time_decode_reports_the_kv_length_it_timed(tmp_path):
     """Sequences admitted first decode while later ones prefill: by the timed steps each holds more
     than ``context`` tokens, and the floor must count what is there (256 x 1K: 1,051, 2.5% more)."""
-    (tmp_path / "config.json").write_text(
-        json.dumps(
-            dict(
-                architectures=["Qwen3ForCausalLM"],
-                model_type="qwen3",
-                hidden_act="silu",
-                attention_bias=False,
-                rms_norm_eps=1e-6,
-                rope_theta=1e6,
-                max_position_embeddings=2048,
-                tie_word_embeddings=True,
-                torch_dtype="float32",
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                head_dim=16,
-                vocab_size=10240,
-            )
-        )
-    )  # fmt: skip  (time_decode draws prompt ids up to 10,000)
+    # config only (dummy weights); time_decode draws prompt ids up to 10,000
+    tiny_config("qwen3", max_position_embeddings=2048, **BENCH_SHAPE).save_pretrained(tmp_path)
     llm = LLM(
         str(tmp_path),
         load_format="dummy",

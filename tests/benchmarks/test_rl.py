@@ -57,15 +57,11 @@ def test_rl_bench_warm_up_leaves_no_prompt_cached(monkeypatch, tmp_path):
     import torch
 
     from rollout.benchmarks import rl
+    from tests.models.tiny_models import BENCH_SHAPE, tiny_config
 
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps(dict(
-        architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", attention_bias=False,
-        rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=8192, tie_word_embeddings=True,
-        torch_dtype="float32", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=10240,
-    )))  # fmt: skip
+    tiny_config("qwen3", max_position_embeddings=8192, **BENCH_SHAPE).save_pretrained(model)  # dummy weights
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     # short outputs: the lengths are not what is checked
     monkeypatch.setattr(rl.random.Random, "expovariate", lambda self, lambd: 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -37,6 +38,15 @@ CASES: dict[str, tuple[str, dict[str, Any], int]] = {
     "qwen3": ("qwen3", {}, 4),
     "mistral_sliding": ("mistral", {"sliding_window": 8}, 4),
 }
+
+# tiny_config("qwen3", ...) overrides for the benchmarks' CPU tests (config only, dummy weights): one
+# layer, and a vocabulary that holds the benchmarks' random prompt ids (up to 10,000)
+BENCH_SHAPE = MappingProxyType(
+    dict(
+        architectures=["Qwen3ForCausalLM"], hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=10240, tie_word_embeddings=True,
+    )
+)  # fmt: skip
 
 
 def tiny_config(family: str, **overrides: Any):
