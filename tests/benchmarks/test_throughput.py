@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from rollout.benchmarks.throughput import median_run
 
 
@@ -74,3 +76,37 @@ def test_timed_run_computes_every_prompt_token(monkeypatch):
     assert stats.num_cached_tokens == 0  # was 64: both prompts' full blocks, from the warm-up
     # warm-up and timed run each computed both prompts in full
     assert stats.num_prompt_tokens_computed == 2 * 73
+
+
+def test_hf_peer_clock_covers_generation_only(monkeypatch):
+    """The HF peer's clock starts after its batching manager is built and warmed up (CUDA graphs
+    captured, on a GPU) and stops before it is torn down, as our engine's does; every request runs
+    to its one max_new_tokens. A real tiny model through transformers' continuous batching on CPU;
+    the manager's warm-up and tear-down are wrapped only to record when they ran."""
+    import time
+
+    from transformers import GenerationConfig
+    from transformers.generation.continuous_batching import continuous_api as ca
+
+    from rollout.benchmarks.throughput import hf_generate_timed
+    from tests.models.tiny_models import tiny_config, tiny_hf_model
+
+    events: list[tuple[str, float]] = []
+    for name in ("warmup", "destroy"):
+        orig = getattr(ca.ContinuousBatchingManager, name)
+
+        def spy(self, *a, _orig=orig, _name=name, **k):
+            events.append((_name, time.perf_counter()))
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(ca.ContinuousBatchingManager, name, spy)
+    model = tiny_hf_model(tiny_config("qwen3"))
+    model.config._attn_implementation = "sdpa"
+    gc = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    prompts = [[3] * 12, [4] * 9, [5] * 20]
+    seconds, outs = hf_generate_timed(model, prompts, gc, lambda: events.append(("sync", time.perf_counter())))
+    assert sorted(len(o.generated_tokens) for o in outs.values()) == [5, 5, 5]
+    names = [n for n, _ in events]
+    assert names == ["warmup", "sync", "sync", "destroy"], names
+    start, end = (t for n, t in events if n == "sync")
+    assert seconds == pytest.approx(end - start, abs=1e-3)
