@@ -222,7 +222,8 @@ def hf_generate_timed(m, prompts: list[list[int]], gc, sync: Callable[[], None])
             if r is not None and r.is_finished():
                 outs[r.request_id] = r
             elif r is None and not manager.is_running():
-                raise RuntimeError(f"HF batching manager stopped with {len(ids) - len(outs)} requests unfinished")
+                left = len(ids) - len(outs)
+                raise RuntimeError(f"HF batching manager stopped with {left} requests unfinished")
         sync()
         seconds = time.perf_counter() - t
     return seconds, outs

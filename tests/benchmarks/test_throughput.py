@@ -104,7 +104,11 @@ def test_hf_peer_clock_covers_generation_only(monkeypatch):
     model.config._attn_implementation = "sdpa"
     gc = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
     prompts = [[3] * 12, [4] * 9, [5] * 20]
-    seconds, outs = hf_generate_timed(model, prompts, gc, lambda: events.append(("sync", time.perf_counter())))
+
+    def sync() -> None:
+        events.append(("sync", time.perf_counter()))
+
+    seconds, outs = hf_generate_timed(model, prompts, gc, sync)
     assert sorted(len(o.generated_tokens) for o in outs.values()) == [5, 5, 5]
     names = [n for n, _ in events]
     assert names == ["warmup", "sync", "sync", "destroy"], names
