@@ -23,7 +23,9 @@ their partial outputs; "wait": they finish first, new ones are held meanwhile)::
 Requests arriving meanwhile are held. A bucketed update (process group or CUDA IPC) stays in
 ``updating_weights`` from ``begin_weight_update`` to its last bucket. An update that fails after
 writing (a sender that died mid-stream) leaves ``updating_weights`` with the engine refusing to serve
-until a complete update arrives; one that fails validation changes nothing.
+until a complete update arrives; one that fails validation changes nothing. An open update holds a
+lease (``lease_s``, renewed by each bucket): a sender that goes silent for longer (a trainer killed
+between calls) has its update ended by ``expire_lease`` as if it had aborted it.
 
 The plane is plain Python over messages: ``handle(msg)`` and ``step()`` put what must be sent into
 ``outbox``; the core process only moves frames. Tests drive it in-process.
@@ -33,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -52,6 +56,9 @@ from rollout.samplers.params import SamplingParams
 from rollout.weight_sync.manifest import Manifest
 
 PAUSE_MODES = ("abort", "wait", "keep")
+DEFAULT_LEASE_S = 600.0  # how long an open bucketed update waits for its sender's next call
+
+log = logging.getLogger(__name__)
 
 
 def check_pause_mode(mode: str) -> None:
@@ -79,8 +86,9 @@ class _Held:
 class ControlPlane:
     """Routes messages to one ``EngineCore`` under the state machine described in the module doc."""
 
-    def __init__(self, engine: EngineCore) -> None:
+    def __init__(self, engine: EngineCore, clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
+        self.clock = clock  # seconds, for the open update's lease
         self.state = EngineState.RUNNING
         self.pause_mode: str | None = None  # the mode of the pause that holds the engine now
         self.outbox: list[Message] = []  # messages to send, in order
@@ -93,12 +101,35 @@ class ControlPlane:
         self._resume_to: EngineState | None = None  # the state an exclusive call returns to
         self._update_version = 0  # the version the open bucketed update will set
         self._deferred_begin: int | None = None  # call id of a begin_weight_update waiting for a drain
+        self._lease_s = DEFAULT_LEASE_S  # the open update's lease, renewed by each bucket
+        self._lease_end: float | None = None  # when the open update expires (clock seconds)
+        self.num_expired_updates = 0
 
     # ---- the loop ---------------------------------------------------------------------------
     @property
     def can_step(self) -> bool:
         """Whether ``step`` has work: the engine is running or draining and has requests."""
         return self.state in (EngineState.RUNNING, EngineState.DRAINING) and self.engine.has_unfinished()
+
+    def lease_left_s(self) -> float | None:
+        """Seconds until the open bucketed update's lease runs out (0 once it has); None without one."""
+        if self._lease_end is None or not self.engine.weights.in_progress:
+            return None
+        return max(0.0, self._lease_end - self.clock())
+
+    def expire_lease(self) -> bool:
+        """End the open bucketed update if its sender has been silent past the lease, as
+        ``abort_weight_update`` would: the engine returns to where it was, or, if buckets were
+        written, holds requests until a complete update. Returns whether it ended one."""
+        left = self.lease_left_s()
+        if left is None or left > 0:
+            return False
+        self._lease_end = None
+        log.warning("no call for the open weight update in %.0f s: ending it", self._lease_s)
+        self.engine.weights.end(complete=False)
+        self.num_expired_updates += 1
+        self._after_failed_update()
+        return True
 
     def step(self) -> None:
         """One engine step; its deltas go to the outbox."""
@@ -236,6 +267,7 @@ class ControlPlane:
             "released": sorted(self.engine.memory.released),
             "weight_group": self.engine.weights.group is not None,
             "num_rejected_messages": self.num_rejected_messages,
+            "num_expired_updates": self.num_expired_updates,
             "stats": dataclasses.asdict(self.engine.stats()),
         }
 
@@ -284,11 +316,15 @@ class ControlPlane:
         version: int | None = None,
         pause: str = "keep",
         buffers: list[dict[str, Any]] | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> Any:
         """Open a bucketed update (answered once the engine is stopped under ``pause`` and the whole
         manifest validated; nothing is written yet). The buckets then come over the weight group
         (``receive_weight_buckets``) or, with ``buffers``, over CUDA IPC (``weight_bucket`` for each,
-        in order, then ``finish_weight_update``). The engine holds requests until the update ends."""
+        in order, then ``finish_weight_update``). The engine holds requests until the update ends,
+        or until ``lease_s`` seconds pass without a call for it (the sender is taken to be gone)."""
+        if isinstance(lease_s, bool) or not isinstance(lease_s, int | float) or not 0 < lease_s <= 1e9:
+            raise ValueError(f"lease_s must be a number of seconds in (0, 1e9], got {lease_s!r}")
         parsed = Manifest.from_wire(manifest)
         self.engine.next_weight_version(version)  # before the pause, as update_weights_from_disk
         self.engine.weights.check_manifest(parsed)
@@ -298,6 +334,7 @@ class ControlPlane:
             self.engine.check_can_update()
             self._update_version = self.engine.next_weight_version(version)
             self.engine.weights.begin(parsed, buffers)
+            self._lease_s, self._lease_end = float(lease_s), self.clock() + lease_s
             return self._update_version
 
         result = self._exclusive(call_id, pause, action, EngineState.UPDATING_WEIGHTS, stay=True)
@@ -312,6 +349,7 @@ class ControlPlane:
 
     def _do_weight_bucket(self, call_id: int, index: int) -> int:
         self._bucket_transfer(lambda: self.engine.weights.copy_bucket(index))
+        self._lease_end = self.clock() + self._lease_s  # the sender is alive
         return index
 
     def _bucket_transfer(self, fn: Callable[[], Any]) -> None:

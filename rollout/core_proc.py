@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -93,10 +94,13 @@ def _serve(spec: dict[str, Any], inp: zmq.Socket, out: zmq.Socket, parent: int) 
     plane = ControlPlane(engine)
     next_check = time.monotonic() + _PARENT_CHECK_S
     while not plane.shutdown_requested:
-        # Block while idle; otherwise just take what is already queued.
-        timeout = 0 if plane.can_step else int(_PARENT_CHECK_S * 1000)
-        if inp.poll(timeout):
+        # Block while idle (until the next liveness check, or the open update's lease runs out);
+        # otherwise just take what is already queued.
+        lease = plane.lease_left_s()
+        wait_s = _PARENT_CHECK_S if lease is None else min(_PARENT_CHECK_S, lease)
+        if inp.poll(0 if plane.can_step else math.ceil(wait_s * 1000)):
             _drain_input(inp, plane)
+        plane.expire_lease()
         if plane.can_step:
             plane.step()
         for msg in plane.outbox:

@@ -16,7 +16,9 @@ A trainer pushes weights over a process group through these (``WeightSender`` ov
 ``HTTPRolloutClient`` does it): it hosts the group, posts ``init_weight_group`` (answered once the
 engine joined) while joining as rank 0, posts ``begin_weight_update`` with the manifest (every name,
 shape and dtype checked: a bad update is a 400 and changes nothing), posts ``receive_weight_buckets``
-(answered once the last bucket is written: the new version) while broadcasting the buckets.
+(answered once the last bucket is written: the new version) while broadcasting the buckets. An update
+that gets no call for ``lease_s`` seconds (``begin_weight_update``'s argument, default 600) is ended
+by the engine, as ``abort_weight_update`` would: a trainer killed in between does not hold the server.
 
 ``GET /admin/info``: what the engine reported at start-up (``device``, ``dtype``, ``device_uuid``,
 vocabulary and cache sizes): a weight sender picks its transport and wire dtype from it.

@@ -248,7 +248,8 @@ class WeightSender:
         timeout), withdraw it, or the engine would open the update once drained and hold every
         request for buckets that never come."""
         try:
-            client.call("begin_weight_update", timeout_s=self.timeout_s, **args)
+            # the engine ends the update by itself if this process goes silent for as long
+            client.call("begin_weight_update", timeout_s=self.timeout_s, lease_s=self.timeout_s, **args)
         except (ValueError, TypeError):
             raise  # refused: nothing is open
         except BaseException:

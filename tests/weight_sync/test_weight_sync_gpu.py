@@ -131,3 +131,57 @@ def test_sleep_that_keeps_graphs_releases_memory_and_keeps_outputs(checkpoints):
     llm.wake_up(["kv_cache"])
     assert runner.graphs is graphs
     assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), expected, atol=0)
+
+
+def test_an_ipc_update_abandoned_after_a_bucket_expires_and_a_full_push_repairs_it(checkpoints):  # noqa: F811
+    """A sender gone silent after writing one CUDA IPC bucket: the lease ends the update, the engine
+    (weights half old, half new) holds requests until a complete update, which then serves as a
+    fresh engine on the new weights."""
+    import time
+
+    from rollout.messages import AddRequest
+    from rollout.weight_sync.cuda_ipc import share
+    from rollout.weight_sync.manifest import pack, plan_buckets
+
+    expected = reference(checkpoints["new_dir"])
+    trainer = checkpoints["new_model"].to("cuda:0")
+    try:
+        params = [(n, p.to(torch.bfloat16)) for n, p in trainer.named_parameters()]
+        manifest = plan_buckets([(n, tuple(p.shape), p.dtype) for n, p in params], 64 << 10)
+        assert manifest.num_buckets > 2
+        buffer = torch.empty(max(manifest.bucket_sizes), dtype=torch.uint8, device="cuda:0")
+        with LLM(checkpoints["old"], multiprocess=True, device="cuda:0", **KW) as llm:
+            wire = manifest.to_wire()
+            llm.client.call("begin_weight_update", manifest=wire, buffers=[share(buffer)], lease_s=1.0)
+            entries = manifest.bucket_entries(0)
+            pack((t for _, t in params[: len(entries)]), entries, buffer)
+            torch.cuda.synchronize()
+            assert llm.client.call("weight_bucket", index=0) == 0
+            llm.client.send(AddRequest("held", PROMPTS[0], None, GREEDY.to_dict()))
+            time.sleep(2.0)
+            state = llm.client.call("get_state")
+            assert state["num_expired_updates"] == 1 and state["state"] == "updating_weights"
+            assert not state["weights_valid"] and state["num_requests"] == 0  # held, not running
+            with pytest.raises(ValueError, match="no weight update in progress"):
+                llm.client.call("weight_bucket", index=1)
+            assert WeightSender(llm).push(trainer) == 1  # the repair
+            tokens: list[int] = []
+            deadline = time.monotonic() + 60
+            while len(tokens) < GREEDY.max_tokens and time.monotonic() < deadline:
+                for msg in llm.client.recv(1.0):
+                    tokens += [
+                        t
+                        for d in msg.deltas
+                        if d.request_id == "held"
+                        for s in d.samples
+                        for t in s.token_ids
+                    ]
+                    tokens += [
+                        t
+                        for rid, t in zip(msg.tokens.request_ids, msg.tokens.token_ids, strict=True)
+                        if rid == "held"
+                    ]
+            assert tokens == expected[0][0]  # the held request ran on the complete new weights
+            assert_same(fingerprint(llm.generate(PROMPTS, GREEDY, use_tqdm=False)), expected, atol=0)
+    finally:
+        checkpoints["new_model"].to("cpu")
