@@ -300,12 +300,27 @@ class AsyncLLM:
 
     def shutdown(self) -> None:
         """Stop the core process and remove its sockets (idempotent). Open streams and calls raise
-        ``EngineDeadError``."""
-        if self._loop is not None and not self._loop.is_closed():
-            if self._reader is not None and not self._reader.done():
-                self._reader.cancel()
-            self._fail_all(EngineDeadError("the engine was shut down"))
+        ``EngineDeadError``. It blocks until the core exits (up to seconds): on the event loop, use
+        ``aclose``."""
+        self._stop_reader()
         self.client.shutdown()
+
+    async def aclose(self) -> None:
+        """``shutdown`` for code on the event loop: open streams and calls fail at once, and the core
+        is stopped in a worker thread while the loop goes on serving."""
+        reader = self._stop_reader()
+        if reader is not None and reader.get_loop() is asyncio.get_running_loop():
+            await asyncio.wait([reader])  # it no longer polls the socket that is about to close
+        await asyncio.to_thread(self.client.shutdown)
+
+    def _stop_reader(self) -> asyncio.Task | None:
+        """Cancel the output reader and fail open streams and calls; returns the reader."""
+        reader = self._reader
+        if self._loop is not None and not self._loop.is_closed():
+            if reader is not None and not reader.done():
+                reader.cancel()
+            self._fail_all(EngineDeadError("the engine was shut down"))
+        return reader
 
     def __enter__(self) -> AsyncLLM:
         return self
@@ -317,7 +332,7 @@ class AsyncLLM:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.shutdown()
+        await self.aclose()
 
 
 def _utf8(text: str) -> bool:

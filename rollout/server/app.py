@@ -69,7 +69,7 @@ def build_app(
             yield
         finally:
             if shutdown_engine:
-                llm.shutdown()
+                await llm.aclose()
 
     app = FastAPI(
         title="rollout-engine",

@@ -346,3 +346,49 @@ def test_idle_core_blocks_instead_of_spinning(llm):
     before = cpu_seconds(llm.info.pid)
     time.sleep(1.0)
     assert cpu_seconds(llm.info.pid) - before < 0.2
+
+
+def test_aclose_keeps_the_event_loop_serving_while_the_core_exits():
+    """``async with`` / ``aclose`` stop the core in a worker thread: with the core frozen (SIGSTOP)
+    the loop goes on ticking while the shutdown waits for it, open streams fail at once, and the
+    core and its sockets are gone after."""
+    import signal
+
+    from rollout.client import EngineDeadError
+
+    async def main() -> tuple[list[float], float, BaseException | None]:
+        llm = AsyncLLM("tiny", device="cpu", cache_config=CacheConfig(num_blocks=64), env=ONE_THREAD)
+        params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
+
+        async def consume() -> BaseException | None:
+            try:
+                async for _ in llm.generate([5, 6, 7], params, request_id="long"):
+                    pass
+            except EngineDeadError as e:
+                return e
+            return None
+
+        stream = asyncio.create_task(consume())
+        await asyncio.sleep(0.5)  # streaming
+        ticks: list[float] = []
+
+        async def tick() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        os.kill(llm.client.proc.pid, signal.SIGSTOP)  # the polite shutdown now waits for the core
+        loop = asyncio.get_running_loop()
+        loop.call_later(1.0, os.kill, llm.client.proc.pid, signal.SIGCONT)
+        t0 = time.monotonic()
+        await llm.aclose()
+        took = time.monotonic() - t0
+        ticker.cancel()
+        assert not os.path.exists(llm.client.socket_dir) and llm.client.proc.returncode is not None
+        return ticks, took, await stream
+
+    ticks, took, err = run(main())
+    assert took >= 0.9  # it did wait for the frozen core
+    assert len(ticks) > 40 and max(b - a for a, b in zip(ticks, ticks[1:], strict=False)) < 0.3
+    assert isinstance(err, Exception) and "shut down" in str(err)
