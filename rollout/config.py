@@ -87,6 +87,13 @@ class RunnerConfig:
     # none (H200, stop 22). The LM head of such steps runs as a GEMV either way (same time as
     # cuBLAS's, 1.536 / 1.544 ms).
     small_batch_gemv_pdl: bool = True
+    # How those GEMVs read their weights (``kernels.gemv.GemvTiling``): ``whole_k``, each program
+    # loads all of K as one tile before it waits for its input (all of a launch's weights in flight
+    # at once, where the default loop keeps one 16 KB tile in flight per program); ``stages`` > 0,
+    # the loop is software-pipelined that deep. Built in stop 27 when no GPU was lent; not measured
+    # (`rollout bench step_profile --batches 1 --gemv-whole-k`, `scratch/gemv_probe27.py`).
+    small_batch_gemv_whole_k: bool = False
+    small_batch_gemv_stages: int = 0
     # Such steps, when decode-only, do the q/k norm + RoPE and the K/V store inside the decode
     # attention launch (``decode_attention_qkv``): one launch fewer per layer. Batch 1 (above):
     # 1.186 / 1.190 ms against 1.200 / 1.205 (H200, stop 23). Not for larger steps: every split
@@ -120,5 +127,7 @@ class RunnerConfig:
             raise ValueError(f"max_piecewise_tokens must be >= 0, got {self.max_piecewise_tokens}")
         if not 0 <= self.small_batch_gemv_rows <= 16:
             raise ValueError(f"small_batch_gemv_rows must be in [0, 16], got {self.small_batch_gemv_rows}")
+        if not 0 <= self.small_batch_gemv_stages <= 8:
+            raise ValueError(f"small_batch_gemv_stages must be in [0, 8], got {self.small_batch_gemv_stages}")
         if self.max_mixed_graph_tokens < 0:
             raise ValueError(f"max_mixed_graph_tokens must be >= 0, got {self.max_mixed_graph_tokens}")

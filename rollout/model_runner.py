@@ -86,12 +86,16 @@ class ModelRunner:
         # slot -1, no sequence), at most the profiled step's; the torch attention path has none.
         self._eager_token_cap = scheduler_config.max_num_batched_tokens if backend == "triton" else None
         if backend == "triton":  # the Triton-only layer options
+            from rollout.kernels.gemv import GemvTiling
+
             rc = self.runner_config
             for module in self.model.modules():
                 if rc.fused_ops and hasattr(module, "fused"):
                     module.fused = True
                 if hasattr(module, "gemv_rows"):
                     module.gemv_rows, module.gemv_pdl = rc.small_batch_gemv_rows, rc.small_batch_gemv_pdl
+                if hasattr(module, "gemv_tiling"):
+                    module.gemv_tiling = GemvTiling(rc.small_batch_gemv_whole_k, rc.small_batch_gemv_stages)
                 if hasattr(module, "decode_rope"):
                     module.decode_rope = rc.small_batch_decode_rope
                     module.decode_pdl = rc.decode_attention_pdl

@@ -16,10 +16,11 @@ from rollout.config import RunnerConfig
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
     """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge`` /
-    ``--gemv-rows`` / ``--gemv-pdl`` / ``--decode-rope`` / ``--decode-pdl``: how the engine under
-    test runs its steps (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens`` /
-    ``fused_decode_merge`` / ``small_batch_gemv_rows`` / ``small_batch_gemv_pdl`` /
-    ``small_batch_decode_rope`` / ``decode_attention_pdl``)."""
+    ``--gemv-rows`` / ``--gemv-pdl`` / ``--decode-rope`` / ``--decode-pdl`` / ``--gemv-whole-k`` /
+    ``--gemv-stages``: how the engine under test runs its steps (``RunnerConfig.max_piecewise_tokens``
+    / ``max_mixed_graph_tokens`` / ``fused_decode_merge`` / ``small_batch_gemv_rows`` /
+    ``small_batch_gemv_pdl`` / ``small_batch_decode_rope`` / ``decode_attention_pdl`` /
+    ``small_batch_gemv_whole_k`` / ``small_batch_gemv_stages``)."""
     defaults = RunnerConfig()
     parser.add_argument(
         "--piecewise-tokens",
@@ -60,6 +61,37 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.decode_attention_pdl,
         help="RunnerConfig.decode_attention_pdl (decode steps: q/k kernel, attention as dependent launches)",
     )
+    parser.add_argument(
+        "--gemv-whole-k",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.small_batch_gemv_whole_k,
+        help="RunnerConfig.small_batch_gemv_whole_k (small-batch GEMVs: all of K in one tile a program)",
+    )
+    parser.add_argument(
+        "--gemv-stages",
+        type=int,
+        default=defaults.small_batch_gemv_stages,
+        help="RunnerConfig.small_batch_gemv_stages (small-batch GEMVs: software-pipelined loop; 0: plain)",
+    )
+
+
+def graph_argv(args: argparse.Namespace) -> list[str]:
+    """``add_graph_args``' options as they were given, for a child process's command line."""
+    onoff = lambda flag, on: f"--{flag}" if on else f"--no-{flag}"  # noqa: E731
+    return [
+        *(
+            "--piecewise-tokens",
+            str(args.piecewise_tokens),
+            "--mixed-graph-tokens",
+            str(args.mixed_graph_tokens),
+        ),
+        *(["--fused-merge"] if args.fused_merge else []),
+        *("--gemv-rows", str(args.gemv_rows), onoff("gemv-pdl", args.gemv_pdl)),
+        onoff("decode-rope", args.decode_rope),
+        onoff("decode-pdl", args.decode_pdl),
+        onoff("gemv-whole-k", args.gemv_whole_k),
+        *("--gemv-stages", str(args.gemv_stages)),
+    ]
 
 
 def graph_config(args: argparse.Namespace) -> RunnerConfig:
@@ -72,6 +104,8 @@ def graph_config(args: argparse.Namespace) -> RunnerConfig:
         small_batch_gemv_pdl=args.gemv_pdl,
         small_batch_decode_rope=args.decode_rope,
         decode_attention_pdl=args.decode_pdl,
+        small_batch_gemv_whole_k=args.gemv_whole_k,
+        small_batch_gemv_stages=args.gemv_stages,
     )
 
 

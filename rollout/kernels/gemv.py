@@ -15,6 +15,8 @@ then the product): only the GEMM's summation order differs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,52 @@ from rollout.kernels._checks import pdl_usable
 from rollout.kernels.fused_ops import rms_norm_ref, silu_and_mul_ref
 
 MAX_ROWS = 16  # rows (sequences) one launch serves: one tensor-core tile
+
+
+@dataclass(frozen=True)
+class GemvTiling:
+    """How a GEMV of at most 4 rows reads its weights (5-16 rows take 16-row tensor-core tiles).
+
+    Each program streams the weight rows of ``BLOCK_N`` output columns over K in tiles of about
+    ``tile_elems`` elements. By default it loads a tile, computes, then loads the next (a program
+    whose weights are exactly two tiles loads both before it waits for its input). Triton does not
+    software-pipeline the plain loads of such a loop, so a program has one tile in flight: at one
+    row the down projection of Qwen3-0.6B (128 programs x 8 KB) keeps ~1 MB of its 6 MB in flight,
+    far from what HBM needs to run at its bandwidth. Two ways to put more in flight:
+
+    - ``whole_k``: a program takes all of K as one tile (``BLOCK_K`` = K rounded up to a power of
+      two, ``BLOCK_N`` = ``tile_elems`` / that; where that leaves fewer than 2 columns, the
+      default tiling), so it issues all its weight loads before it waits for its input. The sum
+      over K runs in one tile instead of several: results differ from the default in rounding.
+    - ``stages`` > 0: the loop runs as ``tl.range(num_stages=stages)``, which pipelines plain
+      loads too. Same results as the default.
+
+    Not measured yet (stop 27, no GPU lent); ``scratch/gemv_probe27.py`` times them."""
+
+    whole_k: bool = False
+    stages: int = 0  # 0: a plain loop
+    tile_elems: int = 8192  # weight elements per program and tile (16 KB of bf16)
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.stages < 0 or self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"stages must be >= 0 and num_warps a power of two <= 16, got {self}")
+        if self.tile_elems < 256 or self.tile_elems & (self.tile_elems - 1):
+            raise ValueError(f"tile_elems must be a power of two >= 256, got {self.tile_elems}")
+
+    def blocks(self, m: int, n: int, k: int, silu_mul: bool) -> tuple[bool, int, int, int, bool]:
+        """(use_dot, BLOCK_M, BLOCK_N, BLOCK_K, preload_two) for an [m, k] x [k, n] GEMV."""
+        if m > 4:  # a 16-row tensor-core tile; below, a broadcast multiply-sum
+            return True, 16, (32 if n >= 4096 else 16), 128, False
+        block_m = triton.next_power_of_2(m)
+        whole = triton.next_power_of_2(k)
+        if self.whole_k and block_m * whole * 2 <= self.tile_elems:  # at least 2 columns a program
+            return False, block_m, min(16, self.tile_elems // (block_m * whole)), whole, False
+        block_n = 16 if n >= 2048 else 8
+        block_k = max(64, min(512, self.tile_elems // (block_m * block_n)))
+        # A program whose weights are two tiles (the qkv projection and the LM head of Qwen3-0.6B
+        # at one row) loads both before it waits for its input
+        return False, block_m, block_n, block_k, not silu_mul and k == 2 * block_k
 
 
 @triton.jit
@@ -66,11 +114,28 @@ def _accumulate(acc, a, w, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _k_tile(
+    acc, acc_up, x_ptr, res_ptr, g_ptr, w_ptr, rows, row_ok, cols, col_ok, N, k0, K, rstd,
+    NORM: tl.constexpr, ADD_RES: tl.constexpr, SILU_MUL: tl.constexpr, USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The main loop's step: the weight tile at ``k0`` (and its up rows) into the accumulators."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    w, wu = _weight_tile(w_ptr, cols, col_ok, N, ks, k_ok, K, SILU_MUL)
+    a = _activation(x_ptr, res_ptr, g_ptr, rows, row_ok, ks, k_ok, K, rstd, NORM, ADD_RES)
+    acc = _accumulate(acc, a, w, USE_DOT, PRECISION)
+    if SILU_MUL:
+        acc_up = _accumulate(acc_up, a, wu, USE_DOT, PRECISION)
+    return acc, acc_up
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, res_ptr, res_out_ptr, g_ptr, w_ptr, b_ptr, out_ptr, M, N, K, eps,
     NORM: tl.constexpr, ADD_RES: tl.constexpr, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, PRELOAD_TWO: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -114,14 +179,19 @@ def _gemv_kernel(
     if PRELOAD_TWO:
         a = _activation(x_ptr, res_ptr, g_ptr, rows, row_ok, ks2, k2_ok, K, rstd, NORM, ADD_RES)
         acc = _accumulate(acc, a, w2, USE_DOT, PRECISION)
-    for k0 in range(BLOCK_K * (2 if PRELOAD_TWO else 1), K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        w, wu = _weight_tile(w_ptr, cols, col_ok, N, ks, k_ok, K, SILU_MUL)
-        a = _activation(x_ptr, res_ptr, g_ptr, rows, row_ok, ks, k_ok, K, rstd, NORM, ADD_RES)
-        acc = _accumulate(acc, a, w, USE_DOT, PRECISION)
-        if SILU_MUL:
-            acc_up = _accumulate(acc_up, a, wu, USE_DOT, PRECISION)
+    start = BLOCK_K * (2 if PRELOAD_TWO else 1)
+    if STAGES > 0:  # software-pipelined: STAGES tiles' loads in flight (plain loads, not only dot's)
+        for k0 in tl.range(start, K, BLOCK_K, num_stages=STAGES):
+            acc, acc_up = _k_tile(
+                acc, acc_up, x_ptr, res_ptr, g_ptr, w_ptr, rows, row_ok, cols, col_ok, N, k0, K, rstd,
+                NORM, ADD_RES, SILU_MUL, USE_DOT, PRECISION, BLOCK_K,
+            )  # fmt: skip
+    else:
+        for k0 in range(start, K, BLOCK_K):
+            acc, acc_up = _k_tile(
+                acc, acc_up, x_ptr, res_ptr, g_ptr, w_ptr, rows, row_ok, cols, col_ok, N, k0, K, rstd,
+                NORM, ADD_RES, SILU_MUL, USE_DOT, PRECISION, BLOCK_K,
+            )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if SILU_MUL:
@@ -146,6 +216,7 @@ def fused_gemv(
     eps: float = 1e-6,
     silu_mul: bool = False,
     pdl: bool = False,
+    tiling: GemvTiling | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``F.linear(a, weight, bias)`` for ``x`` [M <= 16, K] (contiguous) and ``weight`` [N, K]
     (contiguous), where ``a`` is ``x``, or with ``norm_weight`` ``RMSNorm(x)`` (with ``residual``:
@@ -159,7 +230,8 @@ def fused_gemv(
     does the same (wait, then trigger: at most one launch runs ahead of the one computing; with
     the trigger first, launches ran layers ahead and their early weight loads slowed the critical
     path: batch-1 step 1.54 ms against 1.21 on the H200). The result is the same; ignored where
-    the instruction does not exist (the interpreter, GPUs before Hopper)."""
+    the instruction does not exist (the interpreter, GPUs before Hopper). ``tiling``: how the
+    weights are read (``GemvTiling``; default: its defaults)."""
     if x.dim() != 2 or not x.is_contiguous() or not 1 <= x.shape[0] <= MAX_ROWS:
         raise ValueError(f"x must be contiguous [M, K] with 1 <= M <= {MAX_ROWS}, got {tuple(x.shape)}")
     m, k = x.shape
@@ -181,16 +253,8 @@ def fused_gemv(
     pdl = pdl and pdl_usable(_gemv_kernel, x.device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(x) if residual is not None else x
-    use_dot = m > 4  # a 16-row tensor-core tile; below, a broadcast multiply-sum
-    block_m = 16 if use_dot else triton.next_power_of_2(m)
-    if use_dot:
-        block_n, block_k = (32 if n >= 4096 else 16), 128
-    else:
-        block_n = 16 if n >= 2048 else 8
-        block_k = max(64, min(512, 8192 // (block_m * block_n)))
-    # A program whose weights are two tiles (the qkv and o projections and the LM head of
-    # Qwen3-0.6B at one row) loads both before it waits for its input
-    preload_two = not use_dot and not silu_mul and k == 2 * block_k
+    tiling = tiling or GemvTiling()
+    use_dot, block_m, block_n, block_k, preload_two = tiling.blocks(m, n, k, silu_mul)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, res_out,
         norm_weight if norm_weight is not None else x, weight, bias if bias is not None else weight,
@@ -198,8 +262,8 @@ def fused_gemv(
         NORM=norm_weight is not None, ADD_RES=residual is not None, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_DOT=use_dot,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 models: no TF32 rounding
-        PDL=pdl, PRELOAD_TWO=preload_two, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, **({"launch_pdl": True} if pdl else {}),
+        PDL=pdl, PRELOAD_TWO=preload_two, STAGES=tiling.stages, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=tiling.num_warps, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return (out, res_out) if residual is not None else out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from rollout.models.layers.linear import MergedLinear, QKVLinear, ReplicatedLine
 from rollout.models.layers.norm import RMSNorm
 from rollout.models.layers.rotary import RopeParameters, RotaryEmbedding, apply_rotary
 from rollout.models.weights import check_weights, load_weights
+
+if TYPE_CHECKING:
+    from rollout.kernels.gemv import GemvTiling
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,7 @@ class DecoderLayer(nn.Module):
         # sets it from RunnerConfig.small_batch_gemv_rows (triton backend).
         self.gemv_rows = 0
         self.gemv_pdl = False  # those GEMVs as programmatic dependent launches (small_batch_gemv_pdl)
+        self.gemv_tiling: GemvTiling | None = None  # how they read the weights (small_batch_gemv_*)
 
     def forward(
         self,
@@ -220,7 +224,7 @@ class DecoderLayer(nn.Module):
             from rollout.kernels.gemv import fused_gemv
 
             proj, norm = self.self_attn.qkv_proj, self.input_layernorm
-            kw = dict(norm_weight=norm.weight, eps=norm.eps, pdl=self.gemv_pdl)
+            kw = dict(norm_weight=norm.weight, eps=norm.eps, pdl=self.gemv_pdl, tiling=self.gemv_tiling)
             if residual is None:
                 return fused_gemv(x, proj.weight, proj.bias, **kw), x
             return fused_gemv(x, proj.weight, proj.bias, residual=residual, **kw)
@@ -239,13 +243,13 @@ class DecoderLayer(nn.Module):
 
             o_proj, norm = self.self_attn.o_proj, self.post_attention_layernorm
             gate_up, down = self.mlp.gate_up_proj, self.mlp.down_proj
-            pdl = self.gemv_pdl
-            o = fused_gemv(attn.contiguous(), o_proj.weight, o_proj.bias, pdl=pdl)
+            pdl, tiling = self.gemv_pdl, self.gemv_tiling
+            o = fused_gemv(attn.contiguous(), o_proj.weight, o_proj.bias, pdl=pdl, tiling=tiling)
             act, residual = fused_gemv(
                 o, gate_up.weight, gate_up.bias, norm_weight=norm.weight, residual=residual,
-                eps=norm.eps, silu_mul=True, pdl=pdl,
+                eps=norm.eps, silu_mul=True, pdl=pdl, tiling=tiling,
             )  # fmt: skip
-            return fused_gemv(act, down.weight, down.bias, pdl=pdl), residual
+            return fused_gemv(act, down.weight, down.bias, pdl=pdl, tiling=tiling), residual
         x, residual = self.post_attention_layernorm(self.self_attn.o_proj(attn), residual)
         return self.mlp(x), residual
 

@@ -25,17 +25,11 @@ def test_trace_times_each_step_by_the_batch_it_collected():
     """--trace on the CPU with the tiny model: every step lands in one bucket, batches with prompt
     tokens in -1 (29 prompt tokens at 16 a step: two steps; the warm-up leaves nothing cached),
     decode batches of 1-2 rows in bucket 0."""
-    import argparse
-
     from rollout.benchmarks.throughput import run_ours
     from rollout.benchmarks.workloads import Workload
 
     work = Workload("t", [[5] * 20, [7] * 9], [6, 4], 1.0)
-    args = argparse.Namespace(
-        max_batched=16, piecewise_tokens=0, mixed_graph_tokens=0, fused_merge=False,
-        gemv_rows=0, gemv_pdl=False, decode_rope=True, decode_pdl=True, trace=True, profile_admission=False,
-        gc_freeze=False, profile=False, gpu_profile=False, result="unused.json",
-    )  # fmt: skip
+    args = _args(max_batched=16, decode_pdl=True, trace=True)
     res = run_ours("tiny", work, args)
     buckets = res["step_ms_by_batch"]
     assert set(buckets) == {-1, 0} and buckets[-1][0] == 2 and buckets[0][0] >= 3
@@ -44,14 +38,37 @@ def test_trace_times_each_step_by_the_batch_it_collected():
 
 
 def _args(**kw):
+    """The child's options as its parser gives them (--gemv-rows 0 --piecewise-tokens 0
+    --mixed-graph-tokens 0 on the CPU), then ``kw``."""
     import argparse
 
+    from rollout.benchmarks.common import add_graph_args
+
+    parser = argparse.ArgumentParser()
+    add_graph_args(parser)
+    args = parser.parse_args(["--gemv-rows", "0", "--piecewise-tokens", "0", "--mixed-graph-tokens", "0"])
     base = dict(
-        max_batched=8192, piecewise_tokens=0, mixed_graph_tokens=0, fused_merge=False, gemv_rows=0,
-        gemv_pdl=False, decode_rope=True, decode_pdl=False, trace=False, profile_admission=False,
-        gc_freeze=False, profile=False, gpu_profile=False, result="unused.json",
+        max_batched=8192, trace=False, profile_admission=False, gc_freeze=False, profile=False,
+        gpu_profile=False, result="unused.json",
     )  # fmt: skip
-    return argparse.Namespace(**{**base, **kw})
+    return argparse.Namespace(**{**vars(args), **base, **kw})
+
+
+def test_graph_argv_gives_back_the_options():
+    """A child process gets the parent's engine options (add_graph_args -> graph_argv -> parse)."""
+    import argparse
+
+    from rollout.benchmarks.common import add_graph_args, graph_argv, graph_config
+
+    parser = argparse.ArgumentParser()
+    add_graph_args(parser)
+    given = ["--gemv-whole-k", "--gemv-stages", "3", "--decode-pdl", "--no-gemv-pdl", "--fused-merge"]
+    args = parser.parse_args(given)
+    again = parser.parse_args(graph_argv(args))
+    assert vars(again) == vars(args)
+    rc = graph_config(again)
+    assert rc.small_batch_gemv_whole_k and rc.small_batch_gemv_stages == 3 and rc.decode_attention_pdl
+    assert not rc.small_batch_gemv_pdl and rc.fused_decode_merge
 
 
 def test_timed_run_computes_every_prompt_token(monkeypatch):

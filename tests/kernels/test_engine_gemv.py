@@ -4,6 +4,8 @@ and the engine's tokens and logprobs match the unfused triton path (with and wit
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -30,24 +32,39 @@ def test_fused_gemv_steps_match_the_unfused_path(tmp_path, case, monkeypatch):
 
     monkeypatch.setattr(gemv, "fused_gemv", counted)
     outs = {}
-    for rows in (0, 4):
+    configs = {  # the other ways to read the weights (GemvTiling) too
+        "unfused": RunnerConfig(small_batch_gemv_rows=0),
+        "gemv": RunnerConfig(small_batch_gemv_rows=4),
+        "whole_k": RunnerConfig(small_batch_gemv_rows=4, small_batch_gemv_whole_k=True),
+        "stages": RunnerConfig(small_batch_gemv_rows=4, small_batch_gemv_stages=2),
+    }
+    for name, config in configs.items():
         llm = LLM(
             str(tmp_path),
             device="cpu",
             cache_config=CacheConfig(block_size=block_size, num_blocks=64),
             scheduler_config=SchedulerConfig(max_num_batched_tokens=64),
-            runner_config=RunnerConfig(attention_backend="triton", small_batch_gemv_rows=rows),
+            runner_config=dataclasses.replace(config, attention_backend="triton"),
         )
-        outs[rows] = llm.generate(prompts, params, use_tqdm=False)
-        if rows == 0:
+        layer = llm.engine.runner.model.model.layers[0]
+        assert (layer.gemv_tiling.whole_k, layer.gemv_tiling.stages) == (
+            config.small_batch_gemv_whole_k,
+            config.small_batch_gemv_stages,
+        )
+        calls.clear()
+        head_calls.clear()
+        outs[name] = llm.generate(prompts, params, use_tqdm=False)
+        layers = len(llm.engine.runner.model.model.layers)
+        if name == "unfused":
             assert not calls and not head_calls
-    layers = len(llm.engine.runner.model.model.layers)
-    assert calls and max(calls) <= 4 and len(calls) >= 4 * layers * 3  # 4 per layer, 3+ decode steps
-    assert len(head_calls) >= 3 and max(head_calls) <= 4  # and the LM head of those steps
-    for a, b in zip(outs[0], outs[4], strict=True):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        diff = torch.tensor(a.outputs[0].logprobs) - torch.tensor(b.outputs[0].logprobs)
-        assert diff.abs().max() <= 1e-4
+        else:  # 4 per layer, 3+ decode steps, and the LM head of those steps
+            assert calls and max(calls) <= 4 and len(calls) >= 4 * layers * 3
+            assert len(head_calls) >= 3 and max(head_calls) <= 4
+    for name in ("gemv", "whole_k", "stages"):
+        for a, b in zip(outs["unfused"], outs[name], strict=True):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            diff = torch.tensor(a.outputs[0].logprobs) - torch.tensor(b.outputs[0].logprobs)
+            assert diff.abs().max() <= 1e-4, name
 
 
 def test_bad_gemv_rows_are_refused():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollout.kernels.gemv import fused_gemv, fused_gemv_ref
+from rollout.kernels.gemv import GemvTiling, fused_gemv, fused_gemv_ref
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,6 +58,41 @@ def test_fused_gemv_multi_tile_reductions(m, k, n):
     want, want_res = fused_gemv_ref(t["x"], t["weight"], norm_weight=t["norm_weight"], residual=t["residual"])
     close(got, want, torch.float32)
     assert torch.equal(res, want_res)
+
+
+@pytest.mark.parametrize(
+    "tiling",
+    [GemvTiling(stages=2), GemvTiling(whole_k=True), GemvTiling(whole_k=True, tile_elems=2048, num_warps=8)],
+    ids=["stages2", "whole_k", "whole_k_small"],
+)
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 3072, 40), (1, 1024, 24), (2, 1536, 48), (3, 96, 20)])
+def test_fused_gemv_tilings(tiling, m, k, n):
+    """The other ways to read the weights (GemvTiling): a pipelined loop gives the default's
+    result bit for bit (same tiles, same order); whole-K tiles (K rounded up to a power of two,
+    masked; where K is too long for 2 columns a program, the default tiles) match the reference,
+    with the norm + residual prologue and with the SiLU-and-mul epilogue."""
+    t = tensors(m, k, n, torch.float32, seed=k + n + m, silu_mul=True, bias=True)
+    dense = t["weight"][:n].contiguous()
+    for weight, bias, extra in [(dense, None, {}), (t["weight"], t["bias"], {"silu_mul": True})]:
+        kw = dict(norm_weight=t["norm_weight"], residual=t["residual"], **extra)
+        got, res = fused_gemv(t["x"], weight, bias, tiling=tiling, **kw)
+        want, want_res = fused_gemv_ref(t["x"], weight, bias, **kw)
+        close(got, want, torch.float32)
+        assert torch.equal(res, want_res)
+        if tiling.stages:
+            assert torch.equal(got, fused_gemv(t["x"], weight, bias, **kw)[0])
+
+
+def test_gemv_tiling_blocks():
+    """Whole-K: one tile over K (3,072 -> 4,096) and as many columns as tile_elems allow."""
+    assert GemvTiling(whole_k=True).blocks(1, 1024, 3072, False) == (False, 1, 2, 4096, False)
+    assert GemvTiling(whole_k=True).blocks(1, 4096, 1024, False) == (False, 1, 8, 1024, False)
+    assert GemvTiling(whole_k=True).blocks(1, 4096, 8192, False) == (False, 1, 16, 512, False)  # too long
+    assert GemvTiling().blocks(1, 4096, 1024, False) == (False, 1, 16, 512, True)  # two tiles preloaded
+    assert GemvTiling().blocks(8, 4096, 1024, False)[0]  # tensor-core tiles from 5 rows
+    for bad in [dict(stages=-1), dict(num_warps=3), dict(tile_elems=1000), dict(tile_elems=128)]:
+        with pytest.raises(ValueError):
+            GemvTiling(**bad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

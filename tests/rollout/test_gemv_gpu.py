@@ -1,7 +1,9 @@
 """Fused small-batch GEMVs in the engine (RunnerConfig.small_batch_gemv_rows; run on the device
 machine): decode graphs of up to 8 rows run the fused projections and give the unfused engine's
 fp32 tokens, logprobs within 1e-4; in bf16 logprobs within bf16 noise. As programmatic dependent
-launches (small_batch_gemv_pdl) they give exactly the same outputs; with the q/k norm + RoPE + K/V
+launches (small_batch_gemv_pdl), or with a software-pipelined loop (small_batch_gemv_stages), they
+give exactly the same outputs; with whole-K tiles (small_batch_gemv_whole_k) the unfused engine's
+fp32 tokens again; with the q/k norm + RoPE + K/V
 store in the decode attention (small_batch_decode_rope, the default) or in a launch of its own, the
 same fp32 tokens and logprobs within 1e-4."""
 
@@ -28,6 +30,8 @@ def test_fused_gemv_graphs_match_the_unfused_engine(tmp_path, case, dtype):
         "gemv": RunnerConfig(small_batch_gemv_rows=8, small_batch_gemv_pdl=False),
         "gemv_pdl": RunnerConfig(small_batch_gemv_rows=8, small_batch_gemv_pdl=True),
         "own_rope": RunnerConfig(small_batch_gemv_rows=8, small_batch_decode_rope=False),
+        "whole_k": RunnerConfig(small_batch_gemv_rows=8, small_batch_gemv_whole_k=True),
+        "stages": RunnerConfig(small_batch_gemv_rows=8, small_batch_gemv_stages=3),
     }
     results = {}
     for name, config in configs.items():
@@ -51,6 +55,18 @@ def test_fused_gemv_graphs_match_the_unfused_engine(tmp_path, case, dtype):
         assert (la - lb).abs().max() <= (1e-4 if dtype == "float32" else 0.05)
         # programmatic dependent launches change when kernels start, not what they compute
         assert (c.outputs[0].token_ids, c.outputs[0].logprobs) == (tb, b.outputs[0].logprobs)
+    for c, s in zip(results["gemv_pdl"], results["stages"], strict=True):  # pipelining: same sums
+        assert (s.outputs[0].token_ids, s.outputs[0].logprobs) == (
+            c.outputs[0].token_ids,
+            c.outputs[0].logprobs,
+        )
+    for a, w in zip(results["unfused"], results["whole_k"], strict=True):  # K summed in one tile
+        ta, tw = a.outputs[0].token_ids, w.outputs[0].token_ids
+        if dtype == "float32":
+            assert ta == tw
+        n = next((i for i, (x, y) in enumerate(zip(ta, tw, strict=True)) if x != y), len(ta))
+        la, lw = torch.tensor(a.outputs[0].logprobs[:n]), torch.tensor(w.outputs[0].logprobs[:n])
+        assert (la - lw).abs().max() <= (1e-4 if dtype == "float32" else 0.05)
     if dtype == "float32":
         for c, d in zip(results["gemv_pdl"], results["own_rope"], strict=True):
             assert c.outputs[0].token_ids == d.outputs[0].token_ids

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rollout.models.layers.weight_utils import default_weight_loader, set_weight_loader
+
+if TYPE_CHECKING:
+    from rollout.kernels.gemv import GemvTiling
 
 
 class VocabEmbedding(nn.Module):
@@ -50,6 +55,7 @@ class LMHead(nn.Module):
         # RunnerConfig.small_batch_gemv_* (triton backend). 0: always the GEMM.
         self.gemv_rows = 0
         self.gemv_pdl = False
+        self.gemv_tiling: GemvTiling | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # The GEMM runs in the model dtype, as HF's lm_head does. The result stays in it: the sampling
@@ -58,5 +64,5 @@ class LMHead(nn.Module):
         if 0 < hidden.shape[0] <= self.gemv_rows and hidden.is_contiguous():
             from rollout.kernels.gemv import fused_gemv
 
-            return fused_gemv(hidden, self.weight, pdl=self.gemv_pdl)
+            return fused_gemv(hidden, self.weight, pdl=self.gemv_pdl, tiling=self.gemv_tiling)
         return F.linear(hidden, self.weight)
