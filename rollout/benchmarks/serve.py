@@ -234,7 +234,9 @@ def phase_http(model: str, work: Workload, log: Path, rates: list[float]) -> dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rollout bench serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="qwen3-0.6b")
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     p.add_argument("--phases", nargs="+", default=["offline", "async", "http"])

@@ -180,7 +180,7 @@ def run_nccl(args: argparse.Namespace, path: str, kw: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="rollout bench weight_sync", description=__doc__)
     parser.add_argument("--model", default="qwen3-0.6b")
     parser.add_argument("--bucket-mb", type=int, default=256)
     parser.add_argument("--nccl", action="store_true", help="2 GPUs: trainer on cuda:0, engine on cuda:1")
