@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 import triton
@@ -101,8 +102,15 @@ def check_slots(slot_mapping: torch.Tensor, num_tokens: int, device: torch.devic
 
 
 def check_window(sliding_window: int | None) -> None:
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
+    if sliding_window is None:
+        return
+    # a float or bool would reach the kernel as an fp32 / i1 scalar: an opaque Triton type error
+    if (
+        isinstance(sliding_window, bool)
+        or not isinstance(sliding_window, numbers.Integral)
+        or sliding_window <= 0
+    ):
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
 
 
 @functools.cache

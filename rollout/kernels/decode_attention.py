@@ -76,8 +76,11 @@ def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def default_decode_config(batch: int, num_kv_heads: int, device: torch.device) -> DecodeConfig:
-    """Heuristic config from shapes and the device alone (never from sequence lengths)."""
+def default_decode_config(
+    batch: int, num_kv_heads: int, device: torch.device, head_dim: int = 128, itemsize: int = 2
+) -> DecodeConfig:
+    """Heuristic config from shapes and the device alone (never from sequence lengths);
+    ``head_dim`` and ``itemsize`` (the cache's bytes per element) bound the tile's shared memory."""
     if device.type == "cuda":  # looked up once per device: eager mixed steps call this per layer
         num_sms = _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     else:
@@ -90,7 +93,9 @@ def default_decode_config(batch: int, num_kv_heads: int, device: torch.device) -
     # Unsplit, a third pipeline stage was faster on every H200 case measured (batch 256 x 1K
     # 276 -> 254 us, W1-like ragged batches 1.5-3%) and within 1-2% either way on the H100.
     if num_splits > 1:
-        return DecodeConfig(num_splits=num_splits, block_n=128)
+        # 128-position K/V tiles of 512-byte rows (fp32 x 256) and their second stage need 286,784
+        # bytes of shared memory, more than a Hopper block may have (232,448): 64 there (151,616)
+        return DecodeConfig(num_splits=num_splits, block_n=128 if head_dim * itemsize <= 512 else 64)
     return DecodeConfig(num_splits=1, block_n=64, num_stages=3)
 
 
@@ -532,7 +537,7 @@ def _launch(
             )
     group = num_heads // num_kv_heads
     if config is None:
-        config = default_decode_config(batch, num_kv_heads, q.device)
+        config = default_decode_config(batch, num_kv_heads, q.device, head_dim, k_cache.element_size())
     if config.num_splits < 1 or config.block_n < 16 or config.block_n & (config.block_n - 1):
         raise ValueError(f"bad decode config {config}")
     if batch == 0:

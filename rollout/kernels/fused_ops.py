@@ -358,14 +358,34 @@ def check_qk(
         raise ValueError(f"qkv {tuple(qkv.shape)} is not q, k, v of {num_heads}/{num_kv_heads} heads")
     if head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two, got {head_dim}")
-    if positions.shape != (tokens,) or positions.device != qkv.device:
-        raise ValueError(f"positions must be [{tokens}] on {qkv.device}, got {tuple(positions.shape)}")
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim or cos_sin_cache.stride(1) != 1:
-        raise ValueError(f"cos_sin_cache must be [max_pos, {head_dim}], got {tuple(cos_sin_cache.shape)}")
+    if (
+        positions.shape != (tokens,)
+        or positions.device != qkv.device
+        or positions.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError(
+            f"positions must be int32/int64 [{tokens}] on {qkv.device}, got {tuple(positions.shape)} "
+            f"{positions.dtype} on {positions.device}"
+        )
+    if (
+        cos_sin_cache.dim() != 2
+        or cos_sin_cache.shape[1] != head_dim
+        or cos_sin_cache.stride(1) != 1
+        or cos_sin_cache.device != qkv.device
+    ):
+        raise ValueError(
+            f"cos_sin_cache must be [max_pos, {head_dim}] on {qkv.device} with unit inner stride, got "
+            f"{tuple(cos_sin_cache.shape)} on {cos_sin_cache.device}"
+        )
     if (q_weight is None) != (k_weight is None):
         raise ValueError("give both q_weight and k_weight or neither")
-    if q_weight is not None and (q_weight.shape != (head_dim,) or k_weight.shape != (head_dim,)):
-        raise ValueError(f"q/k norm weights must be ({head_dim},)")
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        # the kernels read w[d] at w_ptr + d: a strided weight would be read wrong, silently
+        if w is not None and (w.shape != (head_dim,) or not w.is_contiguous() or w.device != qkv.device):
+            raise ValueError(
+                f"{name} must be contiguous ({head_dim},) on {qkv.device}, got {tuple(w.shape)} "
+                f"strides {w.stride()} on {w.device}"
+            )
 
 
 def _launch_qk(

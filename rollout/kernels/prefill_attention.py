@@ -38,6 +38,20 @@ class ExtendConfig:
     pack_gqa: bool = False
 
 
+def _check_config(config: ExtendConfig) -> None:
+    """Tile shapes the kernel can be built with (``tl.arange`` needs powers of two; ``tl.dot``'s
+    reduction over a key tile needs at least 16 keys)."""
+
+    def p2(n: int) -> bool:
+        return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
+
+    if not (p2(config.block_m) and p2(config.block_n) and config.block_n >= 16 and p2(config.num_warps)):
+        raise ValueError(
+            f"bad extend config {config}: block_m and num_warps must be powers of two, block_n a "
+            "power of two >= 16"
+        )
+
+
 def _packable(group: int) -> bool:
     """Whether a GQA group of ``group`` query heads can share one program's tile (a power of two > 1)."""
     return group > 1 and group & (group - 1) == 0
@@ -271,6 +285,8 @@ def extend_attention(
     check_index("block_tables", block_tables, (batch, -1), k_cache.device)
     check_index("query_start_loc", query_start_loc, (batch + 1,), k_cache.device)
     check_window(sliding_window)
+    if config is not None:
+        _check_config(config)
     if max_query_len < 0:
         raise ValueError(f"max_query_len must be >= 0, got {max_query_len}")
     if not 0 <= first_seq <= max(batch, 0):

@@ -274,7 +274,7 @@ def fused_sample(
     _check(logits, temperature, greedy, seeds, offsets, processed_mode, banned_rows, banned_tokens)
     batch, vocab = logits.shape
     device = logits.device
-    block = block_size or min(_DEFAULT_BLOCK, triton.next_power_of_2(vocab))
+    block = block_size or min(_DEFAULT_BLOCK, max(16, triton.next_power_of_2(vocab)))
     if block & (block - 1) or not 16 <= block <= 2**16:
         raise ValueError(f"block_size must be a power of 2 in [16, 65536], got {block}")
     tiles = triton.cdiv(vocab, block)
