@@ -316,6 +316,11 @@ class AsyncLLM:
     def _stop_reader(self) -> asyncio.Task | None:
         """Cancel the output reader and fail open streams and calls; returns the reader."""
         reader = self._reader
+        # From here on every send, call and new stream raises (aclose awaits below: other tasks run
+        # meanwhile, and must neither register a stream no reader will answer nor start a reader on
+        # sockets a worker thread is closing)
+        with contextlib.suppress(EngineDeadError):
+            self.client.mark_dead(EngineDeadError("the engine was shut down"))
         if self._loop is not None and not self._loop.is_closed():
             if reader is not None and not reader.done():
                 reader.cancel()

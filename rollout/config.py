@@ -88,10 +88,11 @@ class RunnerConfig:
     # cuBLAS's, 1.536 / 1.544 ms).
     small_batch_gemv_pdl: bool = True
     # How those GEMVs read their weights (``kernels.gemv.GemvTiling``): ``whole_k``, each program
-    # loads all of K as one tile before it waits for its input (all of a launch's weights in flight
-    # at once, where the default loop keeps one 16 KB tile in flight per program); ``stages`` > 0,
-    # the loop is software-pipelined that deep. Built in stop 27 when no GPU was lent; not measured
-    # (`rollout bench step_profile --batches 1 --gemv-whole-k`, `scratch/gemv_probe27.py`).
+    # loads all of K (up to 4,096 at one row) as one tile before it waits for its input (the
+    # weights of every resident program in flight at once, where the default loop keeps one 16 KB
+    # tile in flight per program); ``stages`` > 0, the loop is software-pipelined that deep. Built
+    # in stop 27 when no GPU was lent; not measured (`rollout bench step_profile --batches 1
+    # --gemv-whole-k`, `scratch/gemv_probe27.py`).
     small_batch_gemv_whole_k: bool = False
     small_batch_gemv_stages: int = 0
     # Such steps, when decode-only, do the q/k norm + RoPE and the K/V store inside the decode

@@ -77,7 +77,7 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
 
 def graph_argv(args: argparse.Namespace) -> list[str]:
     """``add_graph_args``' options as they were given, for a child process's command line."""
-    onoff = lambda flag, on: f"--{flag}" if on else f"--no-{flag}"  # noqa: E731
+    onoff = lambda flag, on: f"--{flag}" if on else f"--no-{flag}"
     return [
         *(
             "--piecewise-tokens",

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rollout.benchmarks.common import (
     GcStats,
@@ -32,6 +33,9 @@ from rollout.benchmarks.common import (
     step_kinds,
 )
 from rollout.benchmarks.workloads import WORKLOADS, Workload, decode_roofline_tok_s
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedModel
 
 
 def run_ours(model: str, work: Workload, args: argparse.Namespace) -> dict:
@@ -197,7 +201,9 @@ def run_hf(model: str, work: Workload, args: argparse.Namespace) -> dict:
     return dict(seconds=seconds, out_tokens=ntok, out_tok_s=ntok / seconds)
 
 
-def hf_generate_timed(m, prompts: list[list[int]], gc, sync: Callable[[], None]) -> tuple[float, dict]:
+def hf_generate_timed(
+    m: PreTrainedModel, prompts: list[list[int]], gc: GenerationConfig, sync: Callable[[], None]
+) -> tuple[float, dict]:
     """Seconds from submitting ``prompts`` to the last finished output, and the outputs by request id.
 
     One batching manager, sized for the workload as ``generate_batch`` sizes it, is built and warmed
@@ -220,6 +226,8 @@ def hf_generate_timed(m, prompts: list[list[int]], gc, sync: Callable[[], None])
         outs: dict = {}
         while len(outs) < len(ids):
             r = manager.get_result(timeout=1)
+            if r is not None and r.error is not None:  # FAILED counts as is_finished(): not a result
+                raise RuntimeError(f"HF batching manager failed request {r.request_id}: {r.error}")
             if r is not None and r.is_finished():
                 outs[r.request_id] = r
             elif r is None and not manager.is_running():

@@ -93,7 +93,7 @@ def default_decode_config(
     # Unsplit, a third pipeline stage was faster on every H200 case measured (batch 256 x 1K
     # 276 -> 254 us, W1-like ragged batches 1.5-3%) and within 1-2% either way on the H100.
     if num_splits > 1:
-        # 128-position K/V tiles of 512-byte rows (fp32 x 256) and their second stage need 286,784
+        # 128-position K/V tiles of 1,024-byte rows (fp32 x 256) and their second stage need 286,784
         # bytes of shared memory, more than a Hopper block may have (232,448): 64 there (151,616)
         return DecodeConfig(num_splits=num_splits, block_n=128 if head_dim * itemsize <= 512 else 64)
     return DecodeConfig(num_splits=1, block_n=64, num_stages=3)

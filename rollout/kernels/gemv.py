@@ -40,9 +40,12 @@ class GemvTiling:
     far from what HBM needs to run at its bandwidth. Two ways to put more in flight:
 
     - ``whole_k``: a program takes all of K as one tile (``BLOCK_K`` = K rounded up to a power of
-      two, ``BLOCK_N`` = ``tile_elems`` / that; where that leaves fewer than 2 columns, the
-      default tiling), so it issues all its weight loads before it waits for its input. The sum
-      over K runs in one tile instead of several: results differ from the default in rounding.
+      two, ``BLOCK_N`` = ``tile_elems`` / (``BLOCK_M`` x that), at most 16), so it issues all its
+      weight loads before it waits for its input. Only where that leaves at least 2 columns: K up
+      to ``tile_elems`` / 2 at one row (4,096 by default; 2,048 at two rows, 1,024 at 3-4), else
+      the default tiling. Every program re-reads x (and the residual and norm weight) over all
+      of K, which at 3-4 rows and 2 columns costs more than the weights it reads. The sum over K
+      runs in one tile instead of several: results differ from the default in rounding.
     - ``stages`` > 0: the loop runs as ``tl.range(num_stages=stages)``, which pipelines plain
       loads too. Same results as the default.
 

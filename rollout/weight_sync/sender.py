@@ -249,7 +249,8 @@ class WeightSender:
         request for buckets that never come."""
         try:
             # the engine ends the update by itself if this process goes silent for as long
-            client.call("begin_weight_update", timeout_s=self.timeout_s, lease_s=self.timeout_s, **args)
+            lease_s = min(self.timeout_s, 1e9)
+            client.call("begin_weight_update", timeout_s=self.timeout_s, lease_s=lease_s, **args)
         except (ValueError, TypeError):
             raise  # refused: nothing is open
         except BaseException:

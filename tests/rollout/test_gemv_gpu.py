@@ -72,3 +72,38 @@ def test_fused_gemv_graphs_match_the_unfused_engine(tmp_path, case, dtype):
             assert c.outputs[0].token_ids == d.outputs[0].token_ids
             diff = torch.tensor(c.outputs[0].logprobs) - torch.tensor(d.outputs[0].logprobs)
             assert diff.abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("lengths", [[19], [5, 40, 7]], ids=["1row", "3rows"])
+def test_gemv_tilings_at_one_to_four_rows(tmp_path, dtype, lengths):
+    """The broadcast (1-4 row) GEMV path, where GemvTiling's whole-K tiles and pipelined loop apply
+    (6 rows take tensor-core tiles above): the unfused engine's fp32 tokens, logprobs within 1e-4
+    (bf16: within bf16 noise up to the first differing token); the pipelined loop bit for bit."""
+    family, overrides, block_size = CASES["qwen3"]
+    save_tiny_checkpoint(tmp_path, family, **overrides)
+    prompts = random_seqs(lengths, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
+    configs = {
+        "unfused": RunnerConfig(small_batch_gemv_rows=0),
+        "gemv": RunnerConfig(small_batch_gemv_rows=4),
+        "whole_k": RunnerConfig(small_batch_gemv_rows=4, small_batch_gemv_whole_k=True),
+        "stages": RunnerConfig(small_batch_gemv_rows=4, small_batch_gemv_stages=3),
+    }
+    results = {}
+    for name, config in configs.items():
+        llm = LLM(
+            str(tmp_path), device="cuda", dtype=dtype, runner_config=config,
+            cache_config=CacheConfig(block_size, num_blocks=256),
+        )  # fmt: skip
+        results[name] = [
+            (o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)
+        ]
+    assert results["stages"] == results["gemv"]
+    for name in ("gemv", "whole_k"):
+        for (ta, la), (tb, lb) in zip(results["unfused"], results[name], strict=True):
+            if dtype == "float32":
+                assert ta == tb, name
+            n = next((i for i, (x, y) in enumerate(zip(ta, tb, strict=True)) if x != y), len(ta))
+            diff = (torch.tensor(la[:n]) - torch.tensor(lb[:n])).abs().max()
+            assert diff <= (1e-4 if dtype == "float32" else 0.05), name
