@@ -129,6 +129,7 @@ class ControlPlane:
         self.engine.weights.end(complete=False)
         self.num_expired_updates += 1
         self._after_failed_update()
+        self._settle()  # as after a message: an update that stopped a drain hands it back to _settle
         return True
 
     def step(self) -> None:
@@ -298,10 +299,12 @@ class ControlPlane:
         world_size: int,
         backend: str = "gloo",
         timeout_s: float = 600.0,
+        check_only: bool = False,
     ) -> bool:
-        """Join the sender's process group (blocks until every rank joined)."""
+        """Join the sender's process group (blocks until every rank joined). ``check_only``: answer at
+        once whether this engine would join (no group open yet, arguments valid), joining nothing."""
         try:
-            self.engine.weights.init_group(host, port, rank, world_size, backend, timeout_s)
+            self.engine.weights.init_group(host, port, rank, world_size, backend, timeout_s, check_only)
         except (RuntimeError, OSError) as e:  # rendezvous failed: the engine keeps serving
             raise TransferError(f"joining the weight group failed: {e}") from None
         return True
@@ -405,9 +408,10 @@ class ControlPlane:
     def _do_wake_up(self, call_id: int, tags: list[str] | None = None) -> dict[str, Any]:
         info = dict(self.engine.wake_up(tags))
         if self.state is EngineState.SLEEPING and self.engine.memory.level == 0:
-            if self.engine.weights_valid:
+            if self.engine.weights_valid and not self.engine.weights.in_progress:
                 self._leave_exclusive()
-            else:  # sleep(2) dropped them: requests stay held until a complete update (a repair)
+            else:  # sleep(2) dropped them, or an update opened in the sleep is still open: requests
+                # stay held until a complete update (a repair) or the open one ends
                 self.state = EngineState.UPDATING_WEIGHTS
         info["state"] = self.state.value
         return info
@@ -418,10 +422,7 @@ class ControlPlane:
         """Run ``action`` with the engine stopped under ``pause``. The engine returns to the state it
         had unless ``stay`` (the action opens a phase a later call ends)."""
         check_pause_mode(pause)
-        held = (EngineState.SLEEPING, EngineState.UPDATING_WEIGHTS)
-        busy = self._resume_to is not None or self.state in held
-        if busy and not (state is EngineState.UPDATING_WEIGHTS and self._may_update_now()):
-            raise ValueError(f"the engine is {self.state.value}; finish that first")
+        self._check_not_busy(state)
         if pause == "abort":
             self._abort_everything()
         elif (
@@ -429,10 +430,24 @@ class ControlPlane:
             and self.state in (EngineState.RUNNING, EngineState.DRAINING)
             and self.engine.has_unfinished()
         ):
-            self._after_drain.append((call_id, lambda: self._run_exclusive(action, state, stay), state))
+
+            def deferred() -> Any:
+                if self._deferred_begin == call_id:
+                    self._deferred_begin = None  # it runs, or is refused, now
+                # an earlier deferred call may have left the engine asleep or updating: check again
+                self._check_not_busy(state)
+                return self._run_exclusive(action, state, stay)
+
+            self._after_drain.append((call_id, deferred, state))
             self.state = EngineState.DRAINING
             return _DEFERRED
         return self._run_exclusive(action, state, stay)
+
+    def _check_not_busy(self, state: EngineState) -> None:
+        held = (EngineState.SLEEPING, EngineState.UPDATING_WEIGHTS)
+        busy = self._resume_to is not None or self.state in held
+        if busy and not (state is EngineState.UPDATING_WEIGHTS and self._may_update_now()):
+            raise ValueError(f"the engine is {self.state.value}; finish that first")
 
     def _may_update_now(self) -> bool:
         """An update may come while asleep with the weights awake (colocated: wake weights, update,

@@ -38,17 +38,7 @@ class WeightGroup:
     ) -> None:
         """Join (rank > 0) or host (rank 0, ``store`` made by ``host_store``) the group; blocks until
         every rank joined. ``device``: where buckets live (a GPU for nccl, the CPU for gloo)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not (isinstance(world_size, int) and world_size >= 2 and isinstance(rank, int)):
-            raise ValueError(f"need world_size >= 2 and an int rank, got {world_size!r}, {rank!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a group of {world_size}")
-        if (backend == "nccl") != (device.type == "cuda"):
-            raise ValueError(f"backend {backend!r} cannot move buckets on {device}")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s <= 1e9:
-            # (timedelta raises OverflowError past ~8.6e13 s: not a ValueError, it killed the engine core)
-            raise ValueError(f"timeout_s must be a number of seconds in (0, 1e9], got {timeout_s!r}")
+        self.check(rank, world_size, backend, device, timeout_s)
         timeout = datetime.timedelta(seconds=timeout_s)
         if store is None:
             store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
@@ -66,6 +56,21 @@ class WeightGroup:
         probe = torch.zeros(1, device=device)
         self._broadcast(probe).wait()
         self._buffers: list[torch.Tensor] = []
+
+    @staticmethod
+    def check(rank: int, world_size: int, backend: str, device: torch.device, timeout_s: float) -> None:
+        """ValueError unless a member with these arguments can be built (nothing connects)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not (isinstance(world_size, int) and world_size >= 2 and isinstance(rank, int)):
+            raise ValueError(f"need world_size >= 2 and an int rank, got {world_size!r}, {rank!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a group of {world_size}")
+        if (backend == "nccl") != (device.type == "cuda"):
+            raise ValueError(f"backend {backend!r} cannot move buckets on {device}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s <= 1e9:
+            # (timedelta raises OverflowError past ~8.6e13 s: not a ValueError, it killed the engine core)
+            raise ValueError(f"timeout_s must be a number of seconds in (0, 1e9], got {timeout_s!r}")
 
     @staticmethod
     def host_store(host: str = "127.0.0.1", port: int = 0, world_size: int = 2, timeout_s: float = 600.0):

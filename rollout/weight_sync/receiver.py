@@ -77,8 +77,16 @@ class WeightReceiver:
 
     # ---- process group ------------------------------------------------------------------------
     def init_group(
-        self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str,
+        timeout_s: float,
+        check_only: bool = False,
     ) -> None:
+        """Join the sender's group; with ``check_only``, only check that it could (ValueError if not)."""
         if self.group is not None:
             raise ValueError("a weight group is already open; destroy_weight_group() first")
         if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
@@ -86,7 +94,9 @@ class WeightReceiver:
         if rank == 0:
             raise ValueError("rank 0 is the sender's; an engine joins with rank >= 1")
         device = self.device if backend == "nccl" else torch.device("cpu")
-        self.group = WeightGroup(host, port, rank, world_size, backend, device, timeout_s)
+        WeightGroup.check(rank, world_size, backend, device, timeout_s)
+        if not check_only:
+            self.group = WeightGroup(host, port, rank, world_size, backend, device, timeout_s)
 
     def destroy_group(self) -> bool:
         if self.group is None:

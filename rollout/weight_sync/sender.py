@@ -169,19 +169,19 @@ class WeightSender:
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         )
         store = WeightGroup.host_store(self.host, 0, 2, self.timeout_s)
-        joined = client.start_call(
-            "init_weight_group",
-            host=self.host,
-            port=store.port,
-            rank=1,
-            world_size=2,
-            backend=backend,
-            timeout_s=self.timeout_s,
+        args = dict(
+            host=self.host, port=store.port, rank=1, world_size=2, backend=backend, timeout_s=self.timeout_s
         )
+        # Refused at once (another sender's group is open: the LLM's own, or one that died) before
+        # this process starts a rendezvous no engine would join: its thread would wait out the whole
+        # timeout, and a process exiting meanwhile aborts in the store's C++ destructor.
+        check = client.start_call("init_weight_group", check_only=True, **args)
+        client.wait_call(check, "init_weight_group", self.timeout_s)
+        joined = client.start_call("init_weight_group", **args)
         # Host the group in a thread while listening for the engine's answer: an engine that refuses
-        # (it is in another sender's group already: the LLM's own, or one that died) answers at once,
-        # and the rendezvous would otherwise wait out the whole timeout for a peer that never comes
-        # (after a refusal the thread still does, in the background, and ends with its timeout).
+        # now (another sender's group opened between the check and this call) answers at once, and
+        # the rendezvous would otherwise wait out the whole timeout for a peer that never comes
+        # (after such a refusal the thread still does, in the background, and ends with its timeout).
         made: list[WeightGroup | BaseException] = []
 
         def host() -> None:

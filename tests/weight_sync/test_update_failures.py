@@ -4,6 +4,7 @@ the requests in flight; a second sender is refused at once."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -118,6 +119,10 @@ def test_a_second_sender_gets_the_engines_refusal_at_once(proc_llm, checkpoints)
         second = WeightSender(proc_llm, timeout_s=30)
         with pytest.raises(ValueError, match="already open"):
             second.push(checkpoints["new_model"])
+        # checked before hosting: no rendezvous thread left waiting out its 30 s (a process that
+        # exited meanwhile aborted in the store's destructor: "terminate called without an active
+        # exception")
+        assert not [t for t in threading.enumerate() if t.name == "rollout-weight-group"]
         first.push(checkpoints["new_model"])  # the first sender still works
 
 
@@ -169,3 +174,18 @@ def test_no_version_past_the_largest_changes_nothing(checkpoints):  # noqa: F811
     assert llm.weight_version == MAX_WEIGHT_VERSION and llm.engine.weights_valid
     for n, p in llm.engine.runner.model.named_parameters():
         assert torch.equal(p, params[n]), n
+
+
+def test_init_weight_group_check_only_joins_nothing(checkpoints):  # noqa: F811
+    """``check_only``: the engine answers at once whether it would join (a sender asks before it
+    hosts a rendezvous), and joins nothing either way."""
+    plane = plane_on(checkpoints["old"])
+    args = dict(host="127.0.0.1", port=29999, rank=1, world_size=2, backend="gloo", timeout_s=5)
+    plane.handle(ControlCall(1, "init_weight_group", {**args, "check_only": True}))
+    plane.handle(ControlCall(2, "init_weight_group", {**args, "backend": "mpi", "check_only": True}))
+    plane.engine.weights.group = object()  # stands for another sender's open group
+    plane.handle(ControlCall(3, "init_weight_group", {**args, "check_only": True}))
+    ok, bad_backend, taken = acks(plane)
+    assert ok.ok and ok.result is True
+    assert not bad_backend.ok and "backend must be one of" in bad_backend.error
+    assert not taken.ok and "already open" in taken.error
