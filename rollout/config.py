@@ -90,10 +90,10 @@ class RunnerConfig:
     # How those GEMVs read their weights (``kernels.gemv.GemvTiling``): ``whole_k``, each program
     # loads all of K (up to 4,096 at one row) as one tile before it waits for its input (the
     # weights of every resident program in flight at once, where the default loop keeps one 16 KB
-    # tile in flight per program); ``stages`` > 0, the loop is software-pipelined that deep. Built
-    # in stop 27 when no GPU was lent; not measured (`rollout bench step_profile --batches 1
-    # --gemv-whole-k`, `scratch/gemv_probe27.py`).
-    small_batch_gemv_whole_k: bool = False
+    # tile in flight per program); ``stages`` > 0, the loop is software-pipelined that deep. H200,
+    # stop 27 (`rollout bench step_profile --batches 1 [--no-gemv-whole-k]`, two runs each): batch-1
+    # step 0.900 / 0.900 ms with whole_k against 1.189 / 1.188 without; stages 3: 1.227 (off).
+    small_batch_gemv_whole_k: bool = True
     small_batch_gemv_stages: int = 0
     # Such steps, when decode-only, do the q/k norm + RoPE and the K/V store inside the decode
     # attention launch (``decode_attention_qkv``): one launch fewer per layer. Batch 1 (above):

@@ -34,9 +34,11 @@ def test_fused_gemv_steps_match_the_unfused_path(tmp_path, case, monkeypatch):
     outs = {}
     configs = {  # the other ways to read the weights (GemvTiling) too
         "unfused": RunnerConfig(small_batch_gemv_rows=0),
-        "gemv": RunnerConfig(small_batch_gemv_rows=4),
+        "gemv": RunnerConfig(small_batch_gemv_rows=4, small_batch_gemv_whole_k=False),
         "whole_k": RunnerConfig(small_batch_gemv_rows=4, small_batch_gemv_whole_k=True),
-        "stages": RunnerConfig(small_batch_gemv_rows=4, small_batch_gemv_stages=2),
+        "stages": RunnerConfig(
+            small_batch_gemv_rows=4, small_batch_gemv_stages=2, small_batch_gemv_whole_k=False
+        ),
     }
     for name, config in configs.items():
         llm = LLM(

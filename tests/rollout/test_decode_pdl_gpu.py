@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dependent_decode_launches_change_no_output(tmp_path, dtype):
     family, overrides, block_size = CASES["qwen3"]
-    save_tiny_checkpoint(tmp_path, family, **overrides)
+    save_tiny_checkpoint(tmp_path, family, **{**overrides, "max_position_embeddings": 512})  # 300 + 20
     few = random_seqs([5, 190, 40, 7, 300, 3], seed=3)
     many = random_seqs([4 + i % 37 for i in range(200)], seed=4)
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1)

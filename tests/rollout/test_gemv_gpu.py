@@ -31,7 +31,9 @@ def test_fused_gemv_graphs_match_the_unfused_engine(tmp_path, case, dtype):
         "gemv_pdl": RunnerConfig(small_batch_gemv_rows=8, small_batch_gemv_pdl=True),
         "own_rope": RunnerConfig(small_batch_gemv_rows=8, small_batch_decode_rope=False),
         "whole_k": RunnerConfig(small_batch_gemv_rows=8, small_batch_gemv_whole_k=True),
-        "stages": RunnerConfig(small_batch_gemv_rows=8, small_batch_gemv_stages=3),
+        "stages": RunnerConfig(
+            small_batch_gemv_rows=8, small_batch_gemv_stages=3, small_batch_gemv_whole_k=False
+        ),
     }
     results = {}
     for name, config in configs.items():
@@ -86,9 +88,11 @@ def test_gemv_tilings_at_one_to_four_rows(tmp_path, dtype, lengths):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
     configs = {
         "unfused": RunnerConfig(small_batch_gemv_rows=0),
-        "gemv": RunnerConfig(small_batch_gemv_rows=4),
+        "gemv": RunnerConfig(small_batch_gemv_rows=4, small_batch_gemv_whole_k=False),
         "whole_k": RunnerConfig(small_batch_gemv_rows=4, small_batch_gemv_whole_k=True),
-        "stages": RunnerConfig(small_batch_gemv_rows=4, small_batch_gemv_stages=3),
+        "stages": RunnerConfig(
+            small_batch_gemv_rows=4, small_batch_gemv_stages=3, small_batch_gemv_whole_k=False
+        ),
     }
     results = {}
     for name, config in configs.items():
