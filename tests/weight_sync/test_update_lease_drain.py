@@ -9,22 +9,10 @@ from rollout import CacheConfig, SamplingParams
 from rollout.control import ControlPlane
 from rollout.engine import EngineCore
 from rollout.messages import AbortRequests, AddRequest, ControlAck, ControlCall
-from rollout.weight_sync.manifest import plan_buckets
 from tests.weight_sync.helpers import checkpoints  # noqa: F401
+from tests.weight_sync.test_update_lease import Clock, manifest_of
 
 LONG = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def manifest_of(model) -> dict:
-    return plan_buckets([(n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()]).to_wire()
 
 
 def acks(plane: ControlPlane) -> dict[int, ControlAck]:
