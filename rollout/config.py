@@ -76,9 +76,11 @@ class RunnerConfig:
     # Steps of at most this many rows (<= 16) run each layer's projections as fused small-batch
     # GEMVs, the RMSNorms and SiLU-and-mul folded in (rollout/kernels/gemv.py; triton backend);
     # 0: off. H200, Qwen3-0.6B steady decode step (`rollout bench step_profile`, ctx 1K): batch 1
-    # 1.35 ms with them against 1.55-1.56 without (1.26 with small_batch_gemv_pdl); at 2-16 rows
-    # cuBLAS wins (batch 8 2.05 against 1.61 ms), hence 1.
-    small_batch_gemv_rows: int = 1
+    # 1.35 ms with them against 1.55-1.56 without (1.26 with small_batch_gemv_pdl). With whole-K
+    # tiles that keep their columns at every row count (stop 28): batch 2 / 3 / 4 1.164 / 1.380 /
+    # 1.423 ms against 1.649 / 1.609 / 1.650 on cuBLAS (batch 1 0.902 / 0.910). From 5 rows the
+    # GEMVs take 16-row tensor-core tiles and cuBLAS wins (batch 8 2.05 against 1.61 ms), hence 4.
+    small_batch_gemv_rows: int = 4
     # Such steps launch as a chain of programmatic dependents (Hopper+; elsewhere plain launches):
     # the GEMVs, the q/k norm + RoPE + store kernel, the decode attention (split and merge) and
     # the final norm. Each may start while the launch before it finishes, loads what does not

@@ -27,6 +27,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = kernels ]; then
   timeout 150 python3 -m rollout.benchmarks.sampling_kernel --out "$out" 2>&1 | tail -14
+  timeout 200 python3 -m rollout.benchmarks.gemv_chain --rows 1 2 4 --out "$out" 2>&1 | tail -25
   timeout 300 python3 -m rollout.benchmarks.attention_kernels --sweep --no-torch --out "$out" 2>&1 | grep -E "^sweep|^extend|^\{'name'" | tail -40
   timeout 150 python3 -m rollout.benchmarks.attention_kernels --extend --sweep --out "$out" 2>&1 | grep "name" | cut -c1-200
   timeout 200 python3 -m rollout.benchmarks.attention_kernels --ragged --out "$out" 2>&1 | grep "^ragged"

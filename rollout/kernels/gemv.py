@@ -30,7 +30,7 @@ MAX_ROWS = 16  # rows (sequences) one launch serves: one tensor-core tile
 
 @dataclass(frozen=True)
 class GemvTiling:
-    """How a GEMV of at most 4 rows reads its weights (5-16 rows take 16-row tensor-core tiles).
+    """How a small-batch GEMV reads its weights.
 
     Each program streams the weight rows of ``BLOCK_N`` output columns over K in tiles of about
     ``tile_elems`` elements. By default it loads a tile, computes, then loads the next (a program
@@ -40,20 +40,25 @@ class GemvTiling:
     far from what HBM needs to run at its bandwidth. Two ways to put more in flight:
 
     - ``whole_k``: a program takes all of K as one tile (``BLOCK_K`` = K rounded up to a power of
-      two, ``BLOCK_N`` = ``tile_elems`` / (``BLOCK_M`` x that), at most 16), so it issues all its
-      weight loads before it waits for its input. Only where that leaves at least 2 columns: K up
-      to ``tile_elems`` / 2 at one row (4,096 by default; 2,048 at two rows, 1,024 at 3-4), else
-      the default tiling. Every program re-reads x (and the residual and norm weight) over all
-      of K, which at 3-4 rows and 2 columns costs more than the weights it reads. The sum over K
-      runs in one tile instead of several: results differ from the default in rounding.
+      two, ``BLOCK_N`` = ``tile_elems`` / that, at most 16, at every row count: the weight bytes in
+      flight do not shrink as rows are added), so it issues all its weight loads before it waits
+      for its input. Only where that leaves at least 2 columns: K up to ``tile_elems`` / 2 (4,096
+      by default), else the default tiling. Every program re-reads x (and the residual and norm
+      weight) over all of K. The sum over K runs in one tile instead of several: results differ
+      from the default in rounding. At 5-16 rows (16-row tensor-core tiles, 16 columns a program)
+      ``whole_k`` takes K in tiles of 2 x ``tile_elems`` / 16 (1,024 by default; 128 without) and
+      loads the first two before the wait.
     - ``stages`` > 0: the loop runs as ``tl.range(num_stages=stages)``, which pipelines plain
       loads too. Same results as the default.
 
-    H200, stop 27 (``scratch/gemv_probe27.py``: the 28-layer GEMV chain of Qwen3-0.6B in one CUDA
-    graph, us per layer, default / stages 3 / whole_k / whole_k with 16K-element tiles; cuBLAS GEMMs
-    alone 28.9 / 27.6 / 26.0): 1 row 34.5 / 32.6 / 15.8 / 16.0; 2 rows 47.3 / 43.9 / 30.4 / 22.1;
-    4 rows 115.9 / 106.8 / 66.9 / 37.3. ``whole_k`` is the engine's default (batch-1 step 1.19 ->
-    0.90 ms); steps of 2+ rows stay on cuBLAS."""
+    H200, the 28-layer GEMV chain of Qwen3-0.6B in one CUDA graph (``python -m
+    rollout.benchmarks.gemv_chain``), us per layer: 1 row default 34.5, stages 3 32.6, whole_k 15.8
+    (stop 27; cuBLAS GEMMs alone, no norms: 29.0). With whole-K columns kept at every row count
+    (stop 28; default / whole_k / whole_k with 16K or 4K elements / cuBLAS): 2 rows 47.2 / 22.2 /
+    23.9 / 43.9 / 27.9; 3 rows 115.9 / 27.9 / 29.6 / 93.9 / 26.7; 4 rows 116.2 / 28.0 / 30.2 / 94.1
+    / 26.3 (8 warps: 17.9 at one row, 36.3 at four; 2 warps 15.6 at one row). ``whole_k`` is the
+    engine's default: batch-1 step 1.19 -> 0.90 ms, batch 2 / 4 1.65 -> 1.16 / 1.42 ms against
+    cuBLAS with the norm and SiLU kernels between (the chain saves those launches)."""
 
     whole_k: bool = False
     stages: int = 0  # 0: a plain loop
@@ -69,11 +74,14 @@ class GemvTiling:
     def blocks(self, m: int, n: int, k: int, silu_mul: bool) -> tuple[bool, int, int, int, bool]:
         """(use_dot, BLOCK_M, BLOCK_N, BLOCK_K, preload_two) for an [m, k] x [k, n] GEMV."""
         if m > 4:  # a 16-row tensor-core tile; below, a broadcast multiply-sum
+            if self.whole_k:  # long K tiles, the first two loaded before the wait
+                block_k = min(triton.next_power_of_2(k), max(128, 2 * self.tile_elems // 16))
+                return True, 16, 16, block_k, not silu_mul and k > block_k
             return True, 16, (32 if n >= 4096 else 16), 128, False
         block_m = triton.next_power_of_2(m)
         whole = triton.next_power_of_2(k)
-        if self.whole_k and block_m * whole * 2 <= self.tile_elems:  # at least 2 columns a program
-            return False, block_m, min(16, self.tile_elems // (block_m * whole)), whole, False
+        if self.whole_k and whole * 2 <= self.tile_elems:  # at least 2 columns a program
+            return False, block_m, min(16, self.tile_elems // whole), whole, False
         block_n = 16 if n >= 2048 else 8
         block_k = max(64, min(512, self.tile_elems // (block_m * block_n)))
         # A program whose weights are two tiles (the qkv projection and the LM head of Qwen3-0.6B

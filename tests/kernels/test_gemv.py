@@ -65,7 +65,10 @@ def test_fused_gemv_multi_tile_reductions(m, k, n):
     [GemvTiling(stages=2), GemvTiling(whole_k=True), GemvTiling(whole_k=True, tile_elems=2048, num_warps=8)],
     ids=["stages2", "whole_k", "whole_k_small"],
 )
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 3072, 40), (1, 1024, 24), (2, 1536, 48), (3, 96, 20)])
+@pytest.mark.parametrize(
+    ("m", "k", "n"),
+    [(1, 3072, 40), (1, 1024, 24), (2, 1536, 48), (3, 96, 20), (4, 3072, 24), (6, 3072, 40), (16, 640, 24)],
+)
 def test_fused_gemv_tilings(tiling, m, k, n):
     """The other ways to read the weights (GemvTiling): a pipelined loop gives the default's
     result bit for bit (same tiles, same order); whole-K tiles (K rounded up to a power of two,
@@ -84,12 +87,18 @@ def test_fused_gemv_tilings(tiling, m, k, n):
 
 
 def test_gemv_tiling_blocks():
-    """Whole-K: one tile over K (3,072 -> 4,096) and as many columns as tile_elems allow."""
+    """Whole-K: one tile over K (3,072 -> 4,096) and as many columns as tile_elems allow, the same
+    columns at every row count up to 4."""
     assert GemvTiling(whole_k=True).blocks(1, 1024, 3072, False) == (False, 1, 2, 4096, False)
+    assert GemvTiling(whole_k=True).blocks(2, 1024, 3072, False) == (False, 2, 2, 4096, False)
+    assert GemvTiling(whole_k=True).blocks(3, 4096, 1024, False) == (False, 4, 8, 1024, False)
     assert GemvTiling(whole_k=True).blocks(1, 4096, 1024, False) == (False, 1, 8, 1024, False)
     assert GemvTiling(whole_k=True).blocks(1, 4096, 8192, False) == (False, 1, 16, 512, False)  # too long
     assert GemvTiling().blocks(1, 4096, 1024, False) == (False, 1, 16, 512, True)  # two tiles preloaded
-    assert GemvTiling().blocks(8, 4096, 1024, False)[0]  # tensor-core tiles from 5 rows
+    assert GemvTiling().blocks(8, 4096, 1024, False) == (True, 16, 32, 128, False)  # from 5 rows
+    assert GemvTiling(whole_k=True).blocks(8, 4096, 1024, False) == (True, 16, 16, 1024, False)
+    assert GemvTiling(whole_k=True).blocks(16, 1024, 3072, False) == (True, 16, 16, 1024, True)
+    assert GemvTiling(whole_k=True).blocks(16, 3072, 1024, True) == (True, 16, 16, 1024, False)
     for bad in [dict(stages=-1), dict(num_warps=3), dict(tile_elems=1000), dict(tile_elems=128)]:
         with pytest.raises(ValueError):
             GemvTiling(**bad)
