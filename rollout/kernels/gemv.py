@@ -45,9 +45,8 @@ class GemvTiling:
       for its input. Only where that leaves at least 2 columns: K up to ``tile_elems`` / 2 (4,096
       by default), else the default tiling. Every program re-reads x (and the residual and norm
       weight) over all of K. The sum over K runs in one tile instead of several: results differ
-      from the default in rounding. At 5-16 rows (16-row tensor-core tiles, 16 columns a program)
-      ``whole_k`` takes K in tiles of 2 x ``tile_elems`` / 16 (1,024 by default; 128 without) and
-      loads the first two before the wait.
+      from the default in rounding. At 5-16 rows the GEMV takes 16-row tensor-core tiles (128-wide
+      K tiles, looped) with either setting.
     - ``stages`` > 0: the loop runs as ``tl.range(num_stages=stages)``, which pipelines plain
       loads too. Same results as the default.
 
@@ -74,9 +73,6 @@ class GemvTiling:
     def blocks(self, m: int, n: int, k: int, silu_mul: bool) -> tuple[bool, int, int, int, bool]:
         """(use_dot, BLOCK_M, BLOCK_N, BLOCK_K, preload_two) for an [m, k] x [k, n] GEMV."""
         if m > 4:  # a 16-row tensor-core tile; below, a broadcast multiply-sum
-            if self.whole_k:  # long K tiles, the first two loaded before the wait
-                block_k = min(triton.next_power_of_2(k), max(128, 2 * self.tile_elems // 16))
-                return True, 16, 16, block_k, not silu_mul and k > block_k
             return True, 16, (32 if n >= 4096 else 16), 128, False
         block_m = triton.next_power_of_2(m)
         whole = triton.next_power_of_2(k)
