@@ -5,7 +5,8 @@ step, and the kernels that take the most time.
     rollout bench step_profile --batches 1 256 --context 1024 --out $OUT
 
 Busy well under wall means the GPU waits on the host (launch gaps, Python); busy near wall means the
-kernels themselves are the cost. One Chrome trace per batch lands in ``--out`` (gzip).
+kernels themselves are the cost. One Chrome trace per batch lands in ``--out`` (gzip). On CUDA it
+also times the host side of launching the step's graph alone, idle and queued behind itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import gzip
 import json
 import os
 import random
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +34,26 @@ from rollout.benchmarks.common import (
     print_gpu_summary,
     prompts_pending,
 )
+
+
+def launch_host_ms(replay: Callable[[], None], sync: Callable[[], None], n: int = 20) -> tuple[float, float]:
+    """Median host time (ms) of one ``replay`` call with the device idle, and with the previous
+    replay (of the same graph) still running: whether launching a graph costs the host more when
+    it is queued behind itself, as in the overlapped loop."""
+    idle, behind = [], []
+    for _ in range(n):
+        sync()
+        t = time.perf_counter()
+        replay()
+        idle.append(time.perf_counter() - t)
+    sync()
+    replay()
+    for _ in range(n):
+        t = time.perf_counter()
+        replay()
+        behind.append(time.perf_counter() - t)
+    sync()
+    return statistics.median(idle) * 1e3, statistics.median(behind) * 1e3
 
 
 def start_decode(llm: LLM, batch: int, context: int, rng: random.Random) -> list[str]:
@@ -92,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
             raise RuntimeError(
                 f"a sequence finished while profiled ({len(engine.scheduler.running)} of {batch})"
             )
+        launch = None
+        if graphs is not None:  # the step's graph alone (it rewrites this step's KV slots: aborted next)
+            size = graphs.padded_size(batch)
+            launch = (size, *launch_host_ms(graphs.graphs[size].replay, sync))
         engine.abort(ids)
         raw = export_trace(prof)
         (out / f"trace_b{batch}.json.gz").write_bytes(gzip.compress(raw))
@@ -101,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
             overlap=engine.overlap,
             wall_ms_per_step=wall_ms,
             graph_replay_host_ms=timer.seconds["replay"] / args.steps * 1e3,
+            graph_launch_host_ms=None
+            if launch is None
+            else dict(rows=launch[0], idle=launch[1], behind=launch[2]),
         )
         row.update(gpu_trace_summary(json.loads(raw), per=args.steps))
         rows.append(row)
@@ -110,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
             f" runtime {row['runtime_us'] / 1e3:.3f} ms, replay call {row['graph_replay_host_ms']:.3f} ms",
             flush=True,
         )
+        if launch is not None:
+            size, idle, behind = launch
+            print(f"    graph of {size} rows alone: launch {idle:.3f} ms idle, {behind:.3f} ms behind itself")
         print_gpu_summary(row, "/step")
     (out / "step_profile.json").write_text(json.dumps(rows, indent=1))
     llm.shutdown()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 
 import pytest
 
 from rollout.benchmarks import step_profile
 from rollout.benchmarks.common import busy_us, gpu_trace_summary
+from rollout.benchmarks.step_profile import launch_host_ms
 
 
 def test_busy_time_is_the_union_of_intervals():
@@ -47,3 +49,16 @@ def test_step_profile_runs_on_cpu(tmp_path):
     assert rows[0]["gpu_ops"] == 0  # the CPU has no GPU events
     trace = json.loads(gzip.decompress((tmp_path / "trace_b2.json.gz").read_bytes()))
     assert any(e.get("cat") == "cpu_op" for e in trace["traceEvents"])
+
+
+def test_launch_host_ms_times_idle_then_queued_calls():
+    """The launch probe syncs before each idle call, then times calls back to back."""
+    calls: list[str] = []
+
+    def replay() -> None:
+        calls.append("replay")
+        time.sleep(0.002)
+
+    idle, behind = launch_host_ms(replay, lambda: calls.append("sync"), n=3)
+    assert calls == ["sync", "replay"] * 3 + ["sync"] + ["replay"] * 4 + ["sync"]
+    assert idle >= 2.0 and behind >= 2.0  # ms: each call took its 2 ms sleep
