@@ -1,5 +1,6 @@
-"""The GEMV-chain benchmark's chain (rollout.benchmarks.gemv_chain) on tiny shapes in the
-interpreter: every tiling it times computes the same layers as the torch reference."""
+"""The GEMV-chain benchmark's chain (rollout.benchmarks.gemv_chain) on tiny shapes (in the
+interpreter on CPU, compiled on CUDA): every tiling it times computes the same layers as the torch
+reference."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch
 
 from rollout.benchmarks.gemv_chain import VARIANTS, Shape, chain, make_layers
 from rollout.kernels.gemv import fused_gemv_ref
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def reference(layers, x, res):
@@ -22,9 +25,9 @@ def reference(layers, x, res):
 @pytest.mark.parametrize("rows", [1, 3])
 def test_chain_variants_match_reference(triton_interpreter, rows):
     shape = Shape(hidden=64, heads=2, kv_heads=1, head_dim=32, intermediate=96, layers=2)
-    layers = make_layers(shape, torch.device("cpu"), torch.float32)
+    layers = make_layers(shape, DEVICE, torch.float32)
     g = torch.Generator().manual_seed(rows)
-    x, res = torch.randn(rows, 64, generator=g), torch.randn(rows, 64, generator=g)
+    x, res = (torch.randn(rows, 64, generator=g).to(DEVICE) for _ in range(2))
     want = reference(layers, x, res)
     for name, tiling in VARIANTS.items():
         if tiling is None:  # the bare-GEMM reference skips the norms: another computation
