@@ -4,6 +4,7 @@ comparison of what two engines compute on the same prompts."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +45,18 @@ def write_dir(path: Path, model) -> str:
     return str(path)
 
 
+def _rank_main(target: Callable, rank: int, port: int, *args: object) -> None:
+    """A rank process: ``target``, then (when it returned) an exit without the interpreter's. A gloo
+    thread torn down by a C++ destructor at interpreter exit aborted a rank now and then ("terminate
+    called without an active exception", exit code -6) after every result was in; the results
+    queue is flushed first."""
+    target(rank, port, *args)
+    results = args[-1]
+    results.close()
+    results.join_thread()
+    os._exit(0)
+
+
 @contextlib.contextmanager
 def two_ranks(target: Callable, *args: object) -> Iterator[object]:
     """Two spawned processes run ``target(rank, port, *args, results)`` (rank 0 hosts the default
@@ -55,7 +68,7 @@ def two_ranks(target: Callable, *args: object) -> Iterator[object]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=target, args=(rank, port, *args, results)) for rank in range(2)]
+    procs = [ctx.Process(target=_rank_main, args=(target, rank, port, *args, results)) for rank in range(2)]
     for p in procs:
         p.start()
     try:

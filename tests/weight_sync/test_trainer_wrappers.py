@@ -129,12 +129,6 @@ def _fsdp1_rank(rank: int, port: int, old: str, new: str, out_dir: str, results)
         if llm is not None:
             llm.shutdown()
         dist.destroy_process_group()
-    # Leave without the interpreter's exit: a gloo thread torn down by a C++ destructor there aborted
-    # the process now and then ("terminate called without an active exception", exit code -6) after
-    # every result was in; the results are flushed first.
-    results.close()
-    results.join_thread()
-    os._exit(0)
 
 
 def test_fsdp1_trainer_gathers_on_every_rank_and_rank0_sends(checkpoints, tmp_path):  # noqa: F811

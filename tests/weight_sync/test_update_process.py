@@ -198,12 +198,6 @@ def _fsdp_rank(rank: int, port: int, old: str, new: str, results) -> None:
             llm.shutdown()
         del model  # its FSDP state holds the group: drop it before the group goes
         dist.destroy_process_group()
-    # Leave without the interpreter's exit: a gloo thread torn down by a C++ destructor there aborted
-    # the process now and then ("terminate called without an active exception", exit code -6) after
-    # every result was in; the results are flushed first.
-    results.close()
-    results.join_thread()
-    os._exit(0)
 
 
 def test_fsdp2_trainer_gathers_on_every_rank_and_rank0_sends(checkpoints, expected):  # noqa: F811
