@@ -124,8 +124,8 @@ def graph_ms(fn: Callable[[Any], object], items: Sequence[Any]) -> float:
     return do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / len(items)
 
 
-def measure_ceilings() -> dict:
-    """Copy bandwidth (bytes read + written per second) and bf16 matmul rate of this GPU."""
+def copy_bytes_per_s() -> float:
+    """This GPU's copy bandwidth: bytes read + written per second by a 2 GiB device copy."""
     x = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
     y = torch.empty_like(x)
     for _ in range(3):
@@ -135,8 +135,12 @@ def measure_ceilings() -> dict:
     for _ in range(10):
         y.copy_(x)
     torch.cuda.synchronize()
-    bw = 2 * x.numel() * 2 / ((time.perf_counter() - t) / 10)
-    del x, y
+    return 2 * x.numel() * 2 / ((time.perf_counter() - t) / 10)
+
+
+def measure_ceilings() -> dict:
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul rate of this GPU."""
+    bw = copy_bytes_per_s()
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     b = torch.randn_like(a)
     for _ in range(3):

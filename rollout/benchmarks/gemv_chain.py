@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from rollout.benchmarks.common import copy_bytes_per_s, graph_ms
 from rollout.kernels.gemv import GemvTiling, fused_gemv
 
 
@@ -80,32 +80,6 @@ def chain(
     return x
 
 
-def _replay_us(graph: torch.cuda.CUDAGraph, n: int = 30) -> float:
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
-
-
-def _copy_gbs(device: torch.device) -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(10):
-        dst.copy_(src)
-    b.record()
-    b.synchronize()
-    return 2 * 10 * src.numel() / (a.elapsed_time(b) / 1e3) / 1e9
-
-
 def probe(layers, rows: int, floor_us: float, device: torch.device) -> list[dict]:
     """Every variant at ``rows`` rows: its one-layer error against the default, then us per layer."""
     hidden = layers[0]["n1"].shape[0]
@@ -117,16 +91,9 @@ def probe(layers, rows: int, floor_us: float, device: torch.device) -> list[dict
     for name, tiling in VARIANTS.items():
         got = chain(layers[:1], x, res, tiling).float()
         err = float("nan") if tiling is None else ((got - ref).abs().max() / ref.abs().max()).item()
-        for _ in range(2):
-            chain(layers, x, res, tiling)  # compile, warm up
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            chain(layers, x, res, tiling)
-        us = min(_replay_us(graph) for _ in range(3)) / len(layers)
+        us = graph_ms(lambda _, t=tiling: chain(layers, x, res, t), [None]) * 1e3 / len(layers)
         row = dict(rows=rows, variant=name, us_per_layer=round(us, 2), of_floor=round(floor_us / us, 3))
         row["rel_err"] = err
-        del graph
         results.append(row)
         print(json.dumps(row), flush=True)
     return results
@@ -140,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gemv_chain needs a CUDA device (CUDA graphs of Triton kernels)")
     device, shape = torch.device("cuda"), Shape()
-    gbs = _copy_gbs(device)
+    gbs = copy_bytes_per_s() / 1e9
     layers = make_layers(shape, device, torch.bfloat16)
     nbytes = sum(t.numel() * t.element_size() for lw in layers for k, t in lw.items() if k[0] != "n")
     floor_us = nbytes / (gbs * 1e9) * 1e6 / shape.layers
