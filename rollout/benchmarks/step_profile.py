@@ -97,15 +97,17 @@ def main(argv: list[str] | None = None) -> None:
         ids = start_decode(llm, batch, args.context, rng)
         graphs = engine.runner.graphs
         timer = PhaseTimer()
-        if graphs is not None:  # host time of the graph replay call (input copies + cudaGraphLaunch)
-            timer.wrap(graphs, "replay", "replay")
+        wrapped = [(engine.scheduler, "schedule"), (engine.runner, "launch"), (engine.runner, "collect")]
+        wrapped += [(engine, "_process")] + ([(graphs, "replay")] if graphs is not None else [])
+        for owner, attr in wrapped:  # host time by phase; replay: input copies + cudaGraphLaunch
+            timer.wrap(owner, attr, attr.strip("_"))
         sync()
         t = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
         sync()
-        if graphs is not None:
-            del graphs.replay
+        for owner, attr in wrapped:
+            delattr(owner, attr)
         wall_ms = (time.perf_counter() - t) / args.steps * 1e3
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             overlap=engine.overlap,
             wall_ms_per_step=wall_ms,
             graph_replay_host_ms=timer.seconds["replay"] / args.steps * 1e3,
+            host_ms={k: v / args.steps * 1e3 for k, v in timer.seconds.items()},
             graph_launch_host_ms=None
             if launch is None
             else dict(rows=launch[0], idle=launch[1], behind=launch[2]),
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             f" runtime {row['runtime_us'] / 1e3:.3f} ms, replay call {row['graph_replay_host_ms']:.3f} ms",
             flush=True,
         )
+        phases = ", ".join(f"{k} {v:.3f}" for k, v in row["host_ms"].items())
+        print(f"    host ms/step by call: {phases} (collect waits for the step in flight)")
         if launch is not None:
             size, idle, behind = launch
             print(f"    graph of {size} rows alone: launch {idle:.3f} ms idle, {behind:.3f} ms behind itself")

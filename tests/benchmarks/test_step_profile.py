@@ -47,6 +47,9 @@ def test_step_profile_runs_on_cpu(tmp_path):
     rows = json.loads((tmp_path / "step_profile.json").read_text())
     assert [r["batch"] for r in rows] == [2] and rows[0]["wall_ms_per_step"] > 0
     assert rows[0]["gpu_ops"] == 0  # the CPU has no GPU events
+    host = rows[0]["host_ms"]  # every phase ran each step, and they fit in the step's wall time
+    assert set(host) == {"schedule", "launch", "collect", "process"} and min(host.values()) > 0
+    assert sum(host.values()) < rows[0]["wall_ms_per_step"]
     trace = json.loads(gzip.decompress((tmp_path / "trace_b2.json.gz").read_bytes()))
     assert any(e.get("cat") == "cpu_op" for e in trace["traceEvents"])
 
