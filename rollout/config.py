@@ -111,6 +111,14 @@ class RunnerConfig:
     # --decode-pdl` against `--no-decode-pdl`; tests/rollout/test_decode_pdl_gpu.py checks that
     # the outputs are the same).
     decode_attention_pdl: bool = False
+    # Decode graph steps whose rows the fused sampling kernel serves alone (no top-k / top-p /
+    # min-p, penalties, biases or bans; no top logprobs from processed logits) sample in a CUDA
+    # graph of their own, per graph size (rollout/sampler_graphs.py): one graph launch instead of
+    # ``sample``'s allocations, two Triton launches and the result packing, ~0.3-0.45 ms of host
+    # time per step on the H100's host (stop 29: its 1-4-row steps are host-bound, `launch` alone
+    # 0.87-1.27 ms). Off until measured (built when no GPU was lent; `rollout bench step_profile
+    # --graph-sampling`; tests/rollout/test_sampler_graphs_gpu.py checks the outputs).
+    graph_sampling: bool = False
     # CUDA: the weights and the KV cache live in address ranges that sleep keeps reserved while
     # it gives their physical memory back (rollout/vmm.py), so wake_up maps new memory at the
     # same addresses and the CUDA graphs stay valid instead of being captured again. The graphs'

@@ -16,6 +16,7 @@ from rollout.models.config import ModelConfig
 from rollout.models.layers.attention import AttentionMetadata
 from rollout.models.loader import load_model
 from rollout.piecewise_graphs import PiecewiseGraphs
+from rollout.sampler_graphs import SamplerGraphs
 from rollout.samplers.params import MAX_LOGPROBS, SamplingParams
 from rollout.samplers.sampler import SamplerOutput, prompt_logprobs, sample
 from rollout.samplers.tensors import (
@@ -41,6 +42,10 @@ class RunnerOutput:
     prompt_logprobs: dict[str, tuple[list[float], list[dict[int, float] | None]]] = field(
         default_factory=dict
     )
+
+
+# see ModelRunner._last_sampling
+_LastSampling = tuple[SamplingRows, SamplingTensors, torch.Tensor | None, int | None]
 
 
 class ModelRunner:
@@ -106,13 +111,15 @@ class ModelRunner:
             self.split_counters = torch.zeros(size, dtype=torch.int32, device=device)
         self.vocab_size = model_config.vocab_size
         self._values = ValuesCache(self.vocab_size)  # each params object's effective values
-        # the last sampling step's rows, tensors and sampled tokens (see _sampling_tensors)
-        self._last_sampling: tuple[SamplingRows, SamplingTensors, torch.Tensor | None] | None = None
+        # the last sampling step's rows, tensors, sampled tokens and the sampler graph size whose
+        # buffer holds the tensors (None: their own buffer; see _sampling_tensors)
+        self._last_sampling: _LastSampling | None = None
         self.profiled_step_bytes: int | None = None  # set by the GPU memory profile (bytes)
         self.num_blocks = self._decide_num_blocks()
         self.kv_cache = self._allocate_kv_cache(self.num_blocks, keep_address=self.weight_memory is not None)
         self._bind_kv_cache(self.kv_cache)
         self.graphs: DecodeGraphs | None = None
+        self.sampler_graphs: SamplerGraphs | None = None
         self.pieces: PiecewiseGraphs | None = None
         self.mixed: MixedGraphs | None = None
         if self.attention_backend == "triton" and device.type == "cuda":
@@ -126,9 +133,11 @@ class ModelRunner:
             gc.freeze()
 
     def capture_graphs(self) -> None:
-        """Capture the decode graphs and the eager steps' mixed and piecewise graphs (when enabled)
-        over the current weights and KV cache storage. Mixed graphs are built on any device with the
-        triton backend (without CUDA they run uncaptured: the CPU tests' path)."""
+        """Capture the decode graphs (and their sampler graphs with ``graph_sampling``) and the eager
+        steps' mixed and piecewise graphs (when enabled) over the current weights and KV cache
+        storage. Mixed graphs are built on any device with the triton backend, decode and sampler
+        graphs on CUDA or with ``graph_sampling`` (without CUDA they run uncaptured: the CPU tests'
+        path)."""
         self.release_graphs()
         rc = self.runner_config
         if self.attention_backend != "triton" or not rc.cuda_graphs:
@@ -137,13 +146,17 @@ class ModelRunner:
         max_blocks = -(-max_len // self.block_size)
         assert self._eager_token_cap is not None
         sizes = eager_token_sizes(self._eager_token_cap)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" or rc.graph_sampling:  # without CUDA: uncaptured (the CPU tests)
             # Decode graphs first (the order made no measured difference on the H200).
             max_batch = min(rc.max_graph_batch, self.scheduler_config.max_num_seqs)
             self.graphs = DecodeGraphs(
                 self.model, max_batch, max_blocks, max_len, self.device, self.split_counters
             )
             self.graphs.capture()
+            if rc.graph_sampling:
+                logits = {size: self.graphs.outputs[size][1] for size in self.graphs.sizes}
+                self.sampler_graphs = SamplerGraphs(logits, self.vocab_size, self.device)
+                self.sampler_graphs.capture()
         mixed_sizes = [s for s in sizes if 2 <= s <= rc.max_mixed_graph_tokens]
         if mixed_sizes:
             max_seqs = self.scheduler_config.max_num_seqs
@@ -188,8 +201,10 @@ class ModelRunner:
     def release_graphs(self) -> None:
         """Drop every captured graph (their memory pools go with them)."""
         self.graphs = None
+        self.sampler_graphs = None
         self.pieces = None
         self.mixed = None
+        self._last_sampling = None  # its tensors may live in a sampler graph's buffer
 
     @property
     def attention_backend(self) -> str:
@@ -352,18 +367,28 @@ class ModelRunner:
         handle = StepHandle(batch=batch)
         if rows.seeds:
             n, lead = host.num_samples, host.samples_lead  # lead: rows 0..n-1 sample (a view)
-            if graph_logits is not None:  # the graph ran the LM head on its padded batch
-                logits = graph_logits[:n] if lead else graph_logits.index_select(0, v["logits_rows"])
+            if (
+                graph_size is not None
+                and self.sampler_graphs is not None
+                and lead
+                and rows.fused_only(self.vocab_size)
+            ):  # the sampler's own graph over the decode graph's logits
+                t = self._sampling_tensors(rows, prev, graph_size)
+                k = min(t.max_num_logprobs, self.vocab_size)
+                out, packed = self.sampler_graphs.replay(graph_size, n, k)
             else:
-                rows_hidden = hidden[:n] if lead else hidden.index_select(0, v["logits_rows"])
-                logits = self.model.compute_logits(rows_hidden)[:n]
-            out = sample(logits, self._sampling_tensors(rows, prev))
-            del logits  # not held while prompt logprobs take their own [rows, vocab] logits
+                if graph_logits is not None:  # the graph ran the LM head on its padded batch
+                    logits = graph_logits[:n] if lead else graph_logits.index_select(0, v["logits_rows"])
+                else:
+                    rows_hidden = hidden[:n] if lead else hidden.index_select(0, v["logits_rows"])
+                    logits = self.model.compute_logits(rows_hidden)[:n]
+                out = sample(logits, self._sampling_tensors(rows, prev))
+                del logits  # not held while prompt logprobs take their own [rows, vocab] logits
+                # one device-to-host copy for ids and logprobs (ids < 2**24 are exact in float64)
+                packed = torch.stack([out.token_ids.double(), out.logprobs.double()])
             assert self._last_sampling is not None
-            self._last_sampling = (*self._last_sampling[:2], out.token_ids)
+            self._last_sampling = (*self._last_sampling[:2], out.token_ids, self._last_sampling[3])
             handle.token_ids = out.token_ids
-            # one device-to-host copy for ids and logprobs (ids < 2**24 are exact in float64)
-            packed = torch.stack([out.token_ids.double(), out.logprobs.double()])
             handle.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=dev.type == "cuda")
             handle.host.copy_(packed, non_blocking=True)
             if out.topk_ids is not None:
@@ -439,9 +464,12 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         return device_metadata(host, v, self.split_counters)
 
-    def _sampling_tensors(self, rows: SamplingRows, prev: StepHandle | None) -> SamplingTensors:
-        """The step's sampling tensors. A steady decode batch (the same requests as the previous
-        sampling step, in the same order, each one token further, nothing banned) reuses that step's
+    def _sampling_tensors(
+        self, rows: SamplingRows, prev: StepHandle | None, graph_size: int | None = None
+    ) -> SamplingTensors:
+        """The step's sampling tensors, built in the buffer of the sampler graph of ``graph_size``
+        when given. A steady decode batch (the same requests as the previous sampling step, in the
+        same order, each one token further, nothing banned, the same buffer) reuses that step's
         tensors: the RNG counters advance on the device, and penalty rows count the tokens that step
         sampled (still on the device) instead of sending their whole history again. One or two small
         kernels instead of a host build and copies."""
@@ -449,6 +477,7 @@ class ModelRunner:
         if (
             last is not None
             and last[2] is not None
+            and last[3] == graph_size
             and not rows.banned_rows
             and not last[0].banned_rows
             and rows.requests == last[0].requests  # by identity: Request has no __eq__
@@ -459,9 +488,13 @@ class ModelRunner:
             if tensors.penalties is not None:
                 every_row = torch.arange(len(rows.seeds), device=sampled.device)
                 tensors.penalties.add_output_tokens(every_row, sampled)
-        else:
+        elif graph_size is None:
             tensors = rows.tensors(self.vocab_size, self.device, prev)
-        self._last_sampling = (rows, tensors, None)
+        else:
+            assert self.sampler_graphs is not None
+            out = self.sampler_graphs.buffer(graph_size)
+            tensors = rows.tensors(self.vocab_size, self.device, prev, min_rows=graph_size, out=out)
+        self._last_sampling = (rows, tensors, None, graph_size)
         return tensors
 
     def drop_step_state(self) -> None:

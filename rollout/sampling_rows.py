@@ -62,9 +62,26 @@ class SamplingRows:
                 pending_src.append(prev.row_of(req))
         return history, pending_rows, pending_src
 
+    def fused_only(self, vocab_size: int) -> bool:
+        """Whether the fused sampling kernel alone serves these rows, whatever its host flags (a
+        decode graph's captured sampler, ``rollout.sampler_graphs``): no top-k / top-p / min-p,
+        penalties, logit biases or banned tokens, and no top logprobs from processed logits."""
+        if self.banned_rows or self.bias is not None or self.penalized:
+            return False
+        for v in {id(v): v for v in self.values}.values():  # rows of one params share the tuple
+            if v.top_k < vocab_size or v.top_p < 1.0 or v.min_p > 0.0 or (v.num_logprobs and v.processed):
+                return False
+        return True
+
     def tensors(
-        self, vocab_size: int, device: torch.device, prev: StepHandle | None = None
+        self,
+        vocab_size: int,
+        device: torch.device,
+        prev: StepHandle | None = None,
+        min_rows: int = 0,
+        out: torch.Tensor | None = None,
     ) -> SamplingTensors:
+        """The rows' sampling tensors (``min_rows`` and ``out``: see ``SamplingTensors.from_columns``)."""
         history, pending_rows, pending_src = self.history(prev) if self.penalized else (None, [], [])
         t = SamplingTensors.from_columns(
             self.values,
@@ -76,6 +93,8 @@ class SamplingRows:
             device,
             history,
             self.bias,
+            min_rows,
+            out,
         )
         if pending_rows:
             assert t.penalties is not None and prev is not None and prev.token_ids is not None

@@ -73,6 +73,12 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.small_batch_gemv_stages,
         help="RunnerConfig.small_batch_gemv_stages (small-batch GEMVs: software-pipelined loop; 0: plain)",
     )
+    parser.add_argument(
+        "--graph-sampling",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.graph_sampling,
+        help="RunnerConfig.graph_sampling (decode graph steps sample in a CUDA graph of their own)",
+    )
 
 
 def graph_argv(args: argparse.Namespace) -> list[str]:
@@ -91,6 +97,7 @@ def graph_argv(args: argparse.Namespace) -> list[str]:
         onoff("decode-pdl", args.decode_pdl),
         onoff("gemv-whole-k", args.gemv_whole_k),
         *("--gemv-stages", str(args.gemv_stages)),
+        onoff("graph-sampling", args.graph_sampling),
     ]
 
 
@@ -106,6 +113,7 @@ def graph_config(args: argparse.Namespace) -> RunnerConfig:
         decode_attention_pdl=args.decode_pdl,
         small_batch_gemv_whole_k=args.gemv_whole_k,
         small_batch_gemv_stages=args.gemv_stages,
+        graph_sampling=args.graph_sampling,
     )
 
 

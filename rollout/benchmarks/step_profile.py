@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"a sequence finished while profiled ({len(engine.scheduler.running)} of {batch})"
             )
         launch = None
-        size = graphs.padded_size(batch) if graphs is not None else None
+        size = graphs.padded_size(batch) if graphs is not None and graphs.captured else None
         if size is not None:  # the step's graph alone: it rewrites the last step's KV slots with the
             # same values (same static inputs), and the requests are aborted next
             launch = (size, *launch_host_ms(graphs.graphs[size].replay, sync))

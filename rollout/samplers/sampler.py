@@ -174,13 +174,22 @@ def _sample_with_kernel(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutp
         any_processed=t.any_processed,
         write_source=write_source,
     )
-    if k == 0:
-        return SamplerOutput(out.token_ids, out.logprobs, None, None, None)
     source = out.source if out.source is not None else logits
+    return fused_output(out.token_ids, out.logprobs, out.lse, source, k)
+
+
+def fused_output(
+    token_ids: torch.Tensor, logprobs: torch.Tensor, lse: torch.Tensor, source: torch.Tensor, k: int
+) -> SamplerOutput:
+    """``sample``'s output from the fused kernel's tokens, logprobs and lse: with ``k`` > 0 top
+    logprobs, the top-k and ranks of each row's logprob ``source`` ([B, V]: the kernel's, or the
+    raw logits where no row is in processed mode), less the lse."""
+    if k == 0:
+        return SamplerOutput(token_ids, logprobs, None, None, None)
     top_vals, top_ids = source.topk(k, dim=-1)
-    chosen = source.gather(1, out.token_ids[:, None]).float()  # exact: bf16/f16 -> f32 is lossless
+    chosen = source.gather(1, token_ids[:, None]).float()  # exact: bf16/f16 -> f32 is lossless
     ranks = (source > chosen).sum(dim=-1) + 1
-    return SamplerOutput(out.token_ids, out.logprobs, top_ids, top_vals.float() - out.lse[:, None], ranks)
+    return SamplerOutput(token_ids, logprobs, top_ids, top_vals.float() - lse[:, None], ranks)
 
 
 def _check_inputs(logits: torch.Tensor, t: SamplingTensors) -> None:

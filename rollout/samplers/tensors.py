@@ -120,6 +120,12 @@ class SamplingTensors:
         """B, the number of rows."""
         return self.temperature.shape[0]
 
+    @staticmethod
+    def buffer_bytes(rows: int, num_banned: int = 0) -> int:
+        """Bytes of the device buffer ``from_columns`` fills for ``rows`` rows and ``num_banned``
+        banned pairs: 34 per row and 16 per pair, each counted in whole groups of 16."""
+        return 34 * (-(-rows // 16) * 16) + 16 * (-(-num_banned // 16) * 16)
+
     @classmethod
     def build(
         cls,
@@ -204,12 +210,20 @@ class SamplingTensors:
         device: torch.device,
         history: PenaltyHistory | None = None,
         bias: LogitBiasColumns | None = None,
+        min_rows: int = 0,
+        out: torch.Tensor | None = None,
     ) -> SamplingTensors:
         """``build`` from values already checked: per row, its ``effective_values`` tuple, its
         seed as int64 and its offset; the banned (row, token) pairs as two columns; the token
         history of the rows with penalties (None: no row has any); the logit biases of the rows that
         have them. The engine's model runner calls this with columns it keeps per request, so a step
-        does no per-row object or validation work."""
+        does no per-row object or validation work.
+
+        ``out`` (a uint8 tensor on ``device``, at least ``buffer_bytes(max(rows, min_rows), banned)``
+        long) receives the per-row values instead of a new device buffer, laid out as for
+        ``min_rows`` rows when there are fewer: a CUDA graph captured over that layout reads them
+        (``rollout.sampler_graphs``). The rows past the batch are then greedy raw rows at
+        temperature 1, so the graph's results for them are finite (and ignored)."""
         num = len(statics)
         num_banned = len(banned_rows)
         # Host flags from the distinct value tuples (rows of one prompt share one): plain Python,
@@ -220,10 +234,10 @@ class SamplingTensors:
         # padding rows are never read), so each per-row tensor the kernels read is 16-byte aligned
         # whatever the batch size: Triton specializes pointers on alignment, and a batch size that
         # moved one would compile a new kernel mid-run.
-        ns = -(-num // 16) * 16
+        ns = -(-max(num, min_rows) // 16) * 16
         nb = -(-num_banned // 16) * 16
         pin = device.type == "cuda"
-        buf = torch.empty(34 * ns + 16 * nb, dtype=torch.uint8, pin_memory=pin)
+        buf = torch.empty(cls.buffer_bytes(ns, nb), dtype=torch.uint8, pin_memory=pin)
         host = buf.numpy()
         f32 = host[: 16 * ns].view(np.float32).reshape(4, ns)  # temperature, top_p, min_p, top_k (i32)
         flags = host[16 * ns : 18 * ns].view(np.bool_).reshape(2, ns)  # greedy, processed
@@ -240,11 +254,28 @@ class SamplingTensors:
             flags[:, :num] = stat[:, 3:5].T != 0
         i64[:num] = seeds
         i64[ns : ns + num] = offsets
+        if out is not None and num < ns:  # a graph reads every row: padding rows greedy, raw, T = 1
+            f32[:2, num:] = 1.0
+            f32[2, num:] = 0.0
+            f32[3, num:].view(np.int32)[:] = vocab_size
+            flags[0, num:], flags[1, num:] = True, False
+            i64[num:ns] = 0
+            i64[ns + num : 2 * ns] = 0
         i64[2 * ns : 2 * ns + num_banned] = banned_rows
         i64[2 * ns + nb : 2 * ns + nb + num_banned] = banned_tokens
         # Pinned host memory makes the copy truly asynchronous; the caching host allocator keeps
         # the buffer alive until the copy has run.
-        dev = buf.to(device, non_blocking=pin)
+        if out is None:
+            dev = buf.to(device, non_blocking=pin)
+        else:
+            fits = out.dtype == torch.uint8 and out.dim() == 1 and out.numel() >= buf.numel()
+            if not fits or not same_device(out.device, device):
+                raise ValueError(
+                    f"out must be a 1-D uint8 tensor on {device} of at least {buf.numel()} bytes, got "
+                    f"{out.dtype} {tuple(out.shape)} on {out.device}"
+                )
+            dev = out[: buf.numel()]
+            dev.copy_(buf, non_blocking=pin)
         has_penalties = any(v.has_penalties for v in distinct)
         penalties = _penalties(statics, history, vocab_size, device) if has_penalties else None
         # Few torch ops (each costs microseconds of host time): split the bytes by dtype, then each
@@ -309,6 +340,16 @@ def _penalties(
 def _pairs(rows: list[int], tokens: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     both = to_device_async(torch.tensor([rows, tokens], dtype=torch.int64).reshape(2, len(rows)), device)
     return both[0], both[1]
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` and ``b`` name one device (``cuda`` without an index: the current one)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
 def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:

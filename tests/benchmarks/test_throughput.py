@@ -60,13 +60,21 @@ def test_graph_argv_gives_back_the_options():
 
     parser = argparse.ArgumentParser()
     add_graph_args(parser)
-    given = ["--gemv-whole-k", "--gemv-stages", "3", "--decode-pdl", "--no-gemv-pdl", "--fused-merge"]
+    given = [
+        "--gemv-whole-k",
+        "--gemv-stages",
+        "3",
+        "--decode-pdl",
+        "--no-gemv-pdl",
+        "--fused-merge",
+        "--graph-sampling",
+    ]
     args = parser.parse_args(given)
     again = parser.parse_args(graph_argv(args))
     assert vars(again) == vars(args)
     rc = graph_config(again)
     assert rc.small_batch_gemv_whole_k and rc.small_batch_gemv_stages == 3 and rc.decode_attention_pdl
-    assert not rc.small_batch_gemv_pdl and rc.fused_decode_merge
+    assert not rc.small_batch_gemv_pdl and rc.fused_decode_merge and rc.graph_sampling
 
 
 def test_timed_run_computes_every_prompt_token(monkeypatch):
