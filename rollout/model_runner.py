@@ -389,8 +389,9 @@ class ModelRunner:
             assert self._last_sampling is not None
             self._last_sampling = (*self._last_sampling[:2], out.token_ids, self._last_sampling[3])
             handle.token_ids = out.token_ids
-            handle.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=dev.type == "cuda")
-            handle.host.copy_(packed, non_blocking=True)
+            host_packed = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=dev.type == "cuda")
+            host_packed.copy_(packed, non_blocking=True)
+            handle.host = host_packed[:, :n]  # a sampler graph packs its padding rows too
             if out.topk_ids is not None:
                 handle.topk = (out.topk_ids, out.topk_logprobs, [v.num_logprobs for v in rows.values])
             handle.num_rows = len(rows.seeds)

@@ -116,12 +116,12 @@ class SamplerGraphs:
 
     def replay(self, size: int, rows: int, k: int) -> tuple[SamplerOutput, torch.Tensor]:
         """Sample the first ``rows`` rows of the graph of ``size`` (its buffer already holds their
-        values) with ``k`` top logprobs; returns ``sample``'s output for them and their packed
-        [2, rows] ids and logprobs."""
+        values) with ``k`` top logprobs; returns ``sample``'s output for them and the packed
+        [2, size] ids and logprobs of every row (contiguous, for one device-to-host copy)."""
         if self.captured:
             self.graphs[size].replay()
         else:
             self.outputs[size] = self.run(size, self._views[size])
         s = self.outputs[size]
         out = fused_output(s.token_ids[:rows], s.logprobs[:rows], s.lse[:rows], self.logits[size][:rows], k)
-        return out, s.packed[:, :rows]
+        return out, s.packed
