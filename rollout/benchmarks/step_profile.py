@@ -12,18 +12,20 @@ also times the host side of launching the step's graph alone, idle and queued be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import rollout.model_runner as model_runner
 from rollout import LLM, SamplingParams
 from rollout.benchmarks.common import (
     PhaseTimer,
@@ -34,6 +36,7 @@ from rollout.benchmarks.common import (
     print_gpu_summary,
     prompts_pending,
 )
+from rollout.engine import EngineCore
 
 
 def launch_host_ms(replay: Callable[[], None], sync: Callable[[], None], n: int = 20) -> tuple[float, float]:
@@ -54,6 +57,36 @@ def launch_host_ms(replay: Callable[[], None], sync: Callable[[], None], n: int 
         behind.append(time.perf_counter() - t)
     sync()
     return statistics.median(idle) * 1e3, statistics.median(behind) * 1e3
+
+
+_INSIDE_LAUNCH = ("sampling_rows", "prepare", "replay", "sampling_tensors", "sample", "sampler_graph")
+
+
+@contextlib.contextmanager
+def host_phases(engine: EngineCore, timer: PhaseTimer) -> Iterator[None]:
+    """Time the host side of a step's calls into ``timer`` while inside: the engine's schedule,
+    launch, collect (which waits for the step in flight) and process, and within launch the
+    sampling rows, the input preparation, the sampling tensors, the eager sampler or the sampler
+    graph, and the decode graph replay (input copies + cudaGraphLaunch). Restored on exit."""
+    runner = engine.runner
+    calls = [(engine.scheduler, "schedule"), (runner, "launch"), (runner, "collect"), (engine, "_process")]
+    calls += [(runner, "_sampling_rows"), (runner, "_prepare"), (runner, "_sampling_tensors")]
+    calls += [(model_runner, "sample")]  # the eager sampler, as launch calls it
+    calls += [(runner.graphs, "replay")] if runner.graphs is not None else []
+    calls += [(runner.sampler_graphs, "replay")] if runner.sampler_graphs is not None else []
+    names = ["schedule", "launch", "collect", "process", "sampling_rows", "prepare", "sampling_tensors"]
+    names += ["sample", "replay", "sampler_graph"]
+    saved = [(owner, attr, vars(owner).get(attr)) for owner, attr in calls]
+    for (owner, attr), name in zip(calls, names, strict=False):
+        timer.wrap(owner, attr, name)
+    try:
+        yield
+    finally:
+        for owner, attr, own in saved:  # a module's function or an instance's own attribute back
+            if own is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, own)
 
 
 def start_decode(llm: LLM, batch: int, context: int, rng: random.Random) -> list[str]:
@@ -97,17 +130,12 @@ def main(argv: list[str] | None = None) -> None:
         ids = start_decode(llm, batch, args.context, rng)
         graphs = engine.runner.graphs
         timer = PhaseTimer()
-        wrapped = [(engine.scheduler, "schedule"), (engine.runner, "launch"), (engine.runner, "collect")]
-        wrapped += [(engine, "_process")] + ([(graphs, "replay")] if graphs is not None else [])
-        for owner, attr in wrapped:  # host time by phase; replay: input copies + cudaGraphLaunch
-            timer.wrap(owner, attr, attr.strip("_"))
-        sync()
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            engine.step()
-        sync()
-        for owner, attr in wrapped:
-            delattr(owner, attr)
+        with host_phases(engine, timer):
+            sync()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            sync()
         wall_ms = (time.perf_counter() - t) / args.steps * 1e3
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
@@ -144,8 +172,12 @@ def main(argv: list[str] | None = None) -> None:
             f" runtime {row['runtime_us'] / 1e3:.3f} ms, replay call {row['graph_replay_host_ms']:.3f} ms",
             flush=True,
         )
-        phases = ", ".join(f"{k} {v:.3f}" for k, v in row["host_ms"].items())
-        print(f"    host ms/step by call: {phases} (collect waits for the step in flight)")
+        ms = row["host_ms"]
+        inner = ", ".join(f"{k} {ms[k]:.3f}" for k in _INSIDE_LAUNCH if k in ms)
+        print(
+            f"    host ms/step by call: schedule {ms['schedule']:.3f}, launch {ms['launch']:.3f} ({inner}),"
+            f" collect {ms['collect']:.3f} (waits for the step in flight), process {ms['process']:.3f}"
+        )
         if launch is not None:
             size, idle, behind = launch
             print(f"    graph of {size} rows alone: launch {idle:.3f} ms idle, {behind:.3f} ms behind itself")

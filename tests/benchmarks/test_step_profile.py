@@ -9,9 +9,12 @@ import time
 
 import pytest
 
+import rollout.model_runner as model_runner
+from rollout import LLM, SamplingParams
 from rollout.benchmarks import step_profile
 from rollout.benchmarks.common import busy_us, gpu_trace_summary
 from rollout.benchmarks.step_profile import launch_host_ms
+from rollout.samplers import sampler
 
 
 def test_busy_time_is_the_union_of_intervals():
@@ -48,10 +51,31 @@ def test_step_profile_runs_on_cpu(tmp_path):
     assert [r["batch"] for r in rows] == [2] and rows[0]["wall_ms_per_step"] > 0
     assert rows[0]["gpu_ops"] == 0  # the CPU has no GPU events
     host = rows[0]["host_ms"]  # every phase ran each step, and they fit in the step's wall time
-    assert set(host) == {"schedule", "launch", "collect", "process"} and min(host.values()) > 0
-    assert sum(host.values()) < rows[0]["wall_ms_per_step"]
+    outer = ("schedule", "launch", "collect", "process")
+    inner = ("sampling_rows", "prepare", "sampling_tensors", "sample")  # inside launch (no graphs here)
+    assert set(host) == {*outer, *inner} and min(host.values()) > 0
+    assert sum(host[k] for k in outer) < rows[0]["wall_ms_per_step"]
+    assert sum(host[k] for k in inner) < host["launch"]
+    assert model_runner.sample is sampler.sample  # unwrapped again
     trace = json.loads(gzip.decompress((tmp_path / "trace_b2.json.gz").read_bytes()))
     assert any(e.get("cat") == "cpu_op" for e in trace["traceEvents"])
+
+
+def test_host_phases_restores_what_it_wrapped():
+    """host_phases wraps instance methods and a module function, and puts every one back."""
+    from rollout.benchmarks.common import PhaseTimer
+
+    llm = LLM("tiny", device="cpu", load_format="dummy")
+    engine = llm.engine
+    owners = (engine, engine.runner, engine.scheduler)
+    before = [set(vars(o)) for o in owners]  # attribute names: the wrappers are instance attributes
+    timer = PhaseTimer()
+    with step_profile.host_phases(engine, timer):
+        assert "launch" in vars(engine.runner) and model_runner.sample is not sampler.sample
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert [set(vars(o)) for o in owners] == before and model_runner.sample is sampler.sample
+    assert timer.seconds["launch"] > timer.seconds["sample"] > 0
+    llm.shutdown()
 
 
 def test_launch_host_ms_times_idle_then_queued_calls():
