@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -376,3 +377,20 @@ class PhaseTimer:
                 seconds[phase] += time.perf_counter() - t
 
         setattr(owner, attr, timed)
+
+    @contextlib.contextmanager
+    def timing(self, calls: Iterable[tuple[Any, str, str]]) -> Iterator[None]:
+        """``wrap`` each ``(owner, attr, phase)`` while inside, and put every original back on exit:
+        the owner's own attribute (a module's function) or, for a method, the class's."""
+        calls = list(calls)
+        saved = [(owner, attr, vars(owner).get(attr)) for owner, attr, _ in calls]
+        for owner, attr, phase in calls:
+            self.wrap(owner, attr, phase)
+        try:
+            yield
+        finally:
+            for owner, attr, own in reversed(saved):
+                if own is None:
+                    delattr(owner, attr)
+                else:
+                    setattr(owner, attr, own)

@@ -19,7 +19,7 @@ import os
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,31 +62,22 @@ def launch_host_ms(replay: Callable[[], None], sync: Callable[[], None], n: int 
 _INSIDE_LAUNCH = ("sampling_rows", "prepare", "replay", "sampling_tensors", "sample", "sampler_graph")
 
 
-@contextlib.contextmanager
-def host_phases(engine: EngineCore, timer: PhaseTimer) -> Iterator[None]:
+def host_phases(engine: EngineCore, timer: PhaseTimer) -> contextlib.AbstractContextManager[None]:
     """Time the host side of a step's calls into ``timer`` while inside: the engine's schedule,
     launch, collect (which waits for the step in flight) and process, and within launch the
     sampling rows, the input preparation, the sampling tensors, the eager sampler or the sampler
     graph, and the decode graph replay (input copies + cudaGraphLaunch). Restored on exit."""
     runner = engine.runner
-    calls = [(engine.scheduler, "schedule"), (runner, "launch"), (runner, "collect"), (engine, "_process")]
-    calls += [(runner, "_sampling_rows"), (runner, "_prepare"), (runner, "_sampling_tensors")]
-    calls += [(model_runner, "sample")]  # the eager sampler, as launch calls it
-    calls += [(runner.graphs, "replay")] if runner.graphs is not None else []
-    calls += [(runner.sampler_graphs, "replay")] if runner.sampler_graphs is not None else []
-    names = ["schedule", "launch", "collect", "process", "sampling_rows", "prepare", "sampling_tensors"]
-    names += ["sample", "replay", "sampler_graph"]
-    saved = [(owner, attr, vars(owner).get(attr)) for owner, attr in calls]
-    for (owner, attr), name in zip(calls, names, strict=False):
-        timer.wrap(owner, attr, name)
-    try:
-        yield
-    finally:
-        for owner, attr, own in saved:  # a module's function or an instance's own attribute back
-            if own is None:
-                delattr(owner, attr)
-            else:
-                setattr(owner, attr, own)
+    calls = [(engine.scheduler, "schedule", "schedule"), (runner, "launch", "launch")]
+    calls += [(runner, "collect", "collect"), (engine, "_process", "process")]
+    calls += [(runner, "_sampling_rows", "sampling_rows"), (runner, "_prepare", "prepare")]
+    calls += [(runner, "_sampling_tensors", "sampling_tensors")]
+    calls += [(model_runner, "sample", "sample")]  # the eager sampler, as launch calls it
+    if runner.graphs is not None:
+        calls.append((runner.graphs, "replay", "replay"))
+    if runner.sampler_graphs is not None:
+        calls.append((runner.sampler_graphs, "replay", "sampler_graph"))
+    return timer.timing(calls)
 
 
 def start_decode(llm: LLM, batch: int, context: int, rng: random.Random) -> list[str]:

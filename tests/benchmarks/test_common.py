@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rollout import LLM, CacheConfig
-from rollout.benchmarks.common import model_bytes
+from rollout.benchmarks.common import PhaseTimer, model_bytes
 from tests.models.tiny_models import save_tiny_checkpoint
 
 
@@ -23,3 +23,27 @@ def test_model_bytes_count_the_lm_head_once_and_no_embedding_table(tmp_path, tie
     assert weights == layers + head
     mc = llm.engine.model_config
     assert kv_per_token == 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * mc.dtype.itemsize
+
+
+class _Engine:
+    def step(self) -> int:
+        return 1
+
+
+def test_phase_timer_timing_puts_back_methods_and_functions():
+    """Inside: the calls are timed by phase; after: an instance has no attribute of its own left and
+    a namespace (a module) has its function back, also when one attribute is wrapped twice."""
+    import types
+
+    engine = _Engine()
+    module = types.SimpleNamespace(sample=lambda: 2)
+    sample = module.sample
+    timer = PhaseTimer()
+    with timer.timing([(engine, "step", "step"), (module, "sample", "a"), (module, "sample", "b")]):
+        assert engine.step() == 1 and module.sample() == 2 and "step" in vars(engine)
+    assert "step" not in vars(engine) and module.sample is sample
+    assert set(timer.seconds) == {"step", "a", "b"} and min(timer.seconds.values()) > 0
+    with pytest.raises(ZeroDivisionError), timer.timing([(module, "sample", "c")]):
+        module.sample()
+        raise ZeroDivisionError  # an error inside still restores
+    assert module.sample is sample
