@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("interpreter_engine")
 
 def test_graph_sampled_steps_match_the_eager_sampler(tmp_path):
     family, overrides, block_size = CASES["qwen3"]
-    save_tiny_checkpoint(tmp_path, family, **overrides)
+    vocab = save_tiny_checkpoint(tmp_path, family, **overrides).config.vocab_size
     prompts = random_seqs([9, 3, 14, 5, 7], seed=2)
     common = dict(ignore_eos=True)
     fused = [  # mixed in one batch, ending at different steps (3 -> 2 -> 1 rows: the graph size changes)
@@ -28,6 +28,10 @@ def test_graph_sampled_steps_match_the_eager_sampler(tmp_path):
         SamplingParams(temperature=0.9, seed=10, max_tokens=6, **common),
     ]
     top_p = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=4, logprobs=1, **common)
+    # a stop token banned for the first two outputs: the eager sampler, then the graph's
+    banned = SamplingParams(
+        temperature=0.8, seed=4, max_tokens=4, min_tokens=2, stop_token_ids=[vocab - 1], **common
+    )
     results, replays = {}, {}
     for on in (False, True):
         llm = LLM(
@@ -51,13 +55,15 @@ def test_graph_sampled_steps_match_the_eager_sampler(tmp_path):
         outs = llm.generate(prompts, fused, use_tqdm=False)
         fused_calls = list(calls)
         outs += llm.generate(prompts[:3], top_p, use_tqdm=False)
-        replays[on] = (fused_calls, calls[len(fused_calls) :])
+        top_p_calls = calls[len(fused_calls) :]
+        outs += llm.generate(prompts[:2], banned, use_tqdm=False)
+        replays[on] = (fused_calls, top_p_calls, calls[len(fused_calls) + len(top_p_calls) :])
         results[on] = [(c.token_ids, c.logprobs, c.top_logprobs) for r in outs for c in r.outputs]
         llm.shutdown()
-    fused_calls, after = replays[True]
+    fused_calls, top_p_calls, banned_calls = replays[True]
     # every decode step of the fused batch (5 tokens after the first of the longest), k = 3 while
-    # the row asking for 3 runs; none for the top-p batch
-    assert len(fused_calls) >= 5 and not after
+    # the row asking for 3 runs; none for the top-p batch; the banned batch's last two tokens
+    assert len(fused_calls) >= 5 and not top_p_calls and banned_calls == [(2, 2, 0)] * 2
     assert {rows for _, rows, _ in fused_calls} >= {5, 2} and fused_calls[0] == (8, 5, 3)
     assert all(size >= rows for size, rows, _ in fused_calls)
     for (ids, lp, top), (ids_off, lp_off, top_off) in zip(results[True], results[False], strict=True):

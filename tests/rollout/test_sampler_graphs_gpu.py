@@ -34,8 +34,11 @@ def test_graph_sampling_gives_the_eager_samplers_tokens(tmp_path, dtype):
     eager = [  # any one such row sends its whole batch to the eager sampler
         SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True, logprobs=1),
         SamplingParams(temperature=0.8, presence_penalty=0.5, seed=4, max_tokens=12, ignore_eos=True),
-        SamplingParams(temperature=0.8, min_tokens=5, seed=6, max_tokens=12),
     ]
+    # a stop token banned for the first 4 outputs: the eager sampler, then the graph's
+    banned = SamplingParams(
+        temperature=0.8, min_tokens=4, stop_token_ids=[299], seed=6, max_tokens=12, ignore_eos=True
+    )
     results, replays = {}, {}
     for on in (False, True):
         llm = LLM(
@@ -59,14 +62,18 @@ def test_graph_sampling_gives_the_eager_samplers_tokens(tmp_path, dtype):
         outs = [llm.generate(prompts, fused, use_tqdm=False)]
         fused_replays = count[0]
         outs += [llm.generate(prompts[:9], [p] * 9, use_tqdm=False) for p in eager]
-        replays[on] = (fused_replays, count[0] - fused_replays)
+        eager_replays = count[0] - fused_replays
+        outs.append(llm.generate(prompts[:9], [banned] * 9, use_tqdm=False))
+        replays[on] = (fused_replays, eager_replays, count[0] - fused_replays - eager_replays)
         results[on] = [
             [(c.token_ids, c.logprobs, c.top_logprobs, c.finish_reason) for r in batch for c in r.outputs]
             for batch in outs
         ]
         llm.shutdown()
-    assert replays[False] == (0, 0)
-    assert replays[True][0] >= 20 and replays[True][1] == 0  # the fused batch's decode steps; no others
+    assert replays[False] == (0, 0, 0)
+    fused_replays, eager_replays, banned_replays = replays[True]
+    assert fused_replays >= 10 and eager_replays == 0  # the fused batch's decode steps; no others
+    assert 1 <= banned_replays <= 8  # after the ban: outputs 5-12 at most (the stop token may end one)
     for on_batch, off_batch in zip(results[True], results[False], strict=True):
         for (ids, lp, top, fin), (ids_off, lp_off, top_off, fin_off) in zip(on_batch, off_batch, strict=True):
             assert ids == ids_off and fin == fin_off
