@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from rollout.samplers.params import SamplingParams
-from rollout.samplers.sampler import SamplerOutput, fused_output
+from rollout.samplers.sampler import SamplerOutput, fused_kernel, fused_output
 from rollout.samplers.tensors import SamplingTensors, effective_values, same_device
 
 
@@ -79,20 +79,7 @@ class SamplerGraphs:
 
     def run(self, size: int, t: SamplingTensors) -> GraphSample:
         """What the graph of ``size`` captures: sample every row of its logits under ``t``."""
-        from rollout.kernels.sampling import fused_sample
-
-        out = fused_sample(
-            self.logits[size],
-            t.temperature,
-            t.greedy,
-            t.seeds,
-            t.offsets,
-            t.processed_mode,
-            t.banned_rows,
-            t.banned_tokens,
-            all_greedy=False,
-            any_processed=True,
-        )
+        out = fused_kernel(self.logits[size], t, all_greedy=False, any_processed=True)
         packed = torch.stack([out.token_ids.double(), out.logprobs.double()])
         return GraphSample(out.token_ids, out.logprobs, out.lse, packed)
 

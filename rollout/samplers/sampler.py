@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,9 @@ import torch.nn.functional as F
 from rollout.samplers.params import MAX_LOGPROBS
 from rollout.samplers.rng import log_exponential
 from rollout.samplers.tensors import PenaltyTensors, SamplingTensors
+
+if TYPE_CHECKING:
+    from rollout.kernels.sampling import FusedSampleOutput
 
 _NEG_INF = float("-inf")
 
@@ -151,8 +155,7 @@ def _sample_with_kernel(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutp
     themselves when no row is in processed mode, else the [B, V] f32 source the kernel wrote in
     its pass; top values minus the kernel's lse give the logprobs (no log_softmax pass).
     """
-    kernels = _kernel_module()
-    if kernels is None:
+    if _kernel_module() is None:
         raise ValueError("use_kernel=True but rollout.kernels.sampling cannot be imported (no Triton?)")
     if t.any_top_k or t.any_top_p or t.any_min_p or t.penalties is not None or t.logit_bias is not None:
         raise ValueError(
@@ -160,8 +163,31 @@ def _sample_with_kernel(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutp
             "kernel has no filters, penalties or biases"
         )
     k = min(t.max_num_logprobs, t.vocab_size)
-    write_source = k > 0 and t.any_processed
-    out = kernels.fused_sample(
+    out = fused_kernel(
+        logits,
+        t,
+        all_greedy=t.all_greedy,
+        any_processed=t.any_processed,
+        write_source=k > 0 and t.any_processed,
+    )
+    source = out.source if out.source is not None else logits
+    return fused_output(out.token_ids, out.logprobs, out.lse, source, k)
+
+
+def fused_kernel(
+    logits: torch.Tensor,
+    t: SamplingTensors,
+    *,
+    all_greedy: bool,
+    any_processed: bool,
+    write_source: bool = False,
+) -> FusedSampleOutput:
+    """``rollout.kernels.sampling.fused_sample`` over ``logits`` with ``t``'s per-row tensors and the
+    given kernel variant (``t``'s own host flags, or the general ``all_greedy=False,
+    any_processed=True`` that serves any rows, as a sampler graph captures it). Needs Triton."""
+    from rollout.kernels.sampling import fused_sample
+
+    return fused_sample(
         logits,
         t.temperature,
         t.greedy,
@@ -170,12 +196,10 @@ def _sample_with_kernel(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutp
         t.processed_mode,
         t.banned_rows,
         t.banned_tokens,
-        all_greedy=t.all_greedy,
-        any_processed=t.any_processed,
+        all_greedy=all_greedy,
+        any_processed=any_processed,
         write_source=write_source,
     )
-    source = out.source if out.source is not None else logits
-    return fused_output(out.token_ids, out.logprobs, out.lse, source, k)
 
 
 def fused_output(
