@@ -13,10 +13,15 @@ spends milliseconds of host time choosing a kernel for each new shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
 import torch
 from torch import nn
 
 from rollout.models.layers.attention import AttentionMetadata
+
+T = TypeVar("T")
 
 _SMALL_SIZES = (1, 2, 4, 8)  # then every multiple of _SIZE_STEP
 _SIZE_STEP = 16
@@ -50,6 +55,29 @@ def padded_tokens(tokens: int, cap: int) -> int:
         step = 1 << (tokens.bit_length() - 4)
         size = -(-tokens // step) * step
     return min(size, max(tokens, cap))
+
+
+def capture_by_size(
+    sizes: Iterable[int], run: Callable[[int], T], device: torch.device, warmups: int
+) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, T]]:
+    """Capture ``run(size)`` for every size, largest first, all in one memory pool (a graph's
+    temporaries are dead when it ends, so the smaller graphs reuse the larger's), each after
+    ``warmups`` uncaptured runs (kernels compiled and GEMM algorithms picked outside the capture).
+    Returns the graphs and what the captured runs returned (static tensors every replay rewrites)."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    outputs: dict[int, T] = {}
+    pool = None
+    for size in sorted(sizes, reverse=True):
+        for _ in range(warmups):
+            run(size)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs[size] = run(size)
+        pool = graph.pool()
+        graphs[size] = graph
+    torch.cuda.synchronize(device)
+    return graphs, outputs
 
 
 def eager_token_sizes(cap: int) -> list[int]:
@@ -108,26 +136,14 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every size, largest first so the smaller graphs reuse its memory pool."""
-        pool = None
-        for size in reversed(self.sizes):
-            meta = self._meta(size)
-            if not self.captured:
-                self.outputs[size] = self._forward(size, meta)
-                continue
-            for _ in range(2):  # compile and autotune outside the capture
-                self._forward(size, meta)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._forward(size, meta)
-            pool = graph.pool()
-            self.graphs[size] = graph
-        if self.captured:
-            torch.cuda.synchronize(self.device)
+        """Capture every size (``capture_by_size``); without CUDA, run each once for its outputs."""
+        if not self.captured:
+            self.outputs = {size: self._forward(size) for size in self.sizes}
+            return
+        self.graphs, self.outputs = capture_by_size(self.sizes, self._forward, self.device, warmups=2)
 
-    def _forward(self, size: int, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
+    def _forward(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(self.input_ids[:size], self.positions[:size], self._meta(size))
         return hidden, self.model.compute_logits(hidden)
 
     def padded_size(self, batch: int) -> int | None:
@@ -166,8 +182,6 @@ class DecodeGraphs:
             self.graphs[size].replay()
         else:
             with torch.inference_mode():
-                for static, now in zip(
-                    self.outputs[size], self._forward(size, self._meta(size)), strict=True
-                ):
+                for static, now in zip(self.outputs[size], self._forward(size), strict=True):
                     static.copy_(now)
         return self.outputs[size]

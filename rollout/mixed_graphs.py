@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rollout.cuda_graphs import capture_by_size
 from rollout.models.layers.attention import AttentionMetadata
 
 
@@ -123,19 +124,8 @@ class MixedGraphs:
         """Capture every size, largest first, all in one memory pool (a no-op without CUDA). The
         buffers hold no step (length-0 decode rows, padding tiles, slot -1): the warm-up runs read
         and write no KV cache."""
-        if not self.captured:
-            return
-        pool = None
-        for size in reversed(self.sizes):
-            for _ in range(2):  # compile kernels and pick GEMM algorithms outside the capture
-                self._forward(size)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._forward(size)
-            pool = graph.pool()
-            self.graphs[size] = graph
-        torch.cuda.synchronize(self.device)
+        if self.captured:
+            self.graphs, self.outputs = capture_by_size(self.sizes, self._forward, self.device, warmups=2)
 
     def forward(
         self,

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from rollout.cuda_graphs import capture_by_size
 from rollout.samplers.params import SamplingParams
 from rollout.samplers.sampler import SamplerOutput, fused_kernel, fused_output
 from rollout.samplers.tensors import SamplingTensors, effective_values, same_device
@@ -83,23 +84,16 @@ class SamplerGraphs:
         packed = torch.stack([out.token_ids.double(), out.logprobs.double()])
         return GraphSample(out.token_ids, out.logprobs, out.lse, packed)
 
+    def _run_size(self, size: int) -> GraphSample:
+        return self.run(size, self._views[size])
+
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every size in one memory pool of their own (replays never overlap)."""
-        pool = None
-        for size in sorted(self.logits, reverse=True):
-            t = self._views[size] = self.tensors(size)
-            if not self.captured:
-                continue
-            self.run(size, t)  # compile outside the capture
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.run(size, t)
-            pool = graph.pool()
-            self.graphs[size] = graph
+        """Write every size's buffer (``tensors``), then capture the sizes in one memory pool of
+        their own (``capture_by_size``; replays never overlap). Without CUDA only the buffers."""
+        self._views = {size: self.tensors(size) for size in self.logits}
         if self.captured:
-            torch.cuda.synchronize(self.device)
+            self.graphs, self.outputs = capture_by_size(self.logits, self._run_size, self.device, warmups=1)
 
     def replay(self, size: int, rows: int, k: int) -> tuple[SamplerOutput, torch.Tensor]:
         """Sample the first ``rows`` rows of the graph of ``size`` (its buffer already holds their
@@ -108,7 +102,7 @@ class SamplerGraphs:
         if self.captured:
             self.graphs[size].replay()
         else:
-            self.outputs[size] = self.run(size, self._views[size])
+            self.outputs[size] = self._run_size(size)
         s = self.outputs[size]
         out = fused_output(s.token_ids[:rows], s.logprobs[:rows], s.lse[:rows], self.logits[size][:rows], k)
         return out, s.packed
