@@ -144,13 +144,14 @@ def main(argv: list[str] | None = None) -> None:
         engine.abort(ids)
         raw = export_trace(prof)
         (out / f"trace_b{batch}.json.gz").write_bytes(gzip.compress(raw))
+        host_ms = {k: v / args.steps * 1e3 for k, v in timer.seconds.items()}
         row = dict(
             batch=batch,
             context=args.context,
             overlap=engine.overlap,
             wall_ms_per_step=wall_ms,
-            graph_replay_host_ms=timer.seconds["replay"] / args.steps * 1e3,
-            host_ms={k: v / args.steps * 1e3 for k, v in timer.seconds.items()},
+            graph_replay_host_ms=host_ms.get("replay", 0.0),
+            host_ms=host_ms,
             graph_launch_host_ms=None
             if launch is None
             else dict(rows=launch[0], idle=launch[1], behind=launch[2]),
