@@ -119,6 +119,14 @@ class RunnerConfig:
     # 0.87-1.27 ms). Off until measured (built when no GPU was lent; `rollout bench step_profile
     # --graph-sampling`; tests/rollout/test_sampler_graphs_gpu.py checks the outputs).
     graph_sampling: bool = False
+    # Decode graph steps take their inputs in one copy into a staging buffer, and the graph's first
+    # kernel unpacks them (rollout/kernels/graph_inputs.py): the tokens sampled by the step in
+    # flight are read from a buffer every sampling step writes, the lengths, decode order and
+    # block tables converted to int32 there. One copy instead of the six copies and the token fill
+    # (two more launches) launched from the host before each replay, ~0.25 ms of the H100's
+    # host time per batch-1 step (stop 29's profile). Off until measured (built when no GPU was
+    # lent; `rollout bench step_profile --graph-inputs`; tests/rollout/test_sampler_graphs_gpu.py).
+    graph_inputs: bool = False
     # CUDA: the weights and the KV cache live in address ranges that sleep keeps reserved while
     # it gives their physical memory back (rollout/vmm.py), so wake_up maps new memory at the
     # same addresses and the CUDA graphs stay valid instead of being captured again. The graphs'

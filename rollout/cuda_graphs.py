@@ -58,16 +58,23 @@ def padded_tokens(tokens: int, cap: int) -> int:
 
 
 def capture_by_size(
-    sizes: Iterable[int], run: Callable[[int], T], device: torch.device, warmups: int
+    sizes: Iterable[int],
+    run: Callable[[int], T],
+    device: torch.device,
+    warmups: int,
+    prepare: Callable[[int], None] | None = None,
 ) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, T]]:
     """Capture ``run(size)`` for every size, largest first, all in one memory pool (a graph's
     temporaries are dead when it ends, so the smaller graphs reuse the larger's), each after
-    ``warmups`` uncaptured runs (kernels compiled and GEMM algorithms picked outside the capture).
-    Returns the graphs and what the captured runs returned (static tensors every replay rewrites)."""
+    ``warmups`` uncaptured runs (kernels compiled and GEMM algorithms picked outside the capture)
+    and after ``prepare(size)`` (not captured: e.g. inputs the runs may read). Returns the graphs
+    and what the captured runs returned (static tensors every replay rewrites)."""
     graphs: dict[int, torch.cuda.CUDAGraph] = {}
     outputs: dict[int, T] = {}
     pool = None
     for size in sorted(sizes, reverse=True):
+        if prepare is not None:
+            prepare(size)
         for _ in range(warmups):
             run(size)
         torch.cuda.synchronize(device)
@@ -96,8 +103,11 @@ class DecodeGraphs:
         max_seq_len: int,
         device: torch.device,
         split_counters: torch.Tensor | None = None,
+        staged_rows: int = 0,
     ) -> None:
-        """``split_counters``: see ``AttentionMetadata.split_counters`` (None: merge kernels)."""
+        """``split_counters``: see ``AttentionMetadata.split_counters`` (None: merge kernels).
+        ``staged_rows > 0``: steps come staged (``replay_staged``) and ``last_tokens`` holds the
+        tokens of up to that many rows sampled by the step in flight."""
         self.model = model
         self.split_counters = split_counters
         self.sizes = graph_batch_sizes(max_batch)
@@ -117,12 +127,25 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.order = torch.arange(n, dtype=torch.int32, device=device)  # decode kernel start order
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
+        # Staged steps: one copy of the step's packed inputs (kernels.graph_inputs' layout, then
+        # the rest of the step's fields), unpacked by the graph's first kernel; the positions and
+        # slots are read where they land.
+        self.staged = staged_rows > 0
+        # the graph layout, then query starts, logits rows and up to 1 spare (kernels.graph_inputs)
+        entries = 6 * n + 1 + n * max_blocks + 2 * n + 2 if self.staged else 0
+        self.staging = torch.zeros(entries, dtype=torch.long, device=device)
+        self.last_tokens = torch.zeros(staged_rows, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # size -> (hidden, logits)
 
+    def _positions_slots(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.staged:
+            return self.staging[size : 2 * size], self.staging[2 * size : 3 * size]
+        return self.positions[:size], self.slots[:size]
+
     def _meta(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slots[:size],
+            slot_mapping=self._positions_slots(size)[1],
             block_tables=self.block_tables[:size],
             seq_lens=self.seq_lens[:size],
             query_start_loc=self.query_start[: size + 1],
@@ -137,13 +160,35 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every size (``capture_by_size``); without CUDA, run each once for its outputs."""
+        prepare = self._stage_idle if self.staged else None
         if not self.captured:
-            self.outputs = {size: self._forward(size) for size in self.sizes}
+            for size in self.sizes:
+                if prepare is not None:
+                    prepare(size)
+                self.outputs[size] = self._forward(size)
             return
-        self.graphs, self.outputs = capture_by_size(self.sizes, self._forward, self.device, warmups=2)
+        self.graphs, self.outputs = capture_by_size(
+            self.sizes, self._forward, self.device, warmups=2, prepare=prepare
+        )
+
+    def _stage_idle(self, size: int) -> None:
+        """Stage ``size`` padding rows (no slot, length 0, in row order, no input source, no block
+        table columns): what the runs before and during a capture read, which must store nothing
+        and leave the split counters at zero (every row once in the decode order)."""
+        s = size
+        self.staging.zero_()
+        self.staging[2 * s : 3 * s] = -1
+        self.staging[4 * s : 5 * s] = torch.arange(s, device=self.device)
+        self.staging[5 * s : 6 * s] = -1
 
     def _forward(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model(self.input_ids[:size], self.positions[:size], self._meta(size))
+        if self.staged:
+            from rollout.kernels.graph_inputs import unpack_decode_inputs  # (imports Triton)
+
+            tables, ids, lens, order = self.block_tables, self.input_ids, self.seq_lens, self.order
+            unpack_decode_inputs(self.staging, size, self.last_tokens, ids, lens, order, tables)
+        positions = self._positions_slots(size)[0]
+        hidden = self.model(self.input_ids[:size], positions, self._meta(size))
         return hidden, self.model.compute_logits(hidden)
 
     def padded_size(self, batch: int) -> int | None:
@@ -178,6 +223,28 @@ class DecodeGraphs:
         self.seq_lens[:size].copy_(seq_lens, non_blocking=True)
         self.block_tables[:size, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
         self.order[:size].copy_(order, non_blocking=True)
+        return self._replay(size)
+
+    def replay_staged(self, size: int, ints: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the graph of ``size`` on a step packed in ``ints`` (a host or device int64 tensor in
+        ``kernels.graph_inputs``' layout for ``size`` rows and block tables ``width`` wide, then
+        anything else, which the staging buffer keeps for the caller: ``staged_view``): one copy,
+        then the replay. The input sources index ``last_tokens``. Returns what ``replay`` returns."""
+        if not self.staged or ints.dtype != torch.long or ints.dim() != 1:
+            raise ValueError(f"staged replay needs staged_rows > 0 and 1-D int64 inputs, got {ints.dtype}")
+        if ints.shape[0] > self.staging.shape[0] or width > self.max_blocks:
+            raise ValueError(
+                f"{ints.shape[0]} staged entries of width {width} exceed the staging buffer "
+                f"({self.staging.shape[0]} entries, {self.max_blocks} blocks per row)"
+            )
+        self.staging[: ints.shape[0]].copy_(ints, non_blocking=True)
+        return self._replay(size)
+
+    def staged_view(self, entries: int) -> torch.Tensor:
+        """The leading ``entries`` of the staging buffer (the last staged step's inputs)."""
+        return self.staging[:entries]
+
+    def _replay(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.captured:
             self.graphs[size].replay()
         else:

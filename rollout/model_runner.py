@@ -114,6 +114,8 @@ class ModelRunner:
         # the last sampling step's rows, tensors, sampled tokens and the sampler graph size whose
         # buffer holds the tensors (None: their own buffer; see _sampling_tensors)
         self._last_sampling: _LastSampling | None = None
+        # with RunnerConfig.graph_inputs: the step whose sampled tokens DecodeGraphs.last_tokens holds
+        self._tokens_of: StepHandle | None = None
         self.profiled_step_bytes: int | None = None  # set by the GPU memory profile (bytes)
         self.num_blocks = self._decide_num_blocks()
         self.kv_cache = self._allocate_kv_cache(self.num_blocks, keep_address=self.weight_memory is not None)
@@ -136,8 +138,8 @@ class ModelRunner:
         """Capture the decode graphs (and their sampler graphs with ``graph_sampling``) and the eager
         steps' mixed and piecewise graphs (when enabled) over the current weights and KV cache
         storage. Mixed graphs are built on any device with the triton backend, decode and sampler
-        graphs on CUDA or with ``graph_sampling`` (without CUDA they run uncaptured: the CPU tests'
-        path)."""
+        graphs on CUDA or with ``graph_sampling`` or ``graph_inputs`` (without CUDA they run
+        uncaptured: the CPU tests' path)."""
         self.release_graphs()
         rc = self.runner_config
         if self.attention_backend != "triton" or not rc.cuda_graphs:
@@ -146,16 +148,19 @@ class ModelRunner:
         max_blocks = -(-max_len // self.block_size)
         assert self._eager_token_cap is not None
         sizes = eager_token_sizes(self._eager_token_cap)
-        if self.device.type == "cuda" or rc.graph_sampling:  # without CUDA: uncaptured (the CPU tests)
+        if self.device.type == "cuda" or rc.graph_sampling or rc.graph_inputs:  # else uncaptured
             # Decode graphs first (the order made no measured difference on the H200).
-            max_batch = min(rc.max_graph_batch, self.scheduler_config.max_num_seqs)
+            max_seqs = self.scheduler_config.max_num_seqs
+            max_batch = min(rc.max_graph_batch, max_seqs)
+            staged_rows = max_seqs if rc.graph_inputs else 0  # a step samples one row per sequence at most
             self.graphs = DecodeGraphs(
-                self.model, max_batch, max_blocks, max_len, self.device, self.split_counters
+                self.model, max_batch, max_blocks, max_len, self.device, self.split_counters, staged_rows
             )
             self.graphs.capture()
             if rc.graph_sampling:
                 logits = {size: self.graphs.outputs[size][1] for size in self.graphs.sizes}
-                self.sampler_graphs = SamplerGraphs(logits, self.vocab_size, self.device)
+                tokens_to = self.graphs.last_tokens if self.graphs.staged else None
+                self.sampler_graphs = SamplerGraphs(logits, self.vocab_size, self.device, tokens_to)
                 self.sampler_graphs.capture()
         mixed_sizes = [s for s in sizes if 2 <= s <= rc.max_mixed_graph_tokens]
         if mixed_sizes:
@@ -205,6 +210,7 @@ class ModelRunner:
         self.pieces = None
         self.mixed = None
         self._last_sampling = None  # its tensors may live in a sampler graph's buffer
+        self._tokens_of = None
 
     @property
     def attention_backend(self) -> str:
@@ -333,37 +339,12 @@ class ModelRunner:
         mixed = None  # a step with prompt tokens of a mixed graph's size
         if self.mixed is not None and batch.num_tokens > len(batch.requests):
             mixed = self.mixed.layout(num_rows)
-        host = self._prepare(batch, num_rows, prev, pad_rows, mixed)
-        ints = host.ints.to(dev, non_blocking=True)
-        v = host.views(ints)
-        fill = None
-        if host.num_placeholders:
-            assert prev is not None and prev.token_ids is not None
-            fill = (v["placeholder_dst"], prev.token_ids.index_select(0, v["placeholder_src"]))
-        graph_logits = None
-        if graph_size is not None:
-            assert self.graphs is not None
-            hidden, graph_logits = self.graphs.replay(
-                graph_size,
-                v["input_ids"],
-                v["positions"],
-                v["slots"],
-                v["seq_lens"],
-                v["block_tables"],
-                v["decode_order"],
-                fill=fill,
-            )
-        elif mixed is not None:
-            assert self.mixed is not None
-            hidden = self.mixed.forward(num_rows, v, fill)
+        staged = graph_size is not None and self.graphs is not None and self.graphs.staged
+        host = self._prepare(batch, num_rows, prev, pad_rows, mixed, staged)
+        if staged:
+            hidden, graph_logits, v = self._replay_staged(graph_size, host, prev)
         else:
-            ids, positions, meta = self._to_device(host, v)
-            if fill is not None:
-                ids.index_copy_(0, fill[0], fill[1])
-            if self.pieces is not None and num_rows in self.pieces.graphs:
-                hidden = self.pieces.forward(ids, positions, meta)
-            else:
-                hidden = self.model(ids, positions, meta)
+            hidden, graph_logits, v = self._forward_copied(host, prev, graph_size, mixed, num_rows)
         handle = StepHandle(batch=batch)
         if rows.seeds:
             n, lead = host.num_samples, host.samples_lead  # lead: rows 0..n-1 sample (a view)
@@ -375,7 +356,7 @@ class ModelRunner:
             ):  # the sampler's own graph over the decode graph's logits
                 t = self._sampling_tensors(rows, prev, graph_size)
                 k = min(t.max_num_logprobs, self.vocab_size)
-                out, packed = self.sampler_graphs.replay(graph_size, n, k)
+                out, packed = self.sampler_graphs.replay(graph_size, n, k)  # (and last_tokens)
             else:
                 if graph_logits is not None:  # the graph ran the LM head on its padded batch
                     logits = graph_logits[:n] if lead else graph_logits.index_select(0, v["logits_rows"])
@@ -386,6 +367,9 @@ class ModelRunner:
                 del logits  # not held while prompt logprobs take their own [rows, vocab] logits
                 # one device-to-host copy for ids and logprobs (ids < 2**24 are exact in float64)
                 packed = torch.stack([out.token_ids.double(), out.logprobs.double()])
+                if self.graphs is not None and self.graphs.staged:  # the next graph step's inputs
+                    self.graphs.last_tokens[:n].copy_(out.token_ids)
+            self._tokens_of = handle
             assert self._last_sampling is not None
             self._last_sampling = (*self._last_sampling[:2], out.token_ids, self._last_sampling[3])
             handle.token_ids = out.token_ids
@@ -400,6 +384,61 @@ class ModelRunner:
             handle.event = torch.cuda.Event()
             handle.event.record()
         return handle
+
+    def _replay_staged(
+        self, size: int | None, host: HostInputs, prev: StepHandle | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """A decode graph step with RunnerConfig.graph_inputs: its inputs in one copy, unpacked in
+        the graph, in-flight tokens read from ``last_tokens``. Returns the graph's hidden states and
+        logits, and the step's device views (only when a row does not sample: its logits rows)."""
+        assert self.graphs is not None and size is not None
+        if host.num_placeholders and self._tokens_of is not prev:  # graphs captured again, or state dropped
+            assert prev is not None and prev.token_ids is not None
+            self.graphs.last_tokens[: prev.token_ids.shape[0]].copy_(prev.token_ids)
+        width = host.layout["block_tables"][2][1]
+        hidden, logits = self.graphs.replay_staged(size, host.ints, width)
+        v = {} if host.samples_lead else host.views(self.graphs.staged_view(host.ints.shape[0]))
+        return hidden, logits, v
+
+    def _forward_copied(
+        self,
+        host: HostInputs,
+        prev: StepHandle | None,
+        graph_size: int | None,
+        mixed: MixedLayout | None,
+        num_rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Any other step: its inputs in one copy, then a decode graph's or a mixed graph's static
+        buffers filled from it, or an eager (or piecewise) forward over it; in-flight tokens taken
+        from ``prev``'s. Returns the hidden states, the decode graph's logits (or None) and the
+        step's device views."""
+        v = host.views(host.ints.to(self.device, non_blocking=True))
+        fill = None
+        if host.num_placeholders:
+            assert prev is not None and prev.token_ids is not None
+            fill = (v["placeholder_dst"], prev.token_ids.index_select(0, v["placeholder_src"]))
+        if graph_size is not None:
+            assert self.graphs is not None
+            hidden, logits = self.graphs.replay(
+                graph_size,
+                v["input_ids"],
+                v["positions"],
+                v["slots"],
+                v["seq_lens"],
+                v["block_tables"],
+                v["decode_order"],
+                fill=fill,
+            )
+            return hidden, logits, v
+        if mixed is not None:
+            assert self.mixed is not None
+            return self.mixed.forward(num_rows, v, fill), None, v
+        ids, positions, meta = self._to_device(host, v)
+        if fill is not None:
+            ids.index_copy_(0, fill[0], fill[1])
+        if self.pieces is not None and num_rows in self.pieces.graphs:
+            return self.pieces.forward(ids, positions, meta), None, v
+        return self.model(ids, positions, meta), None, v
 
     def collect(self, handle: StepHandle) -> RunnerOutput:
         """Wait for a launched step and bring its results to the host."""
@@ -455,10 +494,13 @@ class ModelRunner:
         prev: StepHandle | None = None,
         pad_rows: bool = False,
         mixed: MixedLayout | None = None,
+        graph_layout: bool = False,
     ) -> HostInputs:
         """The step's host inputs (``step_inputs.prepare_inputs``)."""
         row_of = prev.row_of if prev is not None else None
-        return prepare_inputs(batch, num_rows, self.block_size, self.device, row_of, pad_rows, mixed)
+        return prepare_inputs(
+            batch, num_rows, self.block_size, self.device, row_of, pad_rows, mixed, graph_layout
+        )
 
     def _to_device(
         self, host: HostInputs, v: dict[str, torch.Tensor]
@@ -502,6 +544,7 @@ class ModelRunner:
         """Forget what steady steps reuse (the last sampling tensors, [B, V] with penalties): before
         ``sleep`` hands the memory to a trainer."""
         self._last_sampling = None
+        self._tokens_of = None
 
 
 @dataclass(eq=False)

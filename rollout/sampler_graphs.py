@@ -42,15 +42,30 @@ class GraphSample(NamedTuple):
 
 class SamplerGraphs:
     """Sampling over the logits of each decode graph size (``logits``: size -> [size, V] static
-    logits, the decode graphs' outputs)."""
+    logits, the decode graphs' outputs). With ``tokens_to`` (``DecodeGraphs.last_tokens``) a graph
+    also copies its sampled ids there, for the next decode graph step's inputs."""
 
-    def __init__(self, logits: dict[int, torch.Tensor], vocab_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        logits: dict[int, torch.Tensor],
+        vocab_size: int,
+        device: torch.device,
+        tokens_to: torch.Tensor | None = None,
+    ) -> None:
         for size, x in logits.items():
             if x.shape != (size, vocab_size) or not same_device(x.device, device):
                 raise ValueError(
                     f"logits of size {size} must be [{size}, {vocab_size}] on {device}, "
                     f"got {tuple(x.shape)} on {x.device}"
                 )
+        if tokens_to is not None and (
+            tokens_to.dtype != torch.long or tokens_to.shape[0] < max(logits) or tokens_to.dim() != 1
+        ):
+            raise ValueError(
+                f"tokens_to must be 1-D int64 with at least {max(logits)} rows, got "
+                f"{tuple(tokens_to.shape)} {tokens_to.dtype}"
+            )
+        self.tokens_to = tokens_to
         self.logits = logits
         self.vocab_size = vocab_size
         self.device = device
@@ -82,6 +97,8 @@ class SamplerGraphs:
         """What the graph of ``size`` captures: sample every row of its logits under ``t``."""
         out = fused_kernel(self.logits[size], t, all_greedy=False, any_processed=True)
         packed = torch.stack([out.token_ids.double(), out.logprobs.double()])
+        if self.tokens_to is not None:
+            self.tokens_to[:size].copy_(out.token_ids)
         return GraphSample(out.token_ids, out.logprobs, out.lse, packed)
 
     def _run_size(self, size: int) -> GraphSample:

@@ -27,6 +27,7 @@ def prepare_inputs(
     prev_row_of: Callable[[Request], int] | None = None,
     pad_rows: bool = False,
     mixed: MixedLayout | None = None,
+    graph_layout: bool = False,
 ) -> HostInputs:
     """Host arrays of the step, packed in one (pinned on CUDA) int64 buffer. With num_rows >
     num_tokens the extra rows are padding: token 0 at position 0, stored nowhere (slot -1); in a
@@ -35,11 +36,18 @@ def prepare_inputs(
     unwritten). With ``pad_rows`` the logits rows are padded to ``padded_rows`` entries
     (repeating row 0) and never marked as leading. With ``mixed`` (a step with prompt tokens for
     a mixed graph) the decode rows' lengths and order cover ``mixed.decode_rows`` rows and the
-    extend kernel's tile list is built."""
+    extend kernel's tile list is built. With ``graph_layout`` (a decode graph step of ``num_rows``
+    rows) the buffer begins with the layout ``kernels.graph_inputs`` unpacks: the in-flight tokens
+    as a source row per input row instead of placeholder lists, and the block tables' width."""
     bs = block_size
     reqs = batch.requests
     num_seqs = len(reqs)
     decode_only = batch.num_tokens == num_seqs
+    if graph_layout and (not decode_only or mixed is not None or pad_rows):
+        raise ValueError(
+            f"the graph layout is for decode-only steps, got {batch.num_tokens} tokens "
+            f"for {num_seqs} sequences"
+        )
     padded_seqs = num_seqs + (num_rows - batch.num_tokens) if decode_only else num_seqs
     block_lists = [s.request.block_ids for s in reqs]
     num_blocks = [len(blocks) for blocks in block_lists]
@@ -61,10 +69,12 @@ def prepare_inputs(
         num_seqs,
         max_blocks,
         num_logits_rows,
-        len(ph_dst),
+        0 if graph_layout else len(ph_dst),
         device,
         mixed,
+        graph_layout,
     )
+    host.num_placeholders = len(ph_dst)
     host.num_samples = num_samples  # the padding rows (row 0 again) are sliced off the logits
     v = host.views_np()
     table = v["block_tables"]
@@ -121,7 +131,12 @@ def prepare_inputs(
             fill_extend_tiles(lens, nd, mixed.tile_positions, v["tiles"])
     nd = padded_seqs if decode_only else host.num_decodes
     v["decode_order"][:nd] = decode_order(v["seq_lens"][:nd])
-    if ph_dst:
+    if graph_layout:
+        v["table_width"][0] = max_blocks
+        v["input_src"][:] = -1
+        if ph_dst:
+            v["input_src"][rows_of[[-1 - d for d in ph_dst]]] = ph_src
+    elif ph_dst:
         v["placeholder_dst"][:] = rows_of[[-1 - d for d in ph_dst]]
         v["placeholder_src"][:] = ph_src
     host.seq_lens_host = v["seq_lens"].tolist()
@@ -152,17 +167,20 @@ def device_metadata(
     return v["input_ids"], v["positions"], meta
 
 
+# In this order: a decode graph step's buffer begins with kernels.graph_inputs' layout.
 _FIELDS = (
     "input_ids",
     "positions",
     "slots",
     "seq_lens",
-    "query_start",
+    "decode_order",
+    "input_src",
+    "table_width",
     "block_tables",
+    "query_start",
     "logits_rows",
     "placeholder_dst",
     "placeholder_src",
-    "decode_order",
     "decode_lens",
     "tiles",
 )
@@ -175,7 +193,7 @@ class HostInputs:
 
     ints: torch.Tensor  # the packed buffer (pinned on CUDA)
     layout: dict[str, tuple[int, int, tuple[int, ...]]]  # field -> (offset, size, shape)
-    num_placeholders: int
+    num_placeholders: int  # rows whose input token the device fills in (sampled by the step in flight)
     seq_lens_host: list[int] = field(default_factory=list)
     query_start_host: list[int] = field(default_factory=list)
     max_query_len: int = 1
@@ -194,6 +212,7 @@ class HostInputs:
         num_placeholders: int,
         device: torch.device,
         mixed: MixedLayout | None = None,
+        graph_layout: bool = False,
     ) -> HostInputs:
         order_rows = mixed.decode_rows if mixed is not None else padded_seqs
         shapes = (
@@ -201,12 +220,14 @@ class HostInputs:
             (num_rows,),  # positions
             (num_rows,),  # slots
             (padded_seqs,),  # seq_lens
-            (num_seqs + 1,),  # query_start
+            (order_rows,),  # decode_order (its leading num_decodes entries in a mixed step)
+            (num_rows if graph_layout else 0,),  # input_src (graph layout)
+            (1 if graph_layout else 0,),  # table_width (graph layout)
             (padded_seqs, max_blocks),  # block_tables
+            (num_seqs + 1,),  # query_start
             (num_logits_rows,),  # logits_rows
             (num_placeholders,),  # placeholder_dst
             (num_placeholders,),  # placeholder_src
-            (order_rows,),  # decode_order (its leading num_decodes entries in a mixed step)
             (mixed.decode_rows if mixed is not None else 0,),  # decode_lens (mixed graphs)
             (mixed.tiles, 2) if mixed is not None else (0,),  # tiles (mixed graphs)
         )

@@ -80,6 +80,12 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.graph_sampling,
         help="RunnerConfig.graph_sampling (decode graph steps sample in a CUDA graph of their own)",
     )
+    parser.add_argument(
+        "--graph-inputs",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.graph_inputs,
+        help="RunnerConfig.graph_inputs (decode graph steps: one input copy, unpacked in the graph)",
+    )
 
 
 def graph_argv(args: argparse.Namespace) -> list[str]:
@@ -99,6 +105,7 @@ def graph_argv(args: argparse.Namespace) -> list[str]:
         onoff("gemv-whole-k", args.gemv_whole_k),
         *("--gemv-stages", str(args.gemv_stages)),
         onoff("graph-sampling", args.graph_sampling),
+        onoff("graph-inputs", args.graph_inputs),
     ]
 
 
@@ -115,6 +122,7 @@ def graph_config(args: argparse.Namespace) -> RunnerConfig:
         small_batch_gemv_whole_k=args.gemv_whole_k,
         small_batch_gemv_stages=args.gemv_stages,
         graph_sampling=args.graph_sampling,
+        graph_inputs=args.graph_inputs,
     )
 
 

@@ -68,6 +68,7 @@ def test_graph_argv_gives_back_the_options():
         "--no-gemv-pdl",
         "--fused-merge",
         "--graph-sampling",
+        "--graph-inputs",
     ]
     args = parser.parse_args(given)
     again = parser.parse_args(graph_argv(args))
@@ -75,6 +76,7 @@ def test_graph_argv_gives_back_the_options():
     rc = graph_config(again)
     assert rc.small_batch_gemv_whole_k and rc.small_batch_gemv_stages == 3 and rc.decode_attention_pdl
     assert not rc.small_batch_gemv_pdl and rc.fused_decode_merge and rc.graph_sampling
+    assert rc.graph_inputs
 
 
 def test_timed_run_computes_every_prompt_token(monkeypatch):

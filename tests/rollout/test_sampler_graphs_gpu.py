@@ -1,7 +1,8 @@
-"""Decode steps sampling in CUDA graphs of their own (RunnerConfig.graph_sampling; run on the device
-machine): the same tokens as the eager sampler, logprobs within float32 summation order (the kernel
-splits the vocabulary by the padded batch), top logprobs the same; batches the fused kernel cannot
-serve alone (top-p, penalties, bans before min_tokens) still take the eager sampler. fp32 and bf16."""
+"""Decode steps sampling in CUDA graphs of their own (RunnerConfig.graph_sampling) and taking their
+inputs staged (RunnerConfig.graph_inputs), each and both (run on the device machine): the same tokens
+as the eager sampler over copied inputs, logprobs within float32 summation order (the kernel splits
+the vocabulary by the padded batch), top logprobs the same; batches the fused kernel cannot serve
+alone (top-p, penalties, bans before min_tokens) still take the eager sampler. fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ def _params(i: int) -> SamplingParams:
     ][i % 4]
 
 
+OPTIONS = {
+    "off": {},
+    "sampling": dict(graph_sampling=True),
+    "inputs": dict(graph_inputs=True),
+    "both": dict(graph_sampling=True, graph_inputs=True),
+}
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graph_sampling_gives_the_eager_samplers_tokens(tmp_path, dtype):
     family, overrides, block_size = CASES["qwen3"]
@@ -40,16 +49,19 @@ def test_graph_sampling_gives_the_eager_samplers_tokens(tmp_path, dtype):
         temperature=0.8, min_tokens=4, stop_token_ids=[299], seed=6, max_tokens=12, ignore_eos=True
     )
     results, replays = {}, {}
-    for on in (False, True):
+    for name, options in OPTIONS.items():
+        on = bool(options.get("graph_sampling"))
         llm = LLM(
             str(tmp_path),
             device="cuda",
             dtype=dtype,
-            runner_config=RunnerConfig(graph_sampling=on),
+            runner_config=RunnerConfig(**options),
             cache_config=CacheConfig(block_size, num_blocks=2048),
         )
         runner = llm.engine.runner
         assert (runner.sampler_graphs is not None) == on
+        assert runner.graphs is not None and runner.graphs.staged == bool(options.get("graph_inputs"))
+        assert not runner.kv_cache.any()  # the captures stored no K/V (staged: an idle staging buffer)
         count = [0]
         if on:
             replay = runner.sampler_graphs.replay
@@ -64,21 +76,53 @@ def test_graph_sampling_gives_the_eager_samplers_tokens(tmp_path, dtype):
         outs += [llm.generate(prompts[:9], [p] * 9, use_tqdm=False) for p in eager]
         eager_replays = count[0] - fused_replays
         outs.append(llm.generate(prompts[:9], [banned] * 9, use_tqdm=False))
-        replays[on] = (fused_replays, eager_replays, count[0] - fused_replays - eager_replays)
-        results[on] = [
+        replays[name] = (fused_replays, eager_replays, count[0] - fused_replays - eager_replays)
+        results[name] = [
             [(c.token_ids, c.logprobs, c.top_logprobs, c.finish_reason) for r in batch for c in r.outputs]
             for batch in outs
         ]
         llm.shutdown()
-    assert replays[False] == (0, 0, 0)
-    fused_replays, eager_replays, banned_replays = replays[True]
-    assert fused_replays >= 10 and eager_replays == 0  # the fused batch's decode steps; no others
-    assert 1 <= banned_replays <= 8  # after the ban: outputs 5-12 at most (the stop token may end one)
-    for on_batch, off_batch in zip(results[True], results[False], strict=True):
-        for (ids, lp, top, fin), (ids_off, lp_off, top_off, fin_off) in zip(on_batch, off_batch, strict=True):
-            assert ids == ids_off and fin == fin_off
-            torch.testing.assert_close(lp, lp_off, rtol=0, atol=1e-4)
-            assert (top is None) == (top_off is None)
-            for a, b in zip(top or [], top_off or [], strict=True):  # each token's {id: logprob}
-                assert a.keys() == b.keys()  # (tied logits may come in another order)
-                torch.testing.assert_close([a[i] for i in b], list(b.values()), rtol=0, atol=1e-4)
+    assert replays["off"] == replays["inputs"] == (0, 0, 0)
+    for name in ("sampling", "both"):
+        fused_replays, eager_replays, banned_replays = replays[name]
+        assert fused_replays >= 10 and eager_replays == 0  # the fused batch's decode steps; no others
+        assert 1 <= banned_replays <= 8  # after the ban: outputs 5-12 (the stop token may end one)
+    for name in OPTIONS:
+        for on_batch, off_batch in zip(results[name], results["off"], strict=True):
+            for got, want in zip(on_batch, off_batch, strict=True):
+                (ids, lp, top, fin), (ids_off, lp_off, top_off, fin_off) = got, want
+                assert ids == ids_off and fin == fin_off, name
+                torch.testing.assert_close(lp, lp_off, rtol=0, atol=1e-4)
+                assert (top is None) == (top_off is None)
+                for a, b in zip(top or [], top_off or [], strict=True):  # each token's {id: logprob}
+                    assert a.keys() == b.keys()  # (tied logits may come in another order)
+                    torch.testing.assert_close([a[i] for i in b], list(b.values()), rtol=0, atol=1e-4)
+
+
+def test_staged_inputs_beside_prompt_chunks(tmp_path):
+    """A 40-token budget: prompts come in chunks beside the decodes (mixed and piecewise steps between
+    the decode graph steps, decode-sized steps where a prompt's row does not sample), and the staged
+    steps take their in-flight tokens from whichever kind of step sampled them."""
+    from rollout import SchedulerConfig
+
+    family, overrides, block_size = CASES["qwen3"]
+    save_tiny_checkpoint(tmp_path, family, **{**overrides, "max_position_embeddings": 512})
+    prompts = random_seqs([3 + (11 * i) % 70 for i in range(24)], seed=9)
+    params = [_params(i) for i in range(len(prompts))]
+    results = {}
+    for on in (False, True):
+        llm = LLM(
+            str(tmp_path),
+            device="cuda",
+            dtype="bfloat16",
+            runner_config=RunnerConfig(graph_inputs=on),
+            scheduler_config=SchedulerConfig(max_num_batched_tokens=40, max_num_seqs=16),
+            cache_config=CacheConfig(block_size, num_blocks=2048),
+        )
+        assert llm.engine.runner.graphs.staged == on
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results[on] = [(c.token_ids, c.logprobs, c.finish_reason) for r in outs for c in r.outputs]
+        llm.shutdown()
+    for (ids, lp, fin), (ids_off, lp_off, fin_off) in zip(results[True], results[False], strict=True):
+        assert ids == ids_off and fin == fin_off
+        torch.testing.assert_close(lp, lp_off, rtol=0, atol=1e-4)
