@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one call (the device machine has no internet: missing wheels,
 # pyzmq and msgpack, travel in .whl/). Usage: bash rollout/benchmarks/gpu_suite.sh [tests|kernels|bench|host|all]
-# or bash rollout/benchmarks/gpu_suite.sh compare OPTION... (add_graph_args options, e.g. --graph-sampling):
-# steady steps at 1-16 rows and W1 with the defaults and with the options, one process each, interleaved.
+# or bash rollout/benchmarks/gpu_suite.sh compare|compare_w1 VARIANT... (each a quoted list of add_graph_args
+# options, e.g. "--graph-sampling" "--graph-sampling --graph-inputs"): steady steps at 1-16 rows (two
+# rounds), or W1 (2 repeats), with the defaults and with each variant, one process each, interleaved.
 # `tests` runs every test of tests/kernels (their kernel tests run on CUDA where it is) and the -m gpu
 # tests elsewhere, as 8 pytest processes in parallel on shards of the test ids (one process took
 # longer than a 10-minute call, most of it compiling kernels on one CPU core); the tests that read the
@@ -53,16 +54,22 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 120 python3 -m rollout.benchmarks.rl --out "$out" 2>&1 | tail -2
   timeout 300 python3 -m rollout.benchmarks.throughput --workloads w1 peer256 --peer hf --out "$out" --timeout 200 2>&1 | tail -6
 fi
-if [ "$what" = compare ]; then
+if [ "$what" = compare ] || [ "$what" = compare_w1 ]; then
   shift
-  for run in 1 2; do
-    for opts in "" "$*"; do  # shellcheck disable=SC2086  # $opts: a word list
-      timeout 150 python3 -m rollout.benchmarks.step_profile --batches 1 2 4 8 16 --steps 20 $opts \
-        --out "$out/compare$run${opts:+_opts}" 2>&1 | grep -E "^batch|host ms" | cut -c1-220 | sed "s/^/[${opts:-defaults}] /"
+  variants=("" "$@")  # the defaults, then each argument (a quoted option list) as one variant
+  if [ "$what" = compare ]; then
+    for run in 1 2; do
+      for i in "${!variants[@]}"; do
+        opts=${variants[$i]}  # shellcheck disable=SC2086  # $opts: a word list
+        timeout 150 python3 -m rollout.benchmarks.step_profile --batches 1 2 4 8 16 --steps 20 $opts \
+          --out "$out/compare${run}_$i" 2>&1 | grep -E "^batch|host ms" | cut -c1-220 | sed "s/^/[${opts:-defaults}] /"
+      done
     done
-  done
-  for opts in "" "$*"; do  # shellcheck disable=SC2086
-    timeout 200 python3 -m rollout.benchmarks.throughput --workloads w1 --repeats 2 $opts --out "$out/w1${opts:+_opts}" \
-      --timeout 150 2>&1 | tail -2 | sed "s/^/[${opts:-defaults}] /"
-  done
+  else
+    for i in "${!variants[@]}"; do
+      opts=${variants[$i]}  # shellcheck disable=SC2086
+      timeout 200 python3 -m rollout.benchmarks.throughput --workloads w1 --repeats 2 $opts --out "$out/w1_$i" \
+        --timeout 150 2>&1 | tail -2 | sed "s/^/[${opts:-defaults}] /"
+    done
+  fi
 fi

@@ -66,7 +66,8 @@ def host_phases(engine: EngineCore, timer: PhaseTimer) -> contextlib.AbstractCon
     """Time the host side of a step's calls into ``timer`` while inside: the engine's schedule,
     launch, collect (which waits for the step in flight) and process, and within launch the
     sampling rows, the input preparation, the sampling tensors, the eager sampler or the sampler
-    graph, and the decode graph replay (input copies + cudaGraphLaunch). Restored on exit."""
+    graph, and the decode graph replay (input copies, or the one staging copy with
+    RunnerConfig.graph_inputs, + cudaGraphLaunch). Restored on exit."""
     runner = engine.runner
     calls = [(engine.scheduler, "schedule", "schedule"), (runner, "launch", "launch")]
     calls += [(runner, "collect", "collect"), (engine, "_process", "process")]
@@ -75,6 +76,7 @@ def host_phases(engine: EngineCore, timer: PhaseTimer) -> contextlib.AbstractCon
     calls += [(model_runner, "sample", "sample")]  # the eager sampler, as launch calls it
     if runner.graphs is not None:
         calls.append((runner.graphs, "replay", "replay"))
+        calls.append((runner.graphs, "replay_staged", "replay"))
     if runner.sampler_graphs is not None:
         calls.append((runner.sampler_graphs, "replay", "sampler_graph"))
     return timer.timing(calls)
