@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 WORKLOADS = (
     "throughput", "rl", "decode", "prefill", "weight_sync", "serve", "core_overhead", "host_overhead",
-    "step_profile",
+    "step_profile", "host_ops",
 )  # fmt: skip
 
 
