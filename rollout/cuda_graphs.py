@@ -215,6 +215,8 @@ class DecodeGraphs:
         ``fill = (rows, ids)`` then overwrites those rows' input ids on the device (tokens sampled
         by a step still in flight). Returns hidden states [size, hidden] and logits [size, vocab]
         in the model dtype (padding rows hold garbage)."""
+        if self.staged:
+            raise ValueError("these graphs read their inputs from the staging buffer: replay_staged")
         self.input_ids[:size].copy_(input_ids, non_blocking=True)
         if fill is not None:
             self.input_ids.index_copy_(0, fill[0], fill[1])

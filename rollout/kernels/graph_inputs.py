@@ -21,8 +21,9 @@ size                  size        positions (the graph reads them here)
 One program per row writes what the graph reads in its own dtypes: the input id (from
 ``last_tokens`` where the source says so), the length and decode order as int32, and the row's
 ``w`` block table entries as int32 (entries past ``w`` keep older values; attention never reads
-past a sequence's length). Captured as the graph's first node, it replaces five copies and the
-in-flight token fill that a step otherwise launches from the host before each replay.
+past a sequence's length). Captured as the graph's first node, it lets a step's inputs arrive in
+one copy, where a step otherwise launches six copies and the in-flight token fill (two more
+launches) from the host before each replay.
 """
 
 from __future__ import annotations

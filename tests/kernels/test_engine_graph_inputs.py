@@ -128,4 +128,7 @@ def test_capture_stores_nothing_and_refuses_oversized_steps(tmp_path):
     with pytest.raises(ValueError, match="int64"):
         graphs.replay_staged(1, too_wide.int(), 1)
     assert torch.equal(graphs.staging, before)
+    ids = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="replay_staged"):  # the copying replay's buffers go unread
+        graphs.replay(1, ids, ids, ids, ids, ids.view(1, 1), ids)
     llm.shutdown()
