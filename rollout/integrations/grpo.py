@@ -201,7 +201,7 @@ class GRPOTrainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()
-            loss_value = float(loss)
+            loss_value = loss.item()
         t2 = time.perf_counter()
         self.client.update_weights(self.model.named_parameters())
         t3 = time.perf_counter()

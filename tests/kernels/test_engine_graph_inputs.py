@@ -81,10 +81,9 @@ def test_staged_graph_steps_match_eager_steps(tmp_path):
     ]
     want, eager_steps, _ = run(tmp_path, block_size, prompts, params)
     assert not eager_steps  # no decode graphs without CUDA when neither option is on
-    runs = {
-        "inputs": run(tmp_path, block_size, prompts, params, graph_inputs=True),
+    runs = {  # every third step with last_tokens clobbered first: it must be refilled
+        "inputs": run(tmp_path, block_size, prompts, params, forget_every=3, graph_inputs=True),
         "inputs+sampling": run(tmp_path, block_size, prompts, params, graph_inputs=True, graph_sampling=True),
-        "refilled": run(tmp_path, block_size, prompts, params, forget_every=2, graph_inputs=True),
     }
     assert runs["inputs+sampling"][2] >= 3 and runs["inputs"][2] == 0  # its tokens into last_tokens
     for name, (got, steps, _) in runs.items():
