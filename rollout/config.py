@@ -124,8 +124,10 @@ class RunnerConfig:
     # flight are read from a buffer every sampling step writes, the lengths, decode order and
     # block tables converted to int32 there. One copy instead of the six copies and the token fill
     # (two more launches) launched from the host before each replay, ~0.25 ms of the H100's
-    # host time per batch-1 step (stop 29's profile). Off until measured (built when no GPU was
-    # lent; `rollout bench step_profile --graph-inputs`; tests/rollout/test_sampler_graphs_gpu.py).
+    # host time per batch-1 step (stop 29's profile). H200 with graph_sampling (stop 30, `bash
+    # rollout/benchmarks/gpu_suite.sh compare "--graph-sampling --graph-inputs"`): steps of 1-16
+    # rows 1.4-2.0% faster, host `launch` 0.26-0.43 ms against 0.56-0.83; W1 unchanged. To become
+    # the default (with graph_sampling) once CI has run with both on.
     graph_inputs: bool = False
     # CUDA: the weights and the KV cache live in address ranges that sleep keeps reserved while
     # it gives their physical memory back (rollout/vmm.py), so wake_up maps new memory at the
