@@ -59,7 +59,7 @@ class SamplerGraphs:
                     f"got {tuple(x.shape)} on {x.device}"
                 )
         if tokens_to is not None and (
-            tokens_to.dtype != torch.long or tokens_to.shape[0] < max(logits) or tokens_to.dim() != 1
+            tokens_to.dtype != torch.long or tokens_to.dim() != 1 or tokens_to.shape[0] < max(logits)
         ):
             raise ValueError(
                 f"tokens_to must be 1-D int64 with at least {max(logits)} rows, got "

@@ -372,8 +372,8 @@ class PhaseTimer:
     def __init__(self) -> None:
         self.seconds: collections.Counter[str] = collections.Counter()
 
-    def wrap(self, owner: Any, attr: str, phase: str) -> None:
-        fn = getattr(owner, attr)
+    def timed(self, fn: Callable[..., Any], phase: str) -> Callable[..., Any]:
+        """``fn``, adding the wall time of each call to ``phase``."""
         seconds = self.seconds
 
         @functools.wraps(fn)
@@ -384,21 +384,30 @@ class PhaseTimer:
             finally:
                 seconds[phase] += time.perf_counter() - t
 
-        setattr(owner, attr, timed)
+        return timed
 
-    @contextlib.contextmanager
-    def timing(self, calls: Iterable[tuple[Any, str, str]]) -> Iterator[None]:
-        """``wrap`` each ``(owner, attr, phase)`` while inside, and put every original back on exit:
-        the owner's own attribute (a module's function) or, for a method, the class's."""
-        calls = list(calls)
-        saved = [(owner, attr, vars(owner).get(attr)) for owner, attr, _ in calls]
-        for owner, attr, phase in calls:
-            self.wrap(owner, attr, phase)
-        try:
-            yield
-        finally:
-            for owner, attr, own in reversed(saved):
-                if own is None:
-                    delattr(owner, attr)
-                else:
-                    setattr(owner, attr, own)
+    def timing(self, calls: Iterable[tuple[Any, str, str]]) -> contextlib.AbstractContextManager[None]:
+        """``wrap`` each ``(owner, attr, phase)`` while inside (an attribute listed twice is timed
+        in both phases), and put every original back on exit (``patched``)."""
+        return patched(
+            [(owner, attr, functools.partial(self.timed, phase=phase)) for owner, attr, phase in calls]
+        )
+
+
+@contextlib.contextmanager
+def patched(replacements: Iterable[tuple[Any, str, Callable[[Any], Any]]]) -> Iterator[None]:
+    """For each ``(owner, attr, make)`` in order, set ``owner.attr = make(owner.attr)`` while
+    inside, and put every original back on exit: the owner's own attribute (a module's function, a
+    class's method) or, where the owner had none of its own (an instance's method), none again."""
+    replacements = list(replacements)
+    saved = [(owner, attr, vars(owner).get(attr)) for owner, attr, _ in replacements]
+    for owner, attr, make in replacements:
+        setattr(owner, attr, make(getattr(owner, attr)))
+    try:
+        yield
+    finally:
+        for owner, attr, own in reversed(saved):
+            if own is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, own)

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rollout.model_runner as model_runner
 from rollout import LLM, SchedulerConfig
-from rollout.benchmarks.common import add_graph_args, graph_config
+from rollout.benchmarks.common import add_graph_args, graph_config, patched
 from rollout.benchmarks.step_profile import start_decode
 
 # aten ops that only make tensor metadata (no device work); "to (no-op)": a ``to`` that returned its
@@ -83,11 +83,9 @@ def triton_launches(counter: OpCounter, kernels: collections.Counter[str]) -> It
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import KernelInterface
 
-    saved = [(cls, cls.__getitem__) for cls in (KernelInterface, InterpretedFunction)]
-    for cls, getitem in saved:
-
-        def counted(self: Any, grid: Any, _getitem: Any = getitem) -> Any:
-            run = _getitem(self, grid)
+    def counted(getitem: Any) -> Any:
+        def counted_getitem(self: Any, grid: Any) -> Any:
+            run = getitem(self, grid)
 
             def launch(*args: Any, **kwargs: Any) -> Any:
                 if not counter.paused:
@@ -98,12 +96,11 @@ def triton_launches(counter: OpCounter, kernels: collections.Counter[str]) -> It
 
             return launch
 
-        cls.__getitem__ = counted  # type: ignore[method-assign]
-    try:
+        return counted_getitem
+
+    classes = (KernelInterface, InterpretedFunction)
+    with patched([(cls, "__getitem__", counted) for cls in classes]):
         yield
-    finally:
-        for cls, getitem in saved:
-            cls.__getitem__ = getitem  # type: ignore[method-assign]
 
 
 def count_launches(llm: LLM, steps: int) -> tuple[list[str], collections.Counter[str]]:
@@ -112,11 +109,14 @@ def count_launches(llm: LLM, steps: int) -> tuple[list[str], collections.Counter
     engine = llm.engine
     runner = engine.runner
     counter, kernels = OpCounter(), collections.Counter[str]()
-    patches = []
-    if runner.graphs is not None and not runner.graphs.captured:
-        patches.append((runner.graphs, "_replay"))
-    if runner.sampler_graphs is not None and not runner.sampler_graphs.captured:
-        patches.append((runner.sampler_graphs, "_run_size"))
+
+    def paused(fn: Any) -> Any:
+        def run_paused(*args: Any, **kwargs: Any) -> Any:
+            with counter.pause():
+                return fn(*args, **kwargs)
+
+        return run_paused
+
     launch = runner.launch
     ops: list[str] = []
 
@@ -127,29 +127,16 @@ def count_launches(llm: LLM, steps: int) -> tuple[list[str], collections.Counter
         ops.extend(counter.ops)
         return handle
 
-    saved = [(owner, attr, vars(owner).get(attr)) for owner, attr in patches] + [(runner, "launch", None)]
-    for owner, attr in patches:
-        fn = getattr(owner, attr)
-
-        def paused(*args: Any, _fn: Any = fn, **kwargs: Any) -> Any:
-            with counter.pause():
-                return _fn(*args, **kwargs)
-
-        setattr(owner, attr, paused)
-    runner.launch = counted_launch
-    eager_sampler = model_runner.sample
+    replacements: list[tuple[Any, str, Any]] = [(runner, "launch", lambda _: counted_launch)]
+    if runner.graphs is not None and not runner.graphs.captured:
+        replacements.append((runner.graphs, "_replay", paused))
+    if runner.sampler_graphs is not None and not runner.sampler_graphs.captured:
+        replacements.append((runner.sampler_graphs, "_run_size", paused))
     if engine.device.type != "cuda":  # the fused kernel, as on CUDA (launch's rows are plain)
-        model_runner.sample = functools.partial(eager_sampler, use_kernel=True)
-    try:
+        replacements.append((model_runner, "sample", lambda fn: functools.partial(fn, use_kernel=True)))
+    with patched(replacements):
         for _ in range(steps):
             engine.step()
-    finally:
-        model_runner.sample = eager_sampler
-        for owner, attr, own in saved:
-            if own is None:
-                delattr(owner, attr)
-            else:
-                setattr(owner, attr, own)
     return ops, kernels
 
 
