@@ -116,9 +116,10 @@ class RunnerConfig:
     # graph of their own, per graph size (rollout/sampler_graphs.py): one graph launch instead of
     # ``sample``'s allocations, two Triton launches and the result packing, ~0.3-0.45 ms of host
     # time per step on the H100's host (stop 29: its 1-4-row steps are host-bound, `launch` alone
-    # 0.87-1.27 ms). Off until measured (built when no GPU was lent; `rollout bench step_profile
-    # --graph-sampling`; tests/rollout/test_sampler_graphs_gpu.py checks the outputs).
-    graph_sampling: bool = False
+    # 0.87-1.27 ms). Measured with graph_inputs (below); tests/rollout/test_sampler_graphs_gpu.py
+    # checks the outputs. Without CUDA (triton backend) the two options run the decode and sampler
+    # graphs' code uncaptured, over the same static buffers: the CPU tests' path.
+    graph_sampling: bool = True
     # Decode graph steps take their inputs in one copy into a staging buffer, and the graph's first
     # kernel unpacks them (rollout/kernels/graph_inputs.py): the tokens sampled by the step in
     # flight are read from a buffer every sampling step writes, the lengths, decode order and
@@ -126,9 +127,8 @@ class RunnerConfig:
     # (two more launches) launched from the host before each replay, ~0.25 ms of the H100's
     # host time per batch-1 step (stop 29's profile). H200 with graph_sampling (stop 30, `bash
     # rollout/benchmarks/gpu_suite.sh compare "--graph-sampling --graph-inputs"`): steps of 1-16
-    # rows 1.4-2.0% faster, host `launch` 0.26-0.43 ms against 0.56-0.83; W1 unchanged. To become
-    # the default (with graph_sampling) once CI has run with both on.
-    graph_inputs: bool = False
+    # rows 1.4-2.0% faster, host `launch` 0.26-0.43 ms against 0.56-0.83; W1 unchanged.
+    graph_inputs: bool = True
     # CUDA: the weights and the KV cache live in address ranges that sleep keeps reserved while
     # it gives their physical memory back (rollout/vmm.py), so wake_up maps new memory at the
     # same addresses and the CUDA graphs stay valid instead of being captured again. The graphs'

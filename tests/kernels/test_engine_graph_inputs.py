@@ -79,11 +79,12 @@ def test_staged_graph_steps_match_eager_steps(tmp_path):
         SamplingParams(temperature=0.9, seed=10, max_tokens=8, **common),
         SamplingParams(temperature=0, max_tokens=6, **common),
     ]
-    want, eager_steps, _ = run(tmp_path, block_size, prompts, params)
+    off = dict(graph_inputs=False, graph_sampling=False)
+    want, eager_steps, _ = run(tmp_path, block_size, prompts, params, **off)
     assert not eager_steps  # no decode graphs without CUDA when neither option is on
     runs = {  # every third step with last_tokens clobbered first: it must be refilled
-        "inputs": run(tmp_path, block_size, prompts, params, forget_every=3, graph_inputs=True),
-        "inputs+sampling": run(tmp_path, block_size, prompts, params, graph_inputs=True, graph_sampling=True),
+        "inputs": run(tmp_path, block_size, prompts, params, forget_every=3, graph_sampling=False),
+        "inputs+sampling": run(tmp_path, block_size, prompts, params),  # the defaults
     }
     assert runs["inputs+sampling"][2] >= 3 and runs["inputs"][2] == 0  # its tokens into last_tokens
     for name, (got, steps, _) in runs.items():
@@ -112,7 +113,7 @@ def test_capture_stores_nothing_and_refuses_oversized_steps(tmp_path):
         device="cpu",
         cache_config=CacheConfig(block_size=block_size, num_blocks=16),
         scheduler_config=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=16),
-        runner_config=RunnerConfig(attention_backend="triton", graph_inputs=True),
+        runner_config=RunnerConfig(attention_backend="triton"),  # graph_inputs by default
     )
     runner = llm.engine.runner
     graphs = runner.graphs

@@ -39,7 +39,7 @@ def test_graph_sampled_steps_match_the_eager_sampler(tmp_path):
             device="cpu",
             cache_config=CacheConfig(block_size=block_size, num_blocks=64),
             scheduler_config=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8),
-            runner_config=RunnerConfig(attention_backend="triton", graph_sampling=on),
+            runner_config=RunnerConfig(attention_backend="triton", graph_sampling=on, graph_inputs=False),
         )
         runner = llm.engine.runner
         assert (runner.sampler_graphs is not None) == on and (runner.graphs is not None) == on

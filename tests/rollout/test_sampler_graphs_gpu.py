@@ -26,10 +26,10 @@ def _params(i: int) -> SamplingParams:
     ][i % 4]
 
 
-OPTIONS = {
-    "off": {},
-    "sampling": dict(graph_sampling=True),
-    "inputs": dict(graph_inputs=True),
+OPTIONS = {  # both on: the defaults
+    "off": dict(graph_sampling=False, graph_inputs=False),
+    "sampling": dict(graph_sampling=True, graph_inputs=False),
+    "inputs": dict(graph_sampling=False, graph_inputs=True),
     "both": dict(graph_sampling=True, graph_inputs=True),
 }
 
