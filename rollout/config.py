@@ -127,7 +127,9 @@ class RunnerConfig:
     # (two more launches) launched from the host before each replay, ~0.25 ms of the H100's
     # host time per batch-1 step (stop 29's profile). H200 with graph_sampling (stop 30, `bash
     # rollout/benchmarks/gpu_suite.sh compare "--graph-sampling --graph-inputs"`): steps of 1-16
-    # rows 1.4-2.0% faster, host `launch` 0.26-0.43 ms against 0.56-0.83; W1 unchanged.
+    # rows 1.4-2.0% faster, host `launch` 0.26-0.43 ms against 0.56-0.83; W1 unchanged. H100 (stop
+    # 31, both on against both off): 1-4 rows 2.2-3.0% faster (batch 1 0.974 against 1.003 ms),
+    # `launch` 0.29-0.52 ms against 0.80-1.35, 8-16 rows ~1%; W1 unchanged.
     graph_inputs: bool = True
     # CUDA: the weights and the KV cache live in address ranges that sleep keeps reserved while
     # it gives their physical memory back (rollout/vmm.py), so wake_up maps new memory at the

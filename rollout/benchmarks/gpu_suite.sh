@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in one call (the device machine has no internet: missing wheels,
-# pyzmq and msgpack, travel in .whl/). Usage: bash rollout/benchmarks/gpu_suite.sh [tests|kernels|bench|host|all]
+# pyzmq and msgpack, travel in .whl/). Usage: bash rollout/benchmarks/gpu_suite.sh [tests|alone|kernels|bench|host|all]
 # or bash rollout/benchmarks/gpu_suite.sh compare|compare_w1 VARIANT... (each a quoted list of add_graph_args
 # options, e.g. "--graph-sampling" "--graph-sampling --graph-inputs"): steady steps at 1-16 rows (two
 # rounds), or W1 (2 repeats), with the defaults and with each variant, one process each, interleaved.
 # `tests` runs every test of tests/kernels (their kernel tests run on CUDA where it is) and the -m gpu
 # tests elsewhere, as 8 pytest processes in parallel on shards of the test ids (one process took
-# longer than a 10-minute call, most of it compiling kernels on one CPU core); the tests that read the
-# device's free memory (mem_get_info) run after them, alone. About 9 minutes on a fresh H200.
+# longer than a 10-minute call, most of it compiling kernels on one CPU core): ~5 minutes on an H100.
+# `alone` runs the tests that read the device's free memory (mem_get_info), which must have the GPU
+# to themselves, in a call of their own (after the shards on the H100, 150 s did not finish them).
+# `all` runs both, then the benchmarks: more than one call's 10 minutes.
 . "$(dirname "$0")/device_setup.sh"
+alone="tests/rollout/test_vmm_gpu.py tests/rollout/test_gpu_parity.py tests/weight_sync/test_weight_sync_gpu.py"
 if [ "$what" = tests ] || [ "$what" = all ]; then
   logs=$(mktemp -d)
-  alone="tests/rollout/test_vmm_gpu.py tests/rollout/test_gpu_parity.py tests/weight_sync/test_weight_sync_gpu.py"
   ignore=$(printf -- "--ignore=%s " tests/kernels $alone)
   collect="python3 -m pytest --co -q -p no:cacheprovider"
   # shellcheck disable=SC2086  # word lists
@@ -21,12 +23,15 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     xargs -a "$shard" -d '\n' timeout 400 python3 -m pytest -q -p no:cacheprovider -rfEX >"$shard.log" 2>&1 &
   done
   wait
-  # shellcheck disable=SC2086
-  timeout 150 python3 -m pytest $alone -q -m gpu -p no:cacheprovider -rfEX >"$logs/alone.log" 2>&1
   cat "$logs"/*.log >"$out/pytest_gpu.log"
-  echo "$(wc -l <"$logs/ids") tests in 8 shards, then $alone:"
+  echo "$(wc -l <"$logs/ids") tests in 8 shards:"
   for log in "$logs"/*.log; do grep -E "^[0-9]+ (passed|failed)|^no tests ran" "$log" | tail -1; done
   grep -h -E "^(FAILED|ERROR|XPASS)" "$logs"/*.log
+fi
+if [ "$what" = alone ] || [ "$what" = all ]; then
+  # shellcheck disable=SC2086
+  timeout 540 python3 -m pytest $alone -q -m gpu -p no:cacheprovider -rfEX 2>&1 | tee "$out/pytest_alone.log" \
+    | grep -E "^[0-9]+ (passed|failed)|^no tests ran|^(FAILED|ERROR|XPASS)"
 fi
 if [ "$what" = kernels ]; then
   timeout 150 python3 -m rollout.benchmarks.sampling_kernel --out "$out" 2>&1 | tail -14
