@@ -37,7 +37,11 @@ def test_decode_rope_steps_match_the_two_launch_path(tmp_path, case, monkeypatch
             cache_config=CacheConfig(block_size=block_size, num_blocks=64),
             scheduler_config=SchedulerConfig(max_num_batched_tokens=64),
             runner_config=RunnerConfig(
-                attention_backend="triton", small_batch_gemv_rows=4, small_batch_decode_rope=fused
+                attention_backend="triton",
+                small_batch_gemv_rows=4,
+                small_batch_decode_rope=fused,
+                graph_sampling=False,  # eager decode steps (no uncaptured graphs)
+                graph_inputs=False,
             ),
         )
         outs[fused] = llm.generate(prompts, params, use_tqdm=False)

@@ -46,7 +46,9 @@ def test_fused_gemv_steps_match_the_unfused_path(tmp_path, case, monkeypatch):
             device="cpu",
             cache_config=CacheConfig(block_size=block_size, num_blocks=64),
             scheduler_config=SchedulerConfig(max_num_batched_tokens=64),
-            runner_config=dataclasses.replace(config, attention_backend="triton"),
+            runner_config=dataclasses.replace(  # eager decode steps (no uncaptured graphs)
+                config, attention_backend="triton", graph_sampling=False, graph_inputs=False
+            ),
         )
         layer = llm.engine.runner.model.model.layers[0]
         assert (layer.gemv_tiling.whole_k, layer.gemv_tiling.stages) == (

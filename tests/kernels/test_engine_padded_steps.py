@@ -27,7 +27,12 @@ def test_triton_backend_pads_eager_steps_and_matches_torch(tmp_path, overlap, mi
             device="cpu",
             cache_config=CacheConfig(block_size=4, num_blocks=64),
             scheduler_config=SchedulerConfig(max_num_batched_tokens=27, overlap=overlap),
-            runner_config=RunnerConfig(attention_backend=backend, max_mixed_graph_tokens=27 * mixed_graphs),
+            runner_config=RunnerConfig(
+                attention_backend=backend,
+                max_mixed_graph_tokens=27 * mixed_graphs,
+                graph_sampling=False,  # eager decode steps (no uncaptured graphs)
+                graph_inputs=False,
+            ),
         )
         runner = llm.engine.runner
         assert runner.attention_backend == backend

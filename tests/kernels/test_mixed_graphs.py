@@ -46,13 +46,17 @@ def test_mixed_graphs_match_the_torch_backend(tmp_path, monkeypatch, fused_merge
             cache_config=CacheConfig(block_size=block_size, num_blocks=128),
             scheduler_config=SchedulerConfig(max_num_batched_tokens=20, max_num_seqs=6, overlap=True),
             runner_config=RunnerConfig(
-                attention_backend=backend, max_mixed_graph_tokens=20, fused_decode_merge=fused_merge
+                attention_backend=backend,
+                max_mixed_graph_tokens=20,
+                fused_decode_merge=fused_merge,
+                graph_sampling=False,  # eager decode steps (no uncaptured graphs)
+                graph_inputs=False,
             ),
         )
         runner = llm.engine.runner
         if backend == "triton":
             mixed = runner.mixed
-            assert mixed is not None and runner.pieces is None and runner.graphs is not None  # uncaptured
+            assert mixed is not None and runner.pieces is None and runner.graphs is None  # CPU, eager decode
 
             def forward(size, inputs, fill=None, f=mixed.forward):
                 calls.append((size, int((inputs["decode_lens"] > 0).sum()), fill is not None))
