@@ -142,13 +142,17 @@ def _attend_pages(
 @triton.jit
 def _store_partial(part_out_ptr, part_lse_ptr, acc, m_i, l_i, row, mask, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr):  # fmt: skip
-    """A split's normalized partial output (fp32 rows of HEAD_DIM at ``row``) and its log2-sum-exp,
-    -inf (and zeros) for rows that saw no key: padding rows (seq_len 0) and empty splits."""
+    """A split's normalized partial output (fp32 rows of HEAD_DIM at ``row``) and its log2-sum-exp.
+    Rows that saw no key (padding rows, seq_len 0, and empty splits: at batch 1 x ctx 1K, 24 of the
+    32 splits, whose shares are whole 128-position tiles) store only their -inf, which tells the
+    merge to skip their output rows."""
     d = tl.arange(0, BLOCK_D)
     has_keys = l_i > 0.0
-    o = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     tl.store(
-        part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=mask[:, None] & (d < HEAD_DIM)[None, :]
+        part_out_ptr + row[:, None] * HEAD_DIM + d[None, :],
+        o,
+        mask=(mask & has_keys)[:, None] & (d < HEAD_DIM)[None, :],
     )
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     tl.store(part_lse_ptr + row, lse, mask=mask)
@@ -192,8 +196,8 @@ def _merge_group(
 ):  # fmt: skip
     """Merge the splits' partials of one (sequence, KV head), every query head of the group, in
     chunks of SPLIT_CHUNK splits: weights exp2(lse - max lse), all 0 for a padding row (every
-    split empty). The partials come from other programs: loaded with .cg (L2), never from this
-    SM's L1."""
+    split empty). An empty split's output row is neither stored nor read (its lse is -inf). The
+    partials come from other programs: loaded with .cg (L2), never from this SM's L1."""
     g = tl.arange(0, GROUP_P2)
     g_mask = g < GROUP
     heads = kv_head * GROUP + g
@@ -223,9 +227,10 @@ def _merge_group(
         )
         w = tl.exp2(lse_j - m[:, None])
         rows = base[:, None, None] + sj[None, :, None]
+        live = gs_mask & (lse_j > float("-inf"))  # empty splits' rows were not stored
         part = tl.load(
             part_out_ptr + rows * HEAD_DIM + d[None, None, :],
-            mask=gs_mask[:, :, None] & d_mask[None, None, :],
+            mask=live[:, :, None] & d_mask[None, None, :],
             other=0.0,
             cache_modifier=".cg",
         )
