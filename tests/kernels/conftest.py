@@ -38,6 +38,9 @@ def triton_interpreter() -> None:
 def interpreter_engine(triton_interpreter: None) -> None:
     """For tests of an engine on ``device="cpu"`` with the triton backend: its kernels must run in the
     interpreter, which is off where CUDA is (compiled, they would get CPU tensors). Skipped there;
-    the ``-m gpu`` tests cover the device."""
+    the ``-m gpu`` tests cover the device. With ``graph_sampling`` / ``graph_inputs`` on (the
+    defaults) such an engine builds uncaptured decode graphs at start, one interpreted forward per
+    graph size up to ``max_num_seqs`` (capped by ``max_graph_batch``; minutes at the defaults):
+    keep it small, or turn both off to test the eager decode path."""
     if torch.cuda.is_available():
         pytest.skip("interpreter engine test (CPU only)")
