@@ -103,6 +103,14 @@ class RunnerConfig:
     # program repeats the norm + RoPE ahead of its first K/V tile, and at batch 32 / 256 that cost
     # more than the launch it saves (2.58 / 9.47 ms against 2.41 / 9.40; W1 -2%).
     small_batch_decode_rope: bool = True
+    # Such steps' attention programs also load their first K/V tile before waiting for the qkv
+    # projection (``decode_attention_qkv(preload=True)``; 64-position tiles then: held across the
+    # wait, 128-position ones took 252 registers on sm_90 against 128), so that HBM latency
+    # overlaps the GEMV's tail. H100 batch-1 profile (stop 31): the split kernel 7.5 us per layer
+    # for ~1.4 us of K/V bytes. Built without a GPU; off until measured (`rollout bench
+    # step_profile --decode-preload`; the outputs are bitwise the same, tests/kernels/
+    # test_decode_attention.py).
+    small_batch_decode_preload: bool = False
     # Decode-only steps of any size (past small_batch_gemv_rows too) launch the q/k norm + RoPE +
     # store kernel and the decode attention (split and merge) as programmatic dependents (Hopper+;
     # elsewhere plain launches): the attention's programs start while the q/k kernel finishes and

@@ -103,6 +103,7 @@ class ModelRunner:
                     module.gemv_tiling = GemvTiling(rc.small_batch_gemv_whole_k, rc.small_batch_gemv_stages)
                 if hasattr(module, "decode_rope"):
                     module.decode_rope = rc.small_batch_decode_rope
+                    module.decode_preload = rc.small_batch_decode_preload
                     module.decode_pdl = rc.decode_attention_pdl
         self.split_counters: torch.Tensor | None = None  # see AttentionMetadata.split_counters
         if backend == "triton" and self.runner_config.fused_decode_merge:

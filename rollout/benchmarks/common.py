@@ -17,11 +17,13 @@ from rollout.config import RunnerConfig
 
 def add_graph_args(parser: argparse.ArgumentParser) -> None:
     """``--piecewise-tokens`` / ``--mixed-graph-tokens`` / ``--fused-merge`` /
-    ``--gemv-rows`` / ``--gemv-pdl`` / ``--decode-rope`` / ``--decode-pdl`` / ``--gemv-whole-k`` /
-    ``--gemv-stages``: how the engine under test runs its steps (``RunnerConfig.max_piecewise_tokens``
-    / ``max_mixed_graph_tokens`` / ``fused_decode_merge`` / ``small_batch_gemv_rows`` /
-    ``small_batch_gemv_pdl`` / ``small_batch_decode_rope`` / ``decode_attention_pdl`` /
-    ``small_batch_gemv_whole_k`` / ``small_batch_gemv_stages``)."""
+    ``--gemv-rows`` / ``--gemv-pdl`` / ``--decode-rope`` / ``--decode-preload`` / ``--decode-pdl`` /
+    ``--gemv-whole-k`` / ``--gemv-stages`` / ``--graph-sampling`` / ``--graph-inputs``: how the engine
+    under test runs its steps (``RunnerConfig.max_piecewise_tokens`` / ``max_mixed_graph_tokens`` /
+    ``fused_decode_merge`` / ``small_batch_gemv_rows`` / ``small_batch_gemv_pdl`` /
+    ``small_batch_decode_rope`` / ``small_batch_decode_preload`` / ``decode_attention_pdl`` /
+    ``small_batch_gemv_whole_k`` / ``small_batch_gemv_stages`` / ``graph_sampling`` /
+    ``graph_inputs``)."""
     defaults = RunnerConfig()
     parser.add_argument(
         "--piecewise-tokens",
@@ -55,6 +57,12 @@ def add_graph_args(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=defaults.small_batch_decode_rope,
         help="RunnerConfig.small_batch_decode_rope (small decode steps: q/k norm + RoPE in the attention)",
+    )
+    parser.add_argument(
+        "--decode-preload",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.small_batch_decode_preload,
+        help="RunnerConfig.small_batch_decode_preload (those steps: first K/V tile loaded before the wait)",
     )
     parser.add_argument(
         "--decode-pdl",
@@ -101,6 +109,7 @@ def graph_argv(args: argparse.Namespace) -> list[str]:
         *(["--fused-merge"] if args.fused_merge else []),
         *("--gemv-rows", str(args.gemv_rows), onoff("gemv-pdl", args.gemv_pdl)),
         onoff("decode-rope", args.decode_rope),
+        onoff("decode-preload", args.decode_preload),
         onoff("decode-pdl", args.decode_pdl),
         onoff("gemv-whole-k", args.gemv_whole_k),
         *("--gemv-stages", str(args.gemv_stages)),
@@ -118,6 +127,7 @@ def graph_config(args: argparse.Namespace) -> RunnerConfig:
         small_batch_gemv_rows=args.gemv_rows,
         small_batch_gemv_pdl=args.gemv_pdl,
         small_batch_decode_rope=args.decode_rope,
+        small_batch_decode_preload=args.decode_preload,
         decode_attention_pdl=args.decode_pdl,
         small_batch_gemv_whole_k=args.gemv_whole_k,
         small_batch_gemv_stages=args.gemv_stages,

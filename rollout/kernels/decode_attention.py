@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -119,24 +119,36 @@ def _attend_pages(
         kv_mask = valid[:, None] & d_mask[None, :]
         k_rows = k_cache_ptr + page * stride_kb + in_page * stride_ks + kv_head * stride_kh
         k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if USE_DOT:
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        else:
-            qk = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
-        qk = tl.where(valid[None, :], qk * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _scores_tile(m_i, l_i, q, k, valid, scale_log2, USE_DOT, PRECISION)
         v_rows = v_cache_ptr + page * stride_vb + in_page * stride_vs + kv_head * stride_vh
         v = tl.load(v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if USE_DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        else:
-            pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        acc = _values_tile(acc, alpha, p, v, USE_DOT, PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _scores_tile(m_i, l_i, q, k, valid, scale_log2, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """One K tile's scores (log2 domain, -inf where not ``valid``) into the running max and sum:
+    (p, the old sum's rescale alpha, the new max, the new sum)."""
+    if USE_DOT:
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    else:
+        qk = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
+    qk = tl.where(valid[None, :], qk * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _values_tile(acc, alpha, p, v, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """The running output rescaled by ``alpha`` plus ``p`` @ the V tile."""
+    if USE_DOT:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    else:
+        pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+    return acc * alpha[:, None] + pv
 
 
 @triton.jit
@@ -295,6 +307,7 @@ def _decode_split_kernel(
     WAIT: tl.constexpr,  # launched as a programmatic dependent (decode_attention's pdl)
     ROPE: tl.constexpr,  # q_ptr is the packed projection: norm + RoPE here, this step's K/V stored
     HAS_NORM: tl.constexpr,
+    PRELOAD: tl.constexpr,  # (with ROPE) the first K/V tile loaded before the wait
 ):
     pid = tl.program_id(0)
     split = pid % num_splits
@@ -319,6 +332,19 @@ def _decode_split_kernel(
         cos = tl.load(rope_ptr + angle, mask=d < HEAD_DIM, other=0.0).to(dt).to(tl.float32)[None, :]
         sin = tl.load(rope_ptr + angle + HEAD_DIM // 2, mask=d < HEAD_DIM, other=0.0)
         sin = sin.to(dt).to(tl.float32)[None, :]
+    table = block_tables_ptr + b.to(tl.int64) * stride_bt
+    if PRELOAD:  # the first tile's K/V: every position before this step's is in the cache from earlier
+        # steps (this launch stores the new one; no launch before it in the step writes the cache),
+        # so their HBM reads overlap the launch before. The new position's row is replaced below.
+        pos0 = start + tl.arange(0, BLOCK_N)
+        valid0 = pos0 < end
+        page0 = tl.load(table + pos0 // BLOCK_SIZE, mask=valid0, other=0).to(tl.int64)
+        in0 = pos0 % BLOCK_SIZE
+        mask0 = valid0[:, None] & (d < HEAD_DIM)[None, :]
+        k_rows0 = k_cache_ptr + page0 * stride_kb + in0 * stride_ks + kv_head * stride_kh
+        v_rows0 = v_cache_ptr + page0 * stride_vb + in0 * stride_vs + kv_head * stride_vh
+        k0 = tl.load(k_rows0[:, None] + d[None, :], mask=mask0, other=0.0)
+        v0 = tl.load(v_rows0[:, None] + d[None, :], mask=mask0, other=0.0)
     if WAIT:  # the order and lengths above are step inputs; q and this step's K/V are not
         gdc_wait()
     if LAUNCH_DEPENDENTS:  # see _merge_splits_kernel
@@ -334,11 +360,20 @@ def _decode_split_kernel(
         # The program whose share ends at this step's position stores its K/V (rotated k, raw v)
         # and reads them back from the cache in its last tile: the barrier orders every thread's
         # stores before those loads. Padding rows (slot -1, no keys) store nothing.
+        one = tl.arange(0, 1)
+        kv_src = row_ptr + k_col + kv_head * HEAD_DIM
+        if PRELOAD:  # this step's k/v, in place of the preloaded tile's stale row at the new position
+            k_new = _norm_rope(kv_src, one, one < 1, kw_ptr, cos, sin, eps, HEAD_DIM, BLOCK_D, HAS_NORM)
+            v_new = tl.load(kv_src + NUM_KV_HEADS * HEAD_DIM + d[None, :], mask=d_mask[None, :], other=0.0)
+            new_row = ((pos0 == seq_len - 1) & (slot >= 0))[:, None]
+            k0 = tl.where(new_row, k_new.to(k_cache_ptr.dtype.element_ty), k0)
+            v0 = tl.where(new_row, v_new.to(v_cache_ptr.dtype.element_ty), v0)
         if (end == seq_len) & (start < end) & (slot >= 0):
-            one = tl.arange(0, 1)
-            kv_src = row_ptr + k_col + kv_head * HEAD_DIM
-            k = _norm_rope(kv_src, one, one < 1, kw_ptr, cos, sin, eps, HEAD_DIM, BLOCK_D, HAS_NORM)
-            v = tl.load(kv_src + NUM_KV_HEADS * HEAD_DIM + d[None, :], mask=d_mask[None, :], other=0.0)
+            if PRELOAD:
+                k, v = k_new, v_new
+            else:
+                k = _norm_rope(kv_src, one, one < 1, kw_ptr, cos, sin, eps, HEAD_DIM, BLOCK_D, HAS_NORM)
+                v = tl.load(kv_src + NUM_KV_HEADS * HEAD_DIM + d[None, :], mask=d_mask[None, :], other=0.0)
             page, in_page = slot // BLOCK_SIZE, slot % BLOCK_SIZE
             k_dst = k_cache_ptr + page * stride_kb + in_page * stride_ks + kv_head * stride_kh
             v_dst = v_cache_ptr + page * stride_vb + in_page * stride_vs + kv_head * stride_vh
@@ -355,10 +390,15 @@ def _decode_split_kernel(
     m_i = tl.full([GROUP_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    first = start
+    if PRELOAD:  # the first tile as _attend_pages' first iteration would do it
+        p, alpha, m_i, l_i = _scores_tile(m_i, l_i, q, k0, valid0, scale_log2, USE_DOT, PRECISION)
+        acc = _values_tile(acc, alpha, p, v0, USE_DOT, PRECISION)
+        first = start + BLOCK_N
     acc, m_i, l_i = _attend_pages(
-        acc, m_i, l_i, q, block_tables_ptr + b.to(tl.int64) * stride_bt, kv_head, start, end, k_cache_ptr,
-        v_cache_ptr, scale_log2, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, USE_DOT, PRECISION,
+        acc, m_i, l_i, q, table, kv_head, first, end, k_cache_ptr, v_cache_ptr, scale_log2, stride_kb,
+        stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N,
+        USE_DOT, PRECISION,
     )  # fmt: skip
     if SPLIT:
         row = (b * NUM_KV_HEADS * GROUP + heads).to(tl.int64) * num_splits + split
@@ -457,6 +497,7 @@ class _Rope:
     q_weight: torch.Tensor | None
     k_weight: torch.Tensor | None
     eps: float
+    preload: bool
 
 
 def decode_attention_qkv(
@@ -478,6 +519,7 @@ def decode_attention_qkv(
     order: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
     pdl: bool = False,
+    preload: bool = False,
 ) -> torch.Tensor:
     """``qk_norm_rope_store`` and ``decode_attention`` in one launch, for a decode step: from the
     packed projection ``qkv`` [B, (Hq + 2 Hkv) * D] (one row per sequence) to the attention output
@@ -490,7 +532,10 @@ def decode_attention_qkv(
     them like the rest, so the caller's slots must be the last position of each row's pages (as a
     decode step's are). The result equals the two-launch path up to the summation order of the
     q/k norms. ``pdl``: as ``decode_attention``'s; the positions, slots and cos/sin rows are read
-    before the wait, like the lengths.
+    before the wait, like the lengths. ``preload``: each program also loads its first K/V tile
+    before the wait (every position but this step's is in the cache already; the new one's row is
+    replaced by the k/v it computes), so that tile's HBM reads overlap the launch before; the same
+    results.
     """
     _, _, num_kv_heads, head_dim = check_kv_cache(k_cache, v_cache)
     check_qk(qkv, positions, cos_sin_cache, num_heads, num_kv_heads, head_dim, q_weight, k_weight, True)
@@ -499,7 +544,11 @@ def decode_attention_qkv(
     check_query(qkv[:, : num_heads * head_dim].unflatten(1, (num_heads, head_dim)), k_cache, v_cache)
     check_slots(slot_mapping, batch, qkv.device)
     out = torch.empty((batch, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
-    rope = _Rope(positions, cos_sin_cache, slot_mapping, q_weight, k_weight, eps)
+    if preload and config is None:  # the first tile is held in registers across the wait: 64
+        # positions (143 registers on sm_90), not the split default's 128 (252: 2 programs per SM)
+        default = default_decode_config(batch, num_kv_heads, qkv.device, head_dim, k_cache.element_size())
+        config = replace(default, block_n=64)
+    rope = _Rope(positions, cos_sin_cache, slot_mapping, q_weight, k_weight, eps, preload)
     _launch(qkv, qkv.stride(0), head_dim, num_heads, num_kv_heads, head_dim, k_cache, v_cache,
             block_tables, seq_lens, scale, sliding_window, config, out, order, counters, pdl,
             rope)  # fmt: skip
@@ -620,6 +669,7 @@ def _launch(
         WAIT=pdl,
         ROPE=rope is not None,
         HAS_NORM=rope is not None and rope.q_weight is not None,
+        PRELOAD=rope is not None and rope.preload,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **launch,

@@ -111,8 +111,10 @@ class DecoderAttention(nn.Module):
         self.gemv_pdl = False
         # With ``fused`` and the triton backend: decode steps of at most ``gemv_rows`` rows run the
         # q/k norm + RoPE + K/V store in their attention launch (``decode_attention_qkv``;
-        # RunnerConfig.small_batch_decode_rope).
+        # RunnerConfig.small_batch_decode_rope), loading their first K/V tile before they wait for
+        # the qkv projection with ``decode_preload`` (RunnerConfig.small_batch_decode_preload).
         self.decode_rope = False
+        self.decode_preload = False
         # With ``fused`` and the triton backend: every decode-only step launches the q/k norm +
         # RoPE + store kernel and the attention as programmatic dependents (RunnerConfig.
         # decode_attention_pdl), whatever its size.
@@ -142,7 +144,9 @@ class DecoderAttention(nn.Module):
                 decode_only = meta.max_query_len == 1 and meta.extend_tiles is None
                 pdl = (self.gemv_pdl and small) or (self.decode_pdl and decode_only)
                 if small and self.decode_rope and decode_only:
-                    out = attn.decode_qkv(qkv, positions, table, qw, kw, self.eps, meta, pdl=pdl)
+                    out = attn.decode_qkv(
+                        qkv, positions, table, qw, kw, self.eps, meta, pdl=pdl, preload=self.decode_preload
+                    )
                     return out.view(num_tokens, -1)
                 q = qk_norm_rope_store(
                     qkv,

@@ -149,6 +149,10 @@ def launch_all() -> None:
             packed, pos, rope_table, heads, k_cache, v_cache, tables, lens, pos, 0.1, norm, norm,
             config=config, order=order, pdl=pdl,
         )  # fmt: skip
+    decode_attention_qkv(  # the first K/V tile loaded before the wait (64-position tiles, split)
+        packed, pos, rope_table, heads, k_cache, v_cache, tables, lens, pos, 0.1, norm, norm,
+        config=DecodeConfig(16, 64), order=order, pdl=True, preload=True,
+    )  # fmt: skip
     rows = 64
     qx = torch.zeros(rows, heads, dim, dtype=bf16)
     starts = torch.tensor([0, 1, 40, rows], dtype=i32)

@@ -44,13 +44,13 @@ def test_every_kernel_launch_compiles_for_sm90():
     assert all(r["atomics"] == ["atom.global.gpu.acq_rel.add.u32"] for r in atomic)
     # programmatic dependent launch: the decode launches let the next launch start early; those
     # of a small step's chain (pdl=True: decode split + merge and unsplit, each also with q/k norm
-    # + RoPE inside; the final norm, the q/k kernel, half of the GEMVs) also wait for the launch
-    # before them
+    # + RoPE inside, and split + merge preloading their first K/V tile; the final norm, the q/k
+    # kernel, half of the GEMVs) also wait for the launch before them
     trigger = ["griddepcontrol.launch_dependents"]
     both = [*trigger, "griddepcontrol.wait"]
     attention = ("_decode_split_kernel", "_merge_splits_kernel")
     decode = [r["griddepcontrol"] for r in rows if r["kernel"] in attention]
-    assert decode.count(both) == 6 and decode.count(trigger) == len(decode) - 6 > 0
+    assert decode.count(both) == 8 and decode.count(trigger) == len(decode) - 8 > 0
     for kernel in ("_rms_norm_kernel", "_qk_norm_rope_kernel"):
         flags = [r["griddepcontrol"] for r in rows if r["kernel"] == kernel]
         assert flags.count(both) == 1 and flags.count([]) == len(flags) - 1 > 0, (kernel, flags)

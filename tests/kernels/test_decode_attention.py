@@ -165,6 +165,14 @@ def test_decode_attention_qkv_matches_two_launches(heads, kv_heads, dim, bs, nor
             assert torch.equal(k_flat[others], k_two_flat[others])
             assert rel_err(one, two) < 2 * TOL[dtype], (dtype, rel_err(one, two))
             assert one[1].eq(0).all(), "padding row must be zeros"
+            # the first K/V tile loaded before the wait, the new position's row replaced: bitwise
+            # the same output and caches (single- and multi-tile shares, the new row in either)
+            k_pre, v_pre = case.k_cache.clone(), case.v_cache.clone()
+            pre = decode_attention_qkv(
+                qkv, positions, table, heads, k_pre, v_pre, case.block_tables, case.seq_lens, slots,
+                case.scale, qw, kw, 1e-6, window, config, order=row_order, preload=True,
+            )  # fmt: skip
+            assert torch.equal(pre, one) and torch.equal(k_pre, k_one) and torch.equal(v_pre, v_one)
     with pytest.raises(ValueError, match="qkv"):
         decode_attention_qkv(
             qkv[:, :-dim], positions, table, heads, k_one, v_one, case.block_tables, case.seq_lens, slots,

@@ -148,9 +148,11 @@ class Attention(nn.Module):
         eps: float,
         meta: AttentionMetadata,
         pdl: bool = False,
+        preload: bool = False,
     ) -> torch.Tensor:
         """A decode step's attention from the packed projection [B, (Hq + 2 Hkv) * D]: q/k norm,
-        RoPE, the K/V store and the attention in one launch (``decode_attention_qkv``) -> [B, Hq, D].
+        RoPE, the K/V store and the attention in one launch (``decode_attention_qkv``, whose
+        ``pdl`` and ``preload`` these are) -> [B, Hq, D].
         Triton backend; every row one query (``meta.max_query_len == 1``), no mixed-step graph."""
         from rollout.kernels.decode_attention import decode_attention_qkv
 
@@ -175,6 +177,7 @@ class Attention(nn.Module):
             order=meta.decode_order,
             counters=meta.split_counters,
             pdl=pdl,
+            preload=preload,
         )
 
     def _attend_triton(self, q: torch.Tensor, meta: AttentionMetadata, pdl: bool = False) -> torch.Tensor:
