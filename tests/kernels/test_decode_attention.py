@@ -173,6 +173,14 @@ def test_decode_attention_qkv_matches_two_launches(heads, kv_heads, dim, bs, nor
                 case.scale, qw, kw, 1e-6, window, config, order=row_order, preload=True,
             )  # fmt: skip
             assert torch.equal(pre, one) and torch.equal(k_pre, k_one) and torch.equal(v_pre, v_one)
+            # and with the splits merged in the kernel (the last program of each KV head merges)
+            counters = torch.zeros(len(lens) * kv_heads, dtype=torch.int32, device=DEVICE)
+            k_pre, v_pre = case.k_cache.clone(), case.v_cache.clone()
+            merged = decode_attention_qkv(
+                qkv, positions, table, heads, k_pre, v_pre, case.block_tables, case.seq_lens, slots,
+                case.scale, qw, kw, 1e-6, window, config, order=row_order, counters=counters, preload=True,
+            )  # fmt: skip
+            assert rel_err(merged, one) < 1e-6 and torch.equal(k_pre, k_one) and not counters.any()
     with pytest.raises(ValueError, match="qkv"):
         decode_attention_qkv(
             qkv[:, :-dim], positions, table, heads, k_one, v_one, case.block_tables, case.seq_lens, slots,
