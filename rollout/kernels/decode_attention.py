@@ -112,10 +112,7 @@ def _attend_pages(
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        in_page = pos % BLOCK_SIZE
+        valid, page, in_page = _tile_pages(table, n0, end, BLOCK_SIZE, BLOCK_N)
         kv_mask = valid[:, None] & d_mask[None, :]
         k_rows = k_cache_ptr + page * stride_kb + in_page * stride_ks + kv_head * stride_kh
         k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
@@ -124,6 +121,16 @@ def _attend_pages(
         v = tl.load(v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
         acc = _values_tile(acc, alpha, p, v, USE_DOT, PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _tile_pages(table, n0, end, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Positions [n0, n0 + BLOCK_N) in the pages listed at ``table``: which are before ``end``, and
+    their page and place in it."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    valid = pos < end
+    page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    return valid, page, pos % BLOCK_SIZE
 
 
 @triton.jit
@@ -198,6 +205,21 @@ def _norm_rope(
     rot = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
     rot += sign * (xs.to(tl.float32) * sin).to(dt).to(tl.float32)
     return rot.to(dt)
+
+
+@triton.jit
+def _step_kv(
+    k_src, kv_head, kw_ptr, cos, sin, eps, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr,
+):  # fmt: skip
+    """This step's k (normalized and rotated, ``_norm_rope``) and raw v of ``kv_head`` from a packed
+    projection row whose k columns start at ``k_src``: [1, BLOCK_D] each, the projection's dtype."""
+    one = tl.arange(0, 1)
+    d = tl.arange(0, BLOCK_D)
+    src = k_src + kv_head * HEAD_DIM
+    k = _norm_rope(src, one, one < 1, kw_ptr, cos, sin, eps, HEAD_DIM, BLOCK_D, HAS_NORM)
+    v = tl.load(src + NUM_KV_HEADS * HEAD_DIM + d[None, :], mask=(d < HEAD_DIM)[None, :], other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -336,10 +358,7 @@ def _decode_split_kernel(
     if PRELOAD:  # the first tile's K/V: every position before this step's is in the cache from earlier
         # steps (this launch stores the new one; no launch before it in the step writes the cache),
         # so their HBM reads overlap the launch before. The new position's row is replaced below.
-        pos0 = start + tl.arange(0, BLOCK_N)
-        valid0 = pos0 < end
-        page0 = tl.load(table + pos0 // BLOCK_SIZE, mask=valid0, other=0).to(tl.int64)
-        in0 = pos0 % BLOCK_SIZE
+        valid0, page0, in0 = _tile_pages(table, start, end, BLOCK_SIZE, BLOCK_N)
         mask0 = valid0[:, None] & (d < HEAD_DIM)[None, :]
         k_rows0 = k_cache_ptr + page0 * stride_kb + in0 * stride_ks + kv_head * stride_kh
         v_rows0 = v_cache_ptr + page0 * stride_vb + in0 * stride_vs + kv_head * stride_vh
@@ -360,20 +379,18 @@ def _decode_split_kernel(
         # The program whose share ends at this step's position stores its K/V (rotated k, raw v)
         # and reads them back from the cache in its last tile: the barrier orders every thread's
         # stores before those loads. Padding rows (slot -1, no keys) store nothing.
-        one = tl.arange(0, 1)
-        kv_src = row_ptr + k_col + kv_head * HEAD_DIM
         if PRELOAD:  # this step's k/v, in place of the preloaded tile's stale row at the new position
-            k_new = _norm_rope(kv_src, one, one < 1, kw_ptr, cos, sin, eps, HEAD_DIM, BLOCK_D, HAS_NORM)
-            v_new = tl.load(kv_src + NUM_KV_HEADS * HEAD_DIM + d[None, :], mask=d_mask[None, :], other=0.0)
-            new_row = ((pos0 == seq_len - 1) & (slot >= 0))[:, None]
+            k_new, v_new = _step_kv(row_ptr + k_col, kv_head, kw_ptr, cos, sin, eps, NUM_KV_HEADS, HEAD_DIM,
+                                    BLOCK_D, HAS_NORM)  # fmt: skip
+            new_row = ((start + tl.arange(0, BLOCK_N) == seq_len - 1) & (slot >= 0))[:, None]
             k0 = tl.where(new_row, k_new.to(k_cache_ptr.dtype.element_ty), k0)
             v0 = tl.where(new_row, v_new.to(v_cache_ptr.dtype.element_ty), v0)
         if (end == seq_len) & (start < end) & (slot >= 0):
             if PRELOAD:
                 k, v = k_new, v_new
             else:
-                k = _norm_rope(kv_src, one, one < 1, kw_ptr, cos, sin, eps, HEAD_DIM, BLOCK_D, HAS_NORM)
-                v = tl.load(kv_src + NUM_KV_HEADS * HEAD_DIM + d[None, :], mask=d_mask[None, :], other=0.0)
+                k, v = _step_kv(row_ptr + k_col, kv_head, kw_ptr, cos, sin, eps, NUM_KV_HEADS, HEAD_DIM,
+                                BLOCK_D, HAS_NORM)  # fmt: skip
             page, in_page = slot // BLOCK_SIZE, slot % BLOCK_SIZE
             k_dst = k_cache_ptr + page * stride_kb + in_page * stride_ks + kv_head * stride_kh
             v_dst = v_cache_ptr + page * stride_vb + in_page * stride_vs + kv_head * stride_vh
