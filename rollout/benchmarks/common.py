@@ -397,8 +397,8 @@ class PhaseTimer:
         return timed
 
     def timing(self, calls: Iterable[tuple[Any, str, str]]) -> contextlib.AbstractContextManager[None]:
-        """``wrap`` each ``(owner, attr, phase)`` while inside (an attribute listed twice is timed
-        in both phases), and put every original back on exit (``patched``)."""
+        """Each ``(owner, attr, phase)``'s attribute ``timed`` into ``phase`` while inside (an
+        attribute listed twice is timed in both phases), every original back on exit (``patched``)."""
         return patched(
             [(owner, attr, functools.partial(self.timed, phase=phase)) for owner, attr, phase in calls]
         )
